@@ -1,0 +1,39 @@
+# peftune: the two set-up commands are `make demo` and `make test`; both install first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := .make/installed
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install demo test test-all lint bench clean
+
+install:
+	@mkdir -p .make
+	@# torch first (a local CPU wheel here); then everything else pinned to the installed torch,
+	@# so the resolver never swaps in a multi-GB CUDA build or replaces a user's own torch.
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "torch==$(TORCH_VERSION)"
+	@TORCH=$$($(PYTHON) -c 'import torch; print(torch.__version__.split("+")[0])') && \
+	  echo "torch==$$TORCH" > .make/constraints.txt && \
+	  $(PIP) install --quiet --disable-pip-version-check -c .make/constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+	@echo "peftune installed (torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'))"
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory install
+
+demo: $(STAMP)
+	$(PYTHON) scripts/demo.py
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q
+
+test-all: $(STAMP)
+	$(PYTHON) -m pytest -q -m ""
+
+lint: $(STAMP)
+	$(PYTHON) -m ruff check peftune tests scripts
+
+bench: $(STAMP)
+	$(PYTHON) scripts/bench_train.py
+
+clean:
+	rm -rf .make runs/demo build *.egg-info

@@ -1,0 +1,29 @@
+"""What an adapter method hands the training loop. The loop calls these and nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class AdapterHooks:
+    """Callbacks a method gives the loop; every one is optional.
+
+    extra_loss(model) -> tensor | None: added to the task loss of every micro-batch
+        (already scaled the way the method wants it).
+    after_step(model, step) -> None: runs after every optimizer step (pruning, schedules).
+    export(model, out_dir) -> None: writes the final artifacts (PEFT `adapter/`, or `model/`
+        for methods that train base weights).
+    trainable_state(model) -> dict: the tensors a checkpoint must hold to resume.
+    load_trainable_state(model, state) -> None: the inverse, used by `--resume`.
+    """
+
+    export: Callable[[Any, Path], None]
+    trainable_state: Callable[[Any], dict]
+    load_trainable_state: Callable[[Any, dict], None]
+    extra_loss: Callable[[Any], Any] | None = None
+    after_step: list[Callable[[Any, int], None]] = field(default_factory=list)
+    artifact: str = "adapter"  # the run-dir entry `export` writes: "adapter" or "model"

@@ -1,0 +1,124 @@
+"""The `peftune` command line: one small function per verb; heavy imports inside each verb.
+
+`peftune --help`, `peftune validate` and `peftune methods` never import torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from peftune.errors import InputError, TrainingError
+
+app = typer.Typer(
+    name="peftune",
+    help="Fine-tune language models from YAML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="dotted overrides, e.g. adapter.r=32 train.lr=1e-4", show_default=False),
+]
+
+
+@app.command()
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output dir")] = False,
+) -> None:
+    """Train an adapter (or the full model) as the recipe says."""
+    from peftune.recipe import load_recipe
+
+    resolved = load_recipe(recipe, overrides or [])
+    from peftune.train.runner import run_train
+
+    run_train(resolved, recipe_path=recipe, resume=resume, overwrite=overwrite)
+
+
+@app.command()
+def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Validate a recipe and print it resolved, with the numbers it implies. Trains nothing."""
+    from peftune.recipe import describe_recipe, load_recipe
+
+    resolved = load_recipe(recipe, overrides or [])
+    describe_recipe(resolved)
+
+
+@app.command("tiny-model")
+def tiny_model(
+    out_dir: Annotated[Path, typer.Argument(help="directory to write the model into")],
+    arch: Annotated[str, typer.Option(help="llama or qwen2")] = "llama",
+    hidden_size: Annotated[int, typer.Option(min=8, help="hidden size")] = 64,
+    layers: Annotated[int, typer.Option(min=1, help="number of decoder layers")] = 2,
+    heads: Annotated[int, typer.Option(min=1, help="attention heads")] = 4,
+    seed: Annotated[int, typer.Option(help="initialisation seed")] = 0,
+) -> None:
+    """Write a randomly initialised small model and a byte-level tokenizer (no downloads)."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(f"{out_dir}: directory is not empty; choose a new path or remove it")
+    from peftune.models import build_tiny_model
+
+    path = build_tiny_model(out_dir, arch=arch, hidden_size=hidden_size, layers=layers,
+                            heads=heads, seed=seed)
+    typer.echo(f"wrote a tiny {arch} model ({layers} layers, hidden {hidden_size}) to {path}")
+
+
+@app.command()
+def methods() -> None:
+    """List every adapter method with what it supports."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from peftune.adapters.registry import all_methods
+
+    table = Table(title="adapter methods")
+    for column in ("name", "description", "paper", "mergeable", "over 4-bit", "plain LoRA"):
+        table.add_column(column)
+    for spec in all_methods():
+        yes = {True: "yes", False: "no"}
+        table.add_row(spec.name, spec.description, spec.paper, yes[spec.mergeable],
+                      yes[spec.works_over_4bit], yes[spec.exports_plain_lora])
+    Console().print(table)
+
+
+def main() -> None:
+    """Console entry point: bad input -> its lines on stderr and exit 2; other errors exit 1.
+
+    Typer handles its own usage errors (exit 2) and `--help`; everything peftune raises is
+    turned into one line per problem here, with the traceback only under PEFTUNE_DEBUG=1.
+    """
+    debug = os.environ.get("PEFTUNE_DEBUG") == "1"
+    try:
+        app()
+    except InputError as err:
+        if debug:
+            raise
+        for line in err.lines:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as err:  # noqa: BLE001 - the top-level boundary of the CLI
+        if debug:
+            raise
+        print(f"error: {type(err).__name__}: {err} (set PEFTUNE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

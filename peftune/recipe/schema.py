@@ -1,0 +1,124 @@
+"""The recipe schema: one pydantic model per section, unknown keys rejected.
+
+Sections and keys follow the canonical list in DESIGN.md. Adapter methods add their own
+keys through the adapter registry (`peftune.adapters.registry`): the `adapter` section is
+validated here for its shared keys and then again, whole, by the chosen method's config.
+This module imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: str = Field(description="local directory or hub id of the base model")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+
+
+class QuantSection(Section):
+    method: Literal["none", "nf4", "fp4", "int8"] = "none"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+class AdapterSection(Section):
+    """The adapter section before the method is known. The loader re-validates it whole
+    against the chosen method's config (`peftune.adapters.registry`), which replaces it."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    method: str = "lora"
+
+
+class DataSection(Section):
+    train: str = Field(description="training data: jsonl | json | parquet | csv | saved datasets dir")
+    val: str | None = None
+    val_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    format: Literal["text", "instruction", "chat"] = "text"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    input_field: str | None = None
+    response_field: str = "response"
+    messages_field: str = "messages"
+    prompt_template: str = "{prompt}\n"
+    max_length: int = Field(default=1024, gt=0)
+    packing: bool = True
+    add_eos: bool = True
+    on_bad_row: Literal["error", "skip"] = "error"
+    max_examples: int | None = Field(default=None, gt=0)
+    select: dict[str, Any] | None = None
+
+
+class TrainSection(Section):
+    max_steps: int | None = Field(default=None, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=2.0e-4, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0)
+    warmup_steps: int | None = Field(default=None, ge=0)
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw"] = "adamw"
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = Field(default=10, gt=0)
+    eval_every: int | None = Field(default=None, gt=0)
+    save_every: int | None = Field(default=None, gt=0)
+    keep_checkpoints: int = Field(default=2, gt=0)
+
+
+class OutputSection(Section):
+    dir: str = "runs/my-run"
+
+
+class Recipe(Section):
+    """A fully resolved recipe. `extends:` has been applied before validation."""
+
+    model: ModelSection
+    quant: QuantSection = QuantSection()
+    adapter: AdapterSection = AdapterSection()  # becomes the method's MethodConfig
+    data: DataSection
+    train: TrainSection = TrainSection()
+    output: OutputSection = OutputSection()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_as_path(cls, value: Any) -> Any:
+        # `model: ./models/tiny` is shorthand for `model: {path: ./models/tiny}`.
+        return {"path": value} if isinstance(value, str) else value
+
+
+def cross_field_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
+    """Checks that involve several sections: (key path, message) for each problem found."""
+    from peftune.adapters.registry import get_method
+
+    problems = []
+    spec = get_method(recipe.adapter.method)
+    if recipe.quant.method != "none" and not spec.works_over_4bit:
+        problems.append((
+            ("quant", "method"),
+            f"{recipe.quant.method} cannot be combined with adapter.method: {spec.name} "
+            "(a quantized base is frozen and this method trains it); use quant.method: none "
+            "or a method that trains over a quantized base, such as lora",
+        ))
+    if recipe.data.val is not None and recipe.data.val_ratio > 0:
+        problems.append((
+            ("data", "val_ratio"),
+            "give either data.val (a file) or data.val_ratio, not both",
+        ))
+    return problems
