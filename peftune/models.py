@@ -104,3 +104,75 @@ def read_model_config(path: str) -> dict | None:
     """config.json of a local model directory, or None (hub ids are not fetched here)."""
     config = Path(path).expanduser() / "config.json"
     return json.loads(config.read_text()) if config.is_file() else None
+
+
+def load_tokenizer(model: Any, *, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer, with a pad token (EOS stands in when the model has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(model_cfg: Any, quant_cfg: Any, *, device: Any,
+                             gradient_checkpointing: bool = False,
+                             trains_base_weights: bool = False) -> tuple[Any, Any]:
+    """Load the base model (quantized if the recipe asks) and its tokenizer onto `device`.
+
+    `trust_remote_code` is passed through from the recipe and is off by default; weights load
+    from safetensors only. A hub id that is not in the local cache fails with one line.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftune.quant import prepare_quantized_model, quantization_config
+
+    path = resolve_model_path(model_cfg.path)
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    except OSError as err:
+        raise InputError(
+            f"model.path: cannot find model '{path}' locally or in the hub cache "
+            f"({_first_line(err)}); download it where the hub is reachable, or point "
+            "model.path at a local directory"
+        ) from err
+    except ValueError as err:  # e.g. a custom architecture that needs trust_remote_code
+        raise InputError(f"model.path: {path}: {_first_line(err)}") from err
+
+    quant = quantization_config(quant_cfg)
+    dtype = _model_dtype(model_cfg.dtype, device=device, trains_base_weights=trains_base_weights)
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
+        attn_implementation=model_cfg.attn_implementation or "sdpa",
+    )
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quant is not None:
+        model = prepare_quantized_model(model, gradient_checkpointing=gradient_checkpointing)
+    else:
+        model.to(device)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    tokenizer = load_tokenizer(path, trust_remote_code=model_cfg.trust_remote_code)
+    return model, tokenizer
+
+
+def _model_dtype(name: str, *, device: Any, trains_base_weights: bool) -> Any:
+    """`auto`: fp32 on CPU; on a GPU with bf16, a frozen base is stored in bf16 while weights
+    that train stay fp32 (mixed precision computes in bf16 either way)."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported() and not trains_base_weights:
+        return torch.bfloat16
+    return torch.float32
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

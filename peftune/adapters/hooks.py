@@ -15,13 +15,13 @@ class AdapterHooks:
     extra_loss(model) -> tensor | None: added to the task loss of every micro-batch
         (already scaled the way the method wants it).
     after_step(model, step) -> None: runs after every optimizer step (pruning, schedules).
-    export(model, out_dir) -> None: writes the final artifacts (PEFT `adapter/`, or `model/`
-        for methods that train base weights).
+    export(model, out_dir, tokenizer) -> None: writes the final artifact into `out_dir`
+        (the run's `adapter/` in PEFT format, or `model/` for methods that train base weights).
     trainable_state(model) -> dict: the tensors a checkpoint must hold to resume.
     load_trainable_state(model, state) -> None: the inverse, used by `--resume`.
     """
 
-    export: Callable[[Any, Path], None]
+    export: Callable[[Any, Path, Any], None]
     trainable_state: Callable[[Any], dict]
     load_trainable_state: Callable[[Any, dict], None]
     extra_loss: Callable[[Any], Any] | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
 
 
 class Section(BaseModel):
@@ -91,7 +91,9 @@ class Recipe(Section):
 
     model: ModelSection
     quant: QuantSection = QuantSection()
-    adapter: AdapterSection = AdapterSection()  # becomes the method's MethodConfig
+    # Becomes the method's MethodConfig after loading; SerializeAsAny makes model_dump()
+    # write that config's own keys (r, alpha, ...) rather than only AdapterSection's.
+    adapter: SerializeAsAny[AdapterSection] = AdapterSection()
     data: DataSection
     train: TrainSection = TrainSection()
     output: OutputSection = OutputSection()

@@ -1,0 +1,42 @@
+"""Pieces every method's hooks share: the trainable state a checkpoint holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def trainable_state(model: Any) -> dict:
+    """The tensors that train (by parameter name), detached copies on the CPU."""
+    return {
+        name: param.detach().to("cpu", copy=True).contiguous()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def load_trainable_state(model: Any, state: dict) -> None:
+    """Copy a `trainable_state` back into the model, checking that the names match exactly."""
+    import torch
+
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights counted as stored elements x2."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if type(param).__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

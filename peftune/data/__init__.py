@@ -1,0 +1,45 @@
+"""The data layer: sources -> formats (label masks) -> tokenized sets (cached) -> rows
+(packed or not) -> micro-batches.
+
+    splits = build_datasets(recipe.data, tokenizer, seed=seed)
+    rows = pack_rows(splits.train, max_length=recipe.data.max_length,
+                     packing=recipe.data.packing, seed=seed)          # once per run
+    for epoch in ...:
+        for batch in micro_batches(rows, batch_size=..., pad_id=..., seed=seed, epoch=epoch,
+                                   packing=recipe.data.packing):
+            loss = model(**batch, use_cache=False).loss  # use_cache=False keeps packing exact
+
+Importing this package imports numpy but not torch, transformers or datasets; those are
+imported by the functions that need them.
+"""
+
+from __future__ import annotations
+
+from peftune.data.cache import DATA_FORMAT_VERSION, default_cache_dir
+from peftune.data.formats import FORMATS, IGNORE_INDEX, RowError, Segments, register_format
+from peftune.data.packing import (
+    Row,
+    micro_batches,
+    pack_rows,
+    packing_efficiency,
+    per_example_losses,
+)
+from peftune.data.tokenized import DataSplits, TokenizedSet, build_datasets
+
+__all__ = [
+    "DATA_FORMAT_VERSION",
+    "FORMATS",
+    "IGNORE_INDEX",
+    "DataSplits",
+    "Row",
+    "RowError",
+    "Segments",
+    "TokenizedSet",
+    "build_datasets",
+    "default_cache_dir",
+    "micro_batches",
+    "pack_rows",
+    "packing_efficiency",
+    "per_example_losses",
+    "register_format",
+]

@@ -1,0 +1,237 @@
+"""From the recipe's data section to tokenized train and validation sets.
+
+`build_datasets` reads each source (sources.py), turns rows into segments (formats.py),
+tokenizes them in batches with label masks, and caches the result (cache.py). After the
+cache come the steps that are cheap and depend on fields outside the cache key: truncation to
+`max_length`, dropping examples with no target token left, and the `val_ratio` split.
+
+Examples are stored flat (one int32 array of tokens, one of labels, int64 offsets), which is
+compact, maps directly onto the cache file and slices without copying.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peftune.data import cache
+from peftune.data.formats import (
+    IGNORE_INDEX,
+    RowError,
+    SegmentEncoder,
+    check_format_setup,
+    get_format,
+)
+from peftune.data.sources import iter_rows, resolve_source
+from peftune.errors import InputError
+from peftune.recipe.schema import DataSection
+
+MAX_REPORTED_BAD_ROWS = 10
+_ROWS_PER_BATCH = 1024  # rows tokenized per call of the tokenizer
+
+log = logging.getLogger("peftune.data")
+
+
+class TokenizedSet:
+    """Tokenized examples: `data[i]` is (input_ids, labels), int32 views of the flat arrays;
+    labels are IGNORE_INDEX (-100) where a token is not a target, and always at position 0."""
+
+    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray):
+        if len(input_ids) != len(labels) or offsets[0] != 0 or offsets[-1] != len(input_ids):
+            raise ValueError("input_ids, labels and offsets do not describe the same examples")
+        self.input_ids = np.asarray(input_ids, dtype=np.int32)
+        self.labels = np.asarray(labels, dtype=np.int32)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+
+    @classmethod
+    def from_examples(cls, examples: list[tuple[np.ndarray, np.ndarray]]) -> TokenizedSet:
+        lengths = [len(ids) for ids, _ in examples]
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        if not examples:
+            return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), offsets)
+        return cls(np.concatenate([ids for ids, _ in examples]),
+                   np.concatenate([labels for _, labels in examples]), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"example {index} out of range for {len(self)} examples")
+        index %= len(self)
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return self.input_ids[start:end], self.labels[start:end]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(len(self.input_ids))
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int(np.count_nonzero(self.labels != IGNORE_INDEX))
+
+    def target_counts(self, max_length: int | None = None) -> np.ndarray:
+        """Target tokens per example within its first `max_length` tokens (a cumulative sum:
+        no Python loop over examples)."""
+        cumulative = np.concatenate([[0], np.cumsum(self.labels != IGNORE_INDEX, dtype=np.int64)])
+        starts = self.offsets[:-1]
+        lengths = self.lengths if max_length is None else np.minimum(self.lengths, max_length)
+        return cumulative[starts + lengths] - cumulative[starts]
+
+    def select(self, indices: np.ndarray, *, max_length: int | None = None) -> TokenizedSet:
+        """The examples at `indices`, in that order, each cut to `max_length` tokens."""
+        indices = np.asarray(indices, dtype=np.int64)
+        starts = self.offsets[:-1][indices]
+        lengths = self.lengths[indices]
+        if max_length is not None:
+            lengths = np.minimum(lengths, max_length)
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        # Token positions of the kept tokens, example by example, without a Python loop.
+        gather = np.arange(offsets[-1], dtype=np.int64) + np.repeat(starts - offsets[:-1], lengths)
+        return TokenizedSet(self.input_ids[gather], self.labels[gather], offsets)
+
+
+@dataclass
+class DataSplits:
+    """What the training loop gets: the training set, the validation set if any, and counts
+    worth printing (rows read and skipped, examples truncated or dropped, cache use, time)."""
+
+    train: TokenizedSet
+    val: TokenizedSet | None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def build_datasets(cfg: DataSection, tokenizer: Any, *, seed: int,
+                   cache_dir: Path | None = None) -> DataSplits:
+    """Read, tokenize (or load from the cache), truncate and split the recipe's data."""
+    check_format_setup(cfg, tokenizer)
+    directory = Path(cache_dir) if cache_dir is not None else cache.default_cache_dir()
+    token_print = cache.tokenizer_fingerprint(tokenizer)
+    stats: dict[str, Any] = {"rows_read": 0, "rows_skipped": 0, "dropped_no_target": 0,
+                             "truncated": 0, "cache_hit": True, "tokenize_seconds": 0.0,
+                             "bad_rows": []}
+
+    def load(path: str, key: str, limit: int | None) -> TokenizedSet:
+        raw, meta = _load_or_tokenize(cfg, tokenizer, path=path, key=key, limit=limit,
+                                      cache_dir=directory, token_print=token_print)
+        for name in ("rows_read", "rows_skipped", "tokenize_seconds"):
+            stats[name] += meta[name]
+        stats["bad_rows"] += meta["bad_rows"]
+        stats["cache_hit"] &= meta["cache_hit"]
+        keep = np.flatnonzero(raw.target_counts(cfg.max_length) > 0)
+        stats["truncated"] += int(np.count_nonzero(raw.lengths[keep] > cfg.max_length))
+        stats["dropped_no_target"] += len(raw) - len(keep)
+        return raw.select(keep, max_length=cfg.max_length)
+
+    train = load(cfg.train, "data.train", cfg.max_examples)
+    val: TokenizedSet | None = None
+    if cfg.val is not None:
+        val = load(cfg.val, "data.val", None)
+        if len(val) == 0:
+            raise InputError(f"data.val: no usable examples in {cfg.val}")
+    elif cfg.val_ratio > 0:
+        train, val = _split(train, cfg.val_ratio, seed)
+    if len(train) == 0:
+        raise InputError(
+            f"data.train: no usable examples in {cfg.train} ({stats['rows_read']} rows read, "
+            f"{stats['rows_skipped']} skipped as bad, {stats['dropped_no_target']} with no "
+            "target token left after truncation to data.max_length)")
+    stats.update(train_examples=len(train), train_tokens=train.num_tokens,
+                 train_target_tokens=train.num_target_tokens,
+                 val_examples=len(val) if val is not None else 0)
+    if stats["truncated"]:
+        log.info("%d examples were cut to data.max_length=%d", stats["truncated"], cfg.max_length)
+    if stats["dropped_no_target"]:
+        log.warning("dropped %d examples with no target token within data.max_length=%d",
+                    stats["dropped_no_target"], cfg.max_length)
+    return DataSplits(train=train, val=val, stats=stats)
+
+
+def _split(data: TokenizedSet, ratio: float, seed: int) -> tuple[TokenizedSet, TokenizedSet]:
+    """A seeded random split; both parts keep file order."""
+    n_val = max(1, round(len(data) * ratio))
+    if n_val >= len(data):
+        raise InputError(f"data.val_ratio: {ratio} of {len(data)} examples leaves none to "
+                         "train on; lower it or give data.val")
+    order = np.random.default_rng([seed % 2**63, 0x5A1]).permutation(len(data))
+    return data.select(np.sort(order[n_val:])), data.select(np.sort(order[:n_val]))
+
+
+def _load_or_tokenize(cfg: DataSection, tokenizer: Any, *, path: str, key: str,
+                      limit: int | None, cache_dir: Path,
+                      token_print: str) -> tuple[TokenizedSet, dict[str, Any]]:
+    source = resolve_source(path, key=key)
+    entry_key = cache.cache_key(cfg, source=cache.source_fingerprint(source),
+                                tokenizer=token_print, limit=limit)
+    entry = cache.load_entry(cache_dir, entry_key)
+    if entry is not None:
+        arrays, meta = entry
+        log.info("%s: tokenized data loaded from the cache (%s)", key, cache_dir)
+        data = TokenizedSet(arrays["input_ids"], arrays["labels"], arrays["offsets"])
+        return data, {**meta, "cache_hit": True, "tokenize_seconds": 0.0}
+    began = time.perf_counter()
+    data, meta = tokenize_source(cfg, tokenizer, source=source, key=key, display=path, limit=limit)
+    meta["tokenize_seconds"] = time.perf_counter() - began
+    cache.save_entry(cache_dir, entry_key, {"input_ids": data.input_ids, "labels": data.labels,
+                                            "offsets": data.offsets}, meta)
+    return data, {**meta, "cache_hit": False}
+
+
+def tokenize_source(cfg: DataSection, tokenizer: Any, *, source: Path, key: str, display: str,
+                    limit: int | None) -> tuple[TokenizedSet, dict[str, Any]]:
+    """Tokenize every good row of one source, collecting bad rows: with on_bad_row: error all
+    of them are reported at once (up to MAX_REPORTED_BAD_ROWS lines), with skip they are
+    counted and left out."""
+    format_fn = get_format(cfg.format)
+    encoder = SegmentEncoder(tokenizer)
+    chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    pending = []
+    bad: list[str] = []
+    rows_read = 0
+    for item in iter_rows(source, key=key, display=display, limit=limit):
+        rows_read += 1
+        try:
+            if item.row is None:
+                raise RowError(item.problem or "unreadable row")
+            segments = format_fn(item.row, cfg, tokenizer)
+        except RowError as exc:
+            if exc.fatal:
+                raise InputError(f"{item.location}: {exc.message}") from None
+            bad.append(f"{item.location}: {exc.message}")
+            continue
+        if bad and cfg.on_bad_row == "error":
+            continue  # the run stops at the end: only look for more bad rows
+        pending.append(segments)
+        if len(pending) == _ROWS_PER_BATCH:
+            chunks.append(encoder.encode(pending))
+            pending = []
+    if bad and cfg.on_bad_row == "error":
+        lines = bad[:MAX_REPORTED_BAD_ROWS]
+        if len(bad) > MAX_REPORTED_BAD_ROWS:
+            lines.append(f"... and {len(bad) - MAX_REPORTED_BAD_ROWS} more bad rows")
+        lines.append(f"{key}: fix the rows above, or set data.on_bad_row: skip "
+                     "to leave bad rows out")
+        raise InputError(*lines)
+    if bad:
+        log.warning("%s: skipped %d bad rows of %d (data.on_bad_row: skip); first: %s",
+                    key, len(bad), rows_read, bad[0])
+    if pending:
+        chunks.append(encoder.encode(pending))
+    lengths = np.concatenate([c[2] for c in chunks]) if chunks else np.zeros(0, np.int64)
+    data = TokenizedSet(
+        np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int32),
+        np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0, np.int32),
+        np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
+    )
+    meta = {"rows_read": rows_read, "rows_skipped": len(bad),
+            "bad_rows": bad[:MAX_REPORTED_BAD_ROWS]}
+    return data, meta

@@ -1,0 +1,91 @@
+"""Quantization backends for the frozen base, keyed by `quant.method`.
+
+QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs"): a 4-bit
+NormalFloat (nf4) or fp4 base, optionally double-quantized, computing in a higher-precision
+dtype, with adapters kept in full precision. LLM.int8() (Dettmers et al. 2022) for `int8`.
+Both come from bitsandbytes through transformers' `BitsAndBytesConfig`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from peftune.recipe.schema import QuantSection
+
+
+@dataclass(frozen=True)
+class QuantBackend:
+    name: str
+    load_config: Callable[[QuantSection], Any]  # -> the `quantization_config` for from_pretrained
+    bits: int
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _bnb_4bit(quant_type: str) -> Callable[[QuantSection], Any]:
+    def config(quant: QuantSection) -> Any:
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=_torch_dtype(quant.compute_dtype),
+        )
+
+    return config
+
+
+def _bnb_int8(quant: QuantSection) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+BACKENDS: dict[str, QuantBackend] = {
+    "nf4": QuantBackend("nf4", _bnb_4bit("nf4"), bits=4),
+    "fp4": QuantBackend("fp4", _bnb_4bit("fp4"), bits=4),
+    "int8": QuantBackend("int8", _bnb_int8, bits=8),
+}
+
+
+def quantization_config(quant: QuantSection) -> Any | None:
+    """The `quantization_config` to load the base with, or None for `quant.method: none`."""
+    if quant.method == "none":
+        return None
+    _quiet_bitsandbytes()
+    return BACKENDS[quant.method].load_config(quant)
+
+
+def prepare_quantized_model(model: Any, *, gradient_checkpointing: bool) -> Any:
+    """Make a freshly loaded k-bit model safe and ready to train adapters on.
+
+    Disables bitsandbytes' AVX512-BF16 weight repacking on CPU: after an eval forward it
+    silently corrupts the LoRA gradients of later training steps (see ENVIRONMENT.md).
+    Then peft's k-bit preparation (frozen base, fp32 norms, input grads for checkpointing).
+    """
+    import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing
+    )
+
+
+def is_quantized(model: Any) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def _quiet_bitsandbytes() -> None:
+    # bnb 0.50 warns on every int8 matmul that fp32 inputs are cast to fp16: expected here.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")

@@ -1,0 +1,186 @@
+"""The training loop: micro-batches with gradient accumulation, one optimizer step each.
+
+The loss of an optimizer step is the sum of token losses of all its micro-batches divided
+by the number of target tokens in all of them, so `batch_size=8, grad_accum=1` and
+`batch_size=2, grad_accum=4` give the same update. The loop knows nothing of adapter
+methods: it calls the hooks it was given (extra loss, after-step) and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from peftune.adapters.hooks import AdapterHooks
+from peftune.errors import TrainingError
+from peftune.train.checkpoint import TrainerState
+
+BatchesForEpoch = Callable[[int], list[dict]]  # epoch -> that epoch's micro-batches
+
+
+@dataclass
+class Loop:
+    """Everything the loop touches, built by the runner."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    hooks: AdapterHooks
+    accelerator: Any
+    batches_for_epoch: BatchesForEpoch
+    total_steps: int
+    grad_accum: int
+    max_grad_norm: float | None
+    log_every: int
+    eval_every: int | None
+    save_every: int | None
+    val_batches: list[dict] | None = None
+    # Callbacks into the runner (logging, checkpoints); the loop does no I/O itself.
+    on_log: Callable[[dict], None] = lambda record: None
+    on_eval: Callable[[dict], None] = lambda record: None
+    on_save: Callable[[TrainerState], None] = lambda state: None
+    _epoch_cache: dict = field(default_factory=dict)
+
+
+def token_loss_sum(model: Any, batch: dict) -> Any:
+    """Summed next-token cross-entropy over the batch's target tokens (labels != -100)."""
+    import torch.nn.functional as F
+
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+def count_targets(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def count_tokens(batch: dict) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int((batch["labels"] != -100).sum()) if "position_ids" not in batch else _packed_tokens(batch)
+
+
+def _packed_tokens(batch: dict) -> int:
+    # Packed rows are padded at the end with the pad id and -100 labels; real tokens are the
+    # rest. The data layer records the true lengths when it can.
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"])
+    return int(batch["input_ids"].numel())
+
+
+def next_micro_batches(loop: Loop, state: TrainerState) -> list[dict]:
+    """Up to `grad_accum` micro-batches from the data position; an epoch's last step may be
+    shorter. Advances `state.epoch` / `state.batch_in_epoch`."""
+    epoch_batches = _epoch(loop, state.epoch)
+    if state.batch_in_epoch >= len(epoch_batches):
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        epoch_batches = _epoch(loop, state.epoch)
+    start = state.batch_in_epoch
+    taken = epoch_batches[start:start + loop.grad_accum]
+    state.batch_in_epoch += len(taken)
+    return taken
+
+
+def _epoch(loop: Loop, epoch: int) -> list[dict]:
+    if epoch not in loop._epoch_cache:
+        loop._epoch_cache.clear()  # hold one epoch of batches at a time
+        loop._epoch_cache[epoch] = loop.batches_for_epoch(epoch)
+    return loop._epoch_cache[epoch]
+
+
+def evaluate_loss(loop: Loop) -> dict:
+    """Token-weighted mean loss over the validation batches."""
+    import torch
+
+    model = loop.model
+    model.eval()
+    total, targets = 0.0, 0
+    with torch.no_grad(), loop.accelerator.autocast():
+        for batch in loop.val_batches or []:
+            total += float(token_loss_sum(model, _to(batch, loop.accelerator.device)))
+            targets += count_targets(batch)
+    model.train()
+    return {"val_loss": total / max(targets, 1), "val_target_tokens": targets}
+
+
+def _to(batch: dict, device: Any) -> dict:
+    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
+    """Train from `state` until `total_steps`; returns the final state."""
+    import torch
+
+    model, optimizer, scheduler, hooks = loop.model, loop.optimizer, loop.scheduler, loop.hooks
+    accelerator = loop.accelerator
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": timer.elapsed()}
+    model.train()
+
+    while state.step < loop.total_steps:
+        micro_batches = next_micro_batches(loop, state)
+        n_targets = sum(count_targets(b) for b in micro_batches)
+        step_loss = torch.zeros((), device=accelerator.device)
+
+        for i, batch in enumerate(micro_batches):
+            batch = _to(batch, accelerator.device)
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                task_loss = token_loss_sum(model, batch) / max(n_targets, 1)
+                loss = task_loss
+                if hooks.extra_loss is not None:
+                    loss = loss + hooks.extra_loss(model) / len(micro_batches)
+            accelerator.backward(loss)
+            step_loss += task_loss.detach()
+            state.tokens += count_tokens(batch)
+        state.target_tokens += n_targets
+
+        loss_value = float(step_loss)
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(
+                f"the loss became {loss_value} at step {state.step + 1}; training stopped and "
+                "the last checkpoint was left as it was. Lower train.lr, enable "
+                "train.max_grad_norm, or check the data"
+            )
+        if loop.max_grad_norm is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(trainable, loop.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().float().norm() for p in trainable if p.grad is not None])))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        for after_step in hooks.after_step:
+            after_step(model, state.step + 1)
+        state.step += 1
+
+        window["loss"] += loss_value
+        window["steps"] += 1
+        window["tokens"] += sum(count_tokens(b) for b in micro_batches)
+        if state.step % loop.log_every == 0 or state.step == loop.total_steps:
+            seconds = max(timer.elapsed() - window["start"], 1e-9)
+            loop.on_log({
+                "step": state.step,
+                "epoch": state.epoch,
+                "loss": window["loss"] / window["steps"],
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens": state.tokens,
+                "tokens_per_s": window["tokens"] / seconds,
+                "elapsed_s": state.elapsed_s + timer.elapsed(),
+            })
+            window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": timer.elapsed()}
+        if loop.val_batches and loop.eval_every and (
+                state.step % loop.eval_every == 0 or state.step == loop.total_steps):
+            loop.on_eval({"step": state.step, **evaluate_loss(loop)})
+        if loop.save_every and state.step % loop.save_every == 0:
+            loop.on_save(state)
+    return state

@@ -1,0 +1,131 @@
+"""`peftune train`: set up model, adapter, data and optimizer from a recipe, run the loop,
+export the artifacts and describe the run in its directory.
+
+Nothing is written to the output directory until the recipe, the model and the data have
+all loaded: bad input leaves no half-made run behind.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from peftune.errors import InputError
+from peftune.recipe.schema import Recipe
+from peftune.train.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
+
+# Keys that may change between a run and its `--resume` (they do not change what is trained).
+RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.log_every", "train.eval_every",
+                     "train.save_every", "train.keep_checkpoints"}
+
+
+def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse to clobber a run by accident; returns the checkpoint to resume from, if any."""
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite contradict each other; pass one of them")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output.dir: {out} exists and is not a directory")
+    non_empty = out.is_dir() and any(out.iterdir())
+    if resume:
+        checkpoint = latest_checkpoint(out) if non_empty else None
+        if checkpoint is None:
+            raise InputError(f"--resume: no checkpoint in {out}/checkpoints; start the run "
+                             "without --resume (set train.save_every to write checkpoints)")
+        return checkpoint
+    if non_empty and not overwrite:
+        raise InputError(f"output.dir: {out} is not empty; pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another output.dir")
+    return None
+
+
+def run_train(recipe: Recipe, *, recipe_path: Path | None = None, resume: bool = False,
+              overwrite: bool = False, quiet: bool = False) -> dict:
+    """Train as the recipe says; returns the run summary (also written to summary.json)."""
+    out = Path(recipe.output.dir)
+    checkpoint = check_output_dir(out, resume=resume, overwrite=overwrite)
+    if checkpoint is not None:
+        _check_same_recipe(recipe, out)
+    _check_data_paths(recipe)
+
+    from peftune.train.setup import build_training
+
+    built = build_training(recipe, quiet=quiet)  # loads model + data; may raise InputError
+
+    if checkpoint is None:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+    else:
+        remove_partial_checkpoints(out)
+    return built.run(out, checkpoint)
+
+
+def _check_data_paths(recipe: Recipe) -> None:
+    problems = [f"data.{key}: no such file or directory: {path}"
+                for key, path in (("train", recipe.data.train), ("val", recipe.data.val))
+                if path is not None and not Path(path).exists()]
+    if problems:
+        raise InputError(*problems)
+
+
+def _check_same_recipe(recipe: Recipe, out: Path) -> None:
+    from peftune.recipe import load_recipe
+
+    saved_path = out / "recipe.yaml"
+    if not saved_path.is_file():
+        raise InputError(f"--resume: {saved_path} is missing; this is not a peftune run directory")
+    saved = load_recipe(saved_path).model_dump()
+    changed = sorted(key for key in _flat_diff(saved, recipe.model_dump())
+                     if key not in RESUMABLE_CHANGES)
+    if changed:
+        raise InputError(f"--resume: the recipe differs from the run's recipe.yaml in "
+                         f"{', '.join(changed)}; resume with the same recipe or use --overwrite")
+
+
+def _flat_diff(a: dict, b: dict, prefix: str = "") -> set[str]:
+    keys = set(a) | set(b)
+    diff = set()
+    for key in keys:
+        path = f"{prefix}{key}"
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diff |= _flat_diff(va, vb, path + ".")
+        elif va != vb:
+            diff.add(path)
+    return diff
+
+
+def total_steps(recipe: Recipe, micro_batches_per_epoch: int) -> int:
+    if recipe.train.max_steps is not None:
+        return recipe.train.max_steps
+    steps_per_epoch = math.ceil(micro_batches_per_epoch / recipe.train.grad_accum)
+    return max(1, math.ceil(recipe.train.epochs * steps_per_epoch))
+
+
+def restore(built: Any, checkpoint: Path) -> TrainerState:
+    state, trainable, training = load_checkpoint(checkpoint)
+    built.hooks.load_trainable_state(built.unwrapped_model, trainable)
+    built.optimizer.load_state_dict(training["optimizer"])
+    built.scheduler.load_state_dict(training["scheduler"])
+    set_rng_state(training["rng"])
+    return state
+
+
+def checkpoint_now(built: Any, out: Path, state: TrainerState, *, elapsed: float) -> Path:
+    from dataclasses import replace
+
+    return save_checkpoint(
+        out, state=replace(state, elapsed_s=elapsed),
+        trainable=built.hooks.trainable_state(built.unwrapped_model),
+        optimizer=built.optimizer, scheduler=built.scheduler,
+        keep=built.recipe.train.keep_checkpoints,
+    )

@@ -1,0 +1,142 @@
+"""One training session in a run directory: header, loop, checkpoints, export, summary."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from peftune.train.checkpoint import TrainerState
+from peftune.train.loop import Loop, run_loop
+from peftune.train.reporting import (
+    MetricsLog,
+    ProgressDisplay,
+    Timer,
+    format_log_line,
+    peak_memory_bytes,
+    perplexity,
+    plot_losses,
+    write_summary,
+)
+from peftune.train.runner import checkpoint_now, restore
+
+
+def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
+    from peftune.recipe import recipe_to_yaml
+
+    recipe = built.recipe
+    (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    state = restore(built, checkpoint) if checkpoint is not None else TrainerState()
+    metrics = MetricsLog(out / "metrics.jsonl",
+                         resume_step=state.step if checkpoint is not None else None)
+    timer = Timer()
+    display = ProgressDisplay(total_steps=built.total_steps, start_step=state.step,
+                              enabled=not built.quiet)
+    _print_header(built, display, resumed_from=checkpoint)
+
+    last_checkpoint: list[Path] = []
+
+    def on_log(record: dict) -> None:
+        metrics.write(record)
+        display.advance(record["step"], f"loss {record['loss']:.4f}  "
+                                        f"{record['tokens_per_s']:,.0f} tok/s")
+        display.log(format_log_line(record, built.total_steps))
+
+    def on_eval(record: dict) -> None:
+        record["val_ppl"] = perplexity(record["val_loss"])
+        metrics.write(record)
+        display.log(f"step {record['step']:>5}/{built.total_steps}  val loss "
+                    f"{record['val_loss']:.4f}  val ppl {record['val_ppl']:.2f}")
+
+    def on_save(current: TrainerState) -> None:
+        path = checkpoint_now(built, out, current, elapsed=current.elapsed_s + timer.elapsed())
+        last_checkpoint[:] = [path]
+
+    loop = Loop(
+        model=built.model, optimizer=built.optimizer, scheduler=built.scheduler,
+        hooks=built.hooks, accelerator=built.accelerator,
+        batches_for_epoch=built.batches_for_epoch, total_steps=built.total_steps,
+        grad_accum=recipe.train.grad_accum, max_grad_norm=recipe.train.max_grad_norm,
+        log_every=recipe.train.log_every, eval_every=recipe.train.eval_every,
+        save_every=recipe.train.save_every, val_batches=built.val_batches(),
+        on_log=on_log, on_eval=on_eval, on_save=on_save,
+    )
+    with display:
+        state = run_loop(loop, state, timer=timer)
+    train_seconds = state.elapsed_s + timer.elapsed()
+
+    artifact = _export(built, out)
+    records = metrics.read()
+    plot = plot_losses(records, out / "loss.png")
+    summary = _summary(built, state, records, artifact, plot, train_seconds)
+    write_summary(out / "summary.json", summary)
+    _print_footer(display, out, summary)
+    return summary
+
+
+def _export(built: Any, out: Path) -> Path:
+    """Write the final adapter/ (or model/) through a temp dir, so it is whole or absent."""
+    final = out / built.hooks.artifact
+    tmp = out / f".tmp-{built.hooks.artifact}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    built.hooks.export(built.unwrapped_model, tmp, built.tokenizer)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def _summary(built: Any, state: TrainerState, records: list[dict], artifact: Path,
+             plot: Path | None, seconds: float) -> dict:
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    return {
+        "method": built.recipe.adapter.method,
+        "steps": state.step,
+        "epochs": state.epoch + (1 if state.batch_in_epoch else 0),
+        "final_loss": train[-1]["loss"] if train else None,
+        "final_val_loss": val[-1]["val_loss"] if val else None,
+        "tokens": state.tokens,
+        "target_tokens": state.target_tokens,
+        "train_seconds": round(seconds, 3),
+        "setup_seconds": round(built.setup_s, 3),
+        "tokens_per_s": state.tokens / seconds if seconds > 0 else None,
+        "trainable_params": built.trainable_params,
+        "total_params": built.total_params,
+        **peak_memory_bytes(built.accelerator.device),
+        "artifact": str(artifact),
+        "plot": str(plot) if plot else None,
+        "data": built.data_stats,
+    }
+
+
+def _print_header(built: Any, display: ProgressDisplay, *, resumed_from: Path | None) -> None:
+    r = built.recipe
+    tokens_per_step = r.train.batch_size * r.train.grad_accum * r.data.max_length
+    lines = [
+        f"model {r.model.path}  quant {r.quant.method}  adapter {r.adapter.method}  "
+        f"device {built.accelerator.device}  precision {built.accelerator.mixed_precision}",
+        f"trainable parameters {built.trainable_params:,} of {built.total_params:,} "
+        f"({100 * built.trainable_params / max(built.total_params, 1):.2f}%)",
+        f"data: {len(built.rows):,} rows of <= {r.data.max_length} tokens "
+        f"({'packed' if r.data.packing else 'padded'}); batch {r.train.batch_size} x accumulation "
+        f"{r.train.grad_accum} = {r.train.batch_size * r.train.grad_accum} rows, "
+        f"<= {tokens_per_step:,} tokens per optimizer step; {built.total_steps} steps",
+    ]
+    if resumed_from is not None:
+        lines.append(f"resuming from {resumed_from}")
+    for line in lines:
+        display.log(line)
+
+
+def _print_footer(display: ProgressDisplay, out: Path, summary: dict) -> None:
+    loss = summary["final_loss"]
+    val = summary["final_val_loss"]
+    display.log(
+        f"done: {summary['steps']} steps in {summary['train_seconds']:.1f}s, "
+        f"final loss {loss:.4f}" + (f", val loss {val:.4f}" if val is not None else "")
+    )
+    display.log(f"  {Path(summary['artifact']).name + '/':<10} {summary['artifact']}")
+    display.log(f"  {'metrics':<10} {out / 'metrics.jsonl'}")
+    if summary["plot"]:
+        display.log(f"  {'plot':<10} {summary['plot']}")
+    display.log(f"  {'summary':<10} {out / 'summary.json'}")

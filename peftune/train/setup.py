@@ -1,0 +1,124 @@
+"""Build a training run from a recipe: accelerator, model, adapter, data, optimizer."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftune.adapters.hooks import AdapterHooks
+from peftune.errors import InputError
+from peftune.recipe.schema import Recipe
+
+
+@dataclass
+class BuiltRun:
+    recipe: Recipe
+    accelerator: Any
+    model: Any  # as prepared by Accelerate
+    unwrapped_model: Any
+    tokenizer: Any
+    hooks: AdapterHooks
+    optimizer: Any
+    scheduler: Any
+    rows: list
+    val_rows: list | None
+    total_steps: int
+    data_stats: dict
+    trainable_params: int
+    total_params: int
+    setup_s: float
+    quiet: bool = False
+
+    def batches_for_epoch(self, epoch: int) -> list[dict]:
+        from peftune.data import micro_batches
+
+        cfg = self.recipe
+        return micro_batches(self.rows, batch_size=cfg.train.batch_size,
+                             pad_id=self.tokenizer.pad_token_id, seed=cfg.train.seed,
+                             epoch=epoch, packing=cfg.data.packing)
+
+    def val_batches(self) -> list[dict] | None:
+        from peftune.data import micro_batches
+
+        if not self.val_rows:
+            return None
+        cfg = self.recipe
+        return micro_batches(self.val_rows, batch_size=cfg.train.batch_size,
+                             pad_id=self.tokenizer.pad_token_id, seed=cfg.train.seed, epoch=0,
+                             packing=cfg.data.packing)
+
+    def run(self, out: Path, checkpoint: Path | None) -> dict:
+        from peftune.train.session import run_session
+
+        return run_session(self, out, checkpoint)
+
+
+def mixed_precision(precision: str, device: Any) -> str:
+    """Accelerate's mixed-precision mode for `train.precision` on this device."""
+    import torch
+
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if precision == "fp16" and not cuda:
+        raise InputError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from peftune.adapters import apply_adapter, get_method
+    from peftune.adapters.common import count_parameters
+    from peftune.data import build_datasets, pack_rows
+    from peftune.models import load_model_and_tokenizer
+    from peftune.train.optim import build_optimizer, build_scheduler
+    from peftune.train.runner import total_steps
+
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = Accelerator(mixed_precision=mixed_precision(recipe.train.precision, device))
+    if accelerator.num_processes > 1:
+        raise InputError("multi-process training is not supported yet: run one process "
+                         "(see the scale-out issue)")
+    set_seed(recipe.train.seed)
+
+    spec = get_method(recipe.adapter.method)
+    model, tokenizer = load_model_and_tokenizer(
+        recipe.model, recipe.quant, device=accelerator.device,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
+        trains_base_weights=spec.trains_base_weights,
+    )
+    model, hooks = apply_adapter(model, recipe.adapter, tokenizer=tokenizer)
+    trainable_params, total_params = count_parameters(model)
+    if trainable_params == 0:
+        raise InputError(f"adapter: method {spec.name} left no trainable parameter; check "
+                         "adapter.target_modules")
+
+    splits = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
+    rows = pack_rows(splits.train, max_length=recipe.data.max_length,
+                     packing=recipe.data.packing, seed=recipe.train.seed)
+    val_rows = None
+    if splits.val is not None and len(splits.val):
+        val_rows = pack_rows(splits.val, max_length=recipe.data.max_length,
+                             packing=recipe.data.packing, seed=recipe.train.seed)
+    if not rows:
+        raise InputError(f"data.train: {recipe.data.train} has no usable examples")
+    micro_per_epoch = -(-len(rows) // recipe.train.batch_size)
+    steps = total_steps(recipe, micro_per_epoch)
+
+    optimizer = build_optimizer(model, recipe.train)
+    scheduler = build_scheduler(optimizer, recipe.train, steps)
+    # The scheduler is stepped by the loop once per optimizer step, so it is not prepared.
+    prepared_model, optimizer = accelerator.prepare(model, optimizer)
+    return BuiltRun(
+        recipe=recipe, accelerator=accelerator, model=prepared_model,
+        unwrapped_model=accelerator.unwrap_model(prepared_model), tokenizer=tokenizer,
+        hooks=hooks, optimizer=optimizer, scheduler=scheduler, rows=rows, val_rows=val_rows,
+        total_steps=steps, data_stats=dict(splits.stats), trainable_params=trainable_params,
+        total_params=total_params, setup_s=time.perf_counter() - started, quiet=quiet,
+    )

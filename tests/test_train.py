@@ -1,0 +1,273 @@
+"""End-to-end training on a tiny local model: artifacts, exactness of accumulation and
+resume, exported adapters that reproduce the trained model, quantized bases, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_recipe
+from peftune.errors import InputError, TrainingError
+from peftune.recipe import load_recipe
+
+
+def _train_in_process(recipe_path: Path, overrides: list[str] = (), **kwargs):
+    from peftune.train.runner import check_output_dir
+    from peftune.train.setup import build_training
+
+    recipe = load_recipe(recipe_path, list(overrides))
+    out = Path(recipe.output.dir)
+    check_output_dir(out, resume=False, overwrite=kwargs.get("overwrite", False))
+    built = build_training(recipe, quiet=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return built, built.run(out, None)
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peftune.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PEFTUNE_DEBUG": ""})
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+IDS = torch.tensor([[1, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79]])
+
+
+def test_lora_run_writes_every_artifact_and_the_adapter_reproduces_the_model(
+        tmp_path, tiny_model_dir, text_data):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                          val=text_data["val"], out=tmp_path / "run",
+                          train={"max_steps": 12, "eval_every": 6})
+    built, summary = _train_in_process(recipe)
+    run = tmp_path / "run"
+    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "loss.png",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, 13))
+    assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(train_records[0])
+    assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
+    assert train_records[-1]["loss"] < train_records[0]["loss"] - 0.3  # it learns
+    assert summary["steps"] == 12 and summary["trainable_params"] > 0
+    assert json.loads((run / "summary.json").read_text())["final_loss"] == summary["final_loss"]
+
+    trained = built.unwrapped_model.eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loaded = PeftModel.from_pretrained(base, run / "adapter").eval()
+    torch.testing.assert_close(_logits(loaded, IDS), _logits(trained, IDS), rtol=0, atol=1e-5)
+    # and the adapter really changed something
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert (_logits(plain, IDS) - _logits(loaded, IDS)).abs().max() > 1e-3
+
+
+def test_full_fine_tuning_exports_a_model_directory(tmp_path, tiny_model_dir, text_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                          out=tmp_path / "run", adapter={"method": "full"},
+                          train={"max_steps": 4, "lr": 1e-3})
+    built, summary = _train_in_process(recipe)
+    model_dir = tmp_path / "run" / "model"
+    assert (model_dir / "model.safetensors").is_file() and not (tmp_path / "run" / "adapter").exists()
+    assert summary["trainable_params"] == summary["total_params"]
+    reloaded = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    torch.testing.assert_close(_logits(reloaded, IDS), _logits(built.unwrapped_model.eval(), IDS),
+                               rtol=0, atol=1e-6)
+    assert AutoTokenizer.from_pretrained(model_dir).chat_template
+
+
+def _adapter_after_one_step(tmp_path, tiny_model_dir, train, name, batch_size, grad_accum):
+    recipe = write_recipe(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=train,
+                          out=tmp_path / name,
+                          train={"max_steps": 1, "batch_size": batch_size,
+                                 "grad_accum": grad_accum, "max_grad_norm": None})
+    _train_in_process(recipe)
+    return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+
+
+def test_accumulation_gives_the_same_update_as_a_large_batch(tmp_path, tiny_model_dir, text_data):
+    big = _adapter_after_one_step(tmp_path, tiny_model_dir, text_data["train"], "big", 8, 1)
+    small = _adapter_after_one_step(tmp_path, tiny_model_dir, text_data["train"], "small", 2, 4)
+    odd = _adapter_after_one_step(tmp_path, tiny_model_dir, text_data["train"], "odd", 4, 1)
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], rtol=1e-5, atol=1e-7)
+    assert any((odd[n] - big[n]).abs().max() > 1e-6 for n in big)  # the test can fail
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {path} appeared: {proc.stderr.read()}")
+        if time.time() > deadline:
+            raise AssertionError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+def test_resume_after_sigkill_ends_with_bitwise_identical_weights(
+        tmp_path, tiny_model_dir, text_data):
+    common = dict(model=tiny_model_dir, data=text_data["train"],
+                  adapter={"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+                  train={"max_steps": 10, "save_every": 2, "keep_checkpoints": 3,
+                         "scheduler": "cosine", "warmup_ratio": 0.2, "log_every": 1})
+    straight = write_recipe(tmp_path / "a.yaml", out=tmp_path / "a", **common)
+    assert _cli("train", str(straight)).returncode == 0
+
+    killed = write_recipe(tmp_path / "b.yaml", out=tmp_path / "b", **common)
+    proc = subprocess.Popen([sys.executable, "-m", "peftune.cli", "train", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "b" / "checkpoints" / "step-4", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "adapter").exists()
+
+    resumed = _cli("train", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").open()]
+    assert steps == list(range(1, 11))  # no duplicated steps after the resume
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == [
+        "step-10", "step-6", "step-8"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
+        tmp_path, tiny_model_dir, text_data, monkeypatch):
+    import peftune.train.loop as loop
+
+    calls = {"n": 0}
+    real = loop.token_loss_sum
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(loop, "token_loss_sum", poisoned)
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                          out=tmp_path / "run", train={"max_steps": 6, "save_every": 2})
+    with pytest.raises(TrainingError, match="loss became nan at step 4"):
+        _train_in_process(recipe)
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-2"]
+    assert load_file(run / "checkpoints" / "step-2" / "trainable.safetensors")
+    assert not (run / "adapter").exists()
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_lora_trains_over_a_quantized_base(tmp_path, tiny_model_dir, text_data, quant):
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                          out=tmp_path / "run",
+                          quant={"method": quant, "compute_dtype": "float32"},
+                          train={"max_steps": 8, "lr": 1e-2})
+    built, summary = _train_in_process(recipe)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_an_eval_pass_on_a_4bit_base_leaves_the_next_gradients_unchanged(
+        tmp_path, tiny_model_dir, text_data):
+    """The AVX512-BF16 repacking trap: an eval forward must not corrupt later LoRA grads."""
+    from peftune.adapters import apply_adapter
+    from peftune.models import load_model_and_tokenizer
+    from peftune.train.loop import token_loss_sum
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", model=tiny_model_dir,
+                                      data=text_data["train"], out=tmp_path / "run",
+                                      quant={"method": "nf4", "compute_dtype": "float32"}))
+    torch.manual_seed(0)
+    model, _ = load_model_and_tokenizer(recipe.model, recipe.quant, device=torch.device("cpu"))
+    model, _ = apply_adapter(model, recipe.adapter)
+    for name, param in model.named_parameters():  # B = 0 at init would hide the bug
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    batch = {"input_ids": IDS, "labels": IDS}
+
+    def grads():
+        model.zero_grad()
+        model.train()
+        token_loss_sum(model, batch).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=IDS, use_cache=False)
+    after = grads()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-5, atol=1e-7)
+
+
+# ---- bad input: one line, exit 2, no traceback, nothing written --------------------------
+
+def _assert_clean_failure(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_missing_data_file_fails_cleanly_and_writes_nothing(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir,
+                          data=tmp_path / "nope.jsonl", out=tmp_path / "run")
+    _assert_clean_failure(_cli("train", str(recipe)), "data.train: no such file or directory")
+    assert not (tmp_path / "run").exists()
+
+
+def test_invalid_data_row_fails_cleanly_and_writes_nothing(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=bad,
+                          out=tmp_path / "run")
+    _assert_clean_failure(_cli("train", str(recipe)), "bad.jsonl:2")
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path, tiny_model_dir, text_data):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("mine")
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                          out=tmp_path / "run")
+    _assert_clean_failure(_cli("train", str(recipe)), "is not empty; pass --resume")
+    assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
+
+
+def test_resume_without_a_checkpoint_fails_cleanly(tmp_path, tiny_model_dir, text_data):
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                          out=tmp_path / "run")
+    _assert_clean_failure(_cli("train", str(recipe), "--resume"), "--resume: no checkpoint")
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_not_found_offline_fails_with_one_line(tmp_path, text_data):
+    recipe = write_recipe(tmp_path / "r.yaml", model="no-such-org/no-such-model",
+                          data=text_data["train"], out=tmp_path / "run")
+    _assert_clean_failure(_cli("train", str(recipe)), "model.path: cannot find model")
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_output_dir_refuses_resume_and_overwrite_together(tmp_path):
+    with pytest.raises(InputError, match="contradict"):
+        from peftune.train.runner import check_output_dir
+
+        check_output_dir(tmp_path, resume=True, overwrite=True)
