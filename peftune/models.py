@@ -106,10 +106,36 @@ def read_model_config(path: str) -> dict | None:
     return json.loads(config.read_text()) if config.is_file() else None
 
 
+def check_model_loadable(path: str, *, trust_remote_code: bool) -> None:
+    """Fail with one line when the model's config cannot be found (offline hub id, typo)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise InputError(
+            f"model.path: cannot find model '{path}' locally or in the hub cache "
+            f"({_first_line(err)}); download it where the hub is reachable, or point "
+            "model.path at a local directory"
+        ) from err
+    except ValueError as err:  # e.g. a custom architecture that needs trust_remote_code
+        raise InputError(f"model.path: {path}: {_first_line(err)}") from err
+
+
+def quiet_transformers() -> None:
+    """No per-tensor loading bars or advisory warnings: peftune prints its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(model: Any, *, trust_remote_code: bool = False) -> Any:
     """The model's tokenizer, with a pad token (EOS stands in when the model has none)."""
     from transformers import AutoTokenizer
 
+    check_model_loadable(model, trust_remote_code=trust_remote_code)
+    quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -119,26 +145,28 @@ def load_tokenizer(model: Any, *, trust_remote_code: bool = False) -> Any:
 def load_model_and_tokenizer(model_cfg: Any, quant_cfg: Any, *, device: Any,
                              gradient_checkpointing: bool = False,
                              trains_base_weights: bool = False) -> tuple[Any, Any]:
-    """Load the base model (quantized if the recipe asks) and its tokenizer onto `device`.
+    """The base model (see `load_model`) and its tokenizer."""
+    model = load_model(model_cfg, quant_cfg, device=device,
+                       gradient_checkpointing=gradient_checkpointing,
+                       trains_base_weights=trains_base_weights)
+    return model, load_tokenizer(resolve_model_path(model_cfg.path),
+                                 trust_remote_code=model_cfg.trust_remote_code)
+
+
+def load_model(model_cfg: Any, quant_cfg: Any, *, device: Any,
+               gradient_checkpointing: bool = False, trains_base_weights: bool = False) -> Any:
+    """Load the base model onto `device`, quantized if the recipe asks.
 
     `trust_remote_code` is passed through from the recipe and is off by default; weights load
     from safetensors only. A hub id that is not in the local cache fails with one line.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from peftune.quant import prepare_quantized_model, quantization_config
 
     path = resolve_model_path(model_cfg.path)
-    try:
-        AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-    except OSError as err:
-        raise InputError(
-            f"model.path: cannot find model '{path}' locally or in the hub cache "
-            f"({_first_line(err)}); download it where the hub is reachable, or point "
-            "model.path at a local directory"
-        ) from err
-    except ValueError as err:  # e.g. a custom architecture that needs trust_remote_code
-        raise InputError(f"model.path: {path}: {_first_line(err)}") from err
+    check_model_loadable(path, trust_remote_code=model_cfg.trust_remote_code)
+    quiet_transformers()
 
     quant = quantization_config(quant_cfg)
     dtype = _model_dtype(model_cfg.dtype, device=device, trains_base_weights=trains_base_weights)
@@ -158,8 +186,7 @@ def load_model_and_tokenizer(model_cfg: Any, quant_cfg: Any, *, device: Any,
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    tokenizer = load_tokenizer(path, trust_remote_code=model_cfg.trust_remote_code)
-    return model, tokenizer
+    return model
 
 
 def _model_dtype(name: str, *, device: Any, trains_base_weights: bool) -> Any:

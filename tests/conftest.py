@@ -65,13 +65,16 @@ def write_recipe(path: Path, *, model: Path, data: Path, out: Path, val: Path | 
         "model": {"path": str(model)},
         "adapter": {"method": "lora", "r": 4, "alpha": 8},
         "data": {"train": str(data), "max_length": 64},
-        "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "log_every": 1,
+        "train": {"max_steps": 6, "batch_size": 4, "lr": 2e-2, "log_every": 1,
                   "warmup_ratio": 0.0, "scheduler": "constant"},
         "output": {"dir": str(out)},
     }
     if val is not None:
         recipe["data"]["val"] = str(val)
     for section, values in sections.items():
-        recipe.setdefault(section, {}).update(values)
+        if section == "adapter":  # a method's keys replace the default LoRA's whole
+            recipe["adapter"] = values
+        else:
+            recipe.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

@@ -7,7 +7,8 @@
     for epoch in ...:
         for batch in micro_batches(rows, batch_size=..., pad_id=..., seed=seed, epoch=epoch,
                                    packing=recipe.data.packing):
-            loss = model(**batch, use_cache=False).loss  # use_cache=False keeps packing exact
+            inputs = {k: v for k, v in batch.items() if k != "num_tokens"}
+            loss = model(**inputs, use_cache=False).loss  # use_cache=False keeps packing exact
 
 Importing this package imports numpy but not torch, transformers or datasets; those are
 imported by the functions that need them.

@@ -137,7 +137,9 @@ def instruction_format(row: dict[str, Any], cfg: DataSection, tokenizer: Any) ->
 def chat_format(row: dict[str, Any], cfg: DataSection, tokenizer: Any) -> Segments:
     """Conversations rendered by the tokenizer's chat template; only assistant turns are
     targets. A turn's span is found by rendering prefixes: messages[:i] with the generation
-    prompt must be a prefix of messages[:i+1], which must be a prefix of the whole chat."""
+    prompt must be a prefix of messages[:i+1], which must be a prefix of the whole chat.
+    The template's own end markers close each turn (and are targets), so data.add_eos and
+    BOS do not apply: a template that wants BOS writes it into the text."""
     messages = _messages(row, cfg.messages_field)
 
     def render(upto: int, generation_prompt: bool) -> str:

@@ -114,7 +114,8 @@ def micro_batches(rows: list[Row], *, batch_size: int, pad_id: int, seed: int, e
     batch (the last one may be smaller), right-padded to the batch's longest row.
 
     Keys (torch.long): input_ids, labels (-100 on padding; unshifted), and position_ids
-    restarting at each example (packing) or attention_mask (no packing). A packed batch has no
+    restarting at each example (packing) or attention_mask (no packing); num_tokens, a 0-d
+    count of the real (non-padding) tokens, which is not a model input. A packed batch has no
     attention_mask on purpose: call the model with use_cache=False so that transformers
     isolates the examples by their position_ids.
     """
@@ -142,6 +143,7 @@ def micro_batches(rows: list[Row], *, batch_size: int, pad_id: int, seed: int, e
                 extra[j, :len(row)] = 1
         batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
         batch["position_ids" if packing else "attention_mask"] = torch.from_numpy(extra)
+        batch["num_tokens"] = torch.tensor(sum(len(row) for row in chosen))  # real, not padding
         batches.append(batch)
     return batches
 

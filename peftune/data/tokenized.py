@@ -215,11 +215,12 @@ def tokenize_source(cfg: DataSection, tokenizer: Any, *, source: Path, key: str,
             chunks.append(encoder.encode(pending))
             pending = []
     if bad and cfg.on_bad_row == "error":
+        # One line per bad row (the CLI prints each as `error: ...`); the skip hint goes on
+        # the summary line, so that a file with one bad row gives exactly one line.
         lines = bad[:MAX_REPORTED_BAD_ROWS]
         if len(bad) > MAX_REPORTED_BAD_ROWS:
-            lines.append(f"... and {len(bad) - MAX_REPORTED_BAD_ROWS} more bad rows")
-        lines.append(f"{key}: fix the rows above, or set data.on_bad_row: skip "
-                     "to leave bad rows out")
+            lines.append(f"... and {len(bad) - MAX_REPORTED_BAD_ROWS} more bad rows "
+                         "(data.on_bad_row: skip leaves bad rows out)")
         raise InputError(*lines)
     if bad:
         log.warning("%s: skipped %d bad rows of %d (data.on_bad_row: skip); first: %s",

@@ -61,17 +61,8 @@ def count_targets(batch: dict) -> int:
 
 
 def count_tokens(batch: dict) -> int:
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int((batch["labels"] != -100).sum()) if "position_ids" not in batch else _packed_tokens(batch)
-
-
-def _packed_tokens(batch: dict) -> int:
-    # Packed rows are padded at the end with the pad id and -100 labels; real tokens are the
-    # rest. The data layer records the true lengths when it can.
-    if "num_tokens" in batch:
-        return int(batch["num_tokens"])
-    return int(batch["input_ids"].numel())
+    """Real (non-padding) tokens in a micro-batch, counted by the data layer."""
+    return int(batch["num_tokens"])
 
 
 def next_micro_batches(loop: Loop, state: TrainerState) -> list[dict]:

@@ -75,7 +75,7 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
     from peftune.adapters import apply_adapter, get_method
     from peftune.adapters.common import count_parameters
     from peftune.data import build_datasets, pack_rows
-    from peftune.models import load_model_and_tokenizer
+    from peftune.models import load_model, load_tokenizer, resolve_model_path
     from peftune.train.optim import build_optimizer, build_scheduler
     from peftune.train.runner import total_steps
 
@@ -85,10 +85,22 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
     if accelerator.num_processes > 1:
         raise InputError("multi-process training is not supported yet: run one process "
                          "(see the scale-out issue)")
-    set_seed(recipe.train.seed)
+    # Data first (it needs only the tokenizer): bad data fails before the model loads.
+    tokenizer = load_tokenizer(resolve_model_path(recipe.model.path),
+                               trust_remote_code=recipe.model.trust_remote_code)
+    splits = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
+    rows = pack_rows(splits.train, max_length=recipe.data.max_length,
+                     packing=recipe.data.packing, seed=recipe.train.seed)
+    if not rows:
+        raise InputError(f"data.train: {recipe.data.train} has no usable examples")
+    val_rows = None
+    if splits.val is not None and len(splits.val):
+        val_rows = pack_rows(splits.val, max_length=recipe.data.max_length,
+                             packing=recipe.data.packing, seed=recipe.train.seed)
 
     spec = get_method(recipe.adapter.method)
-    model, tokenizer = load_model_and_tokenizer(
+    set_seed(recipe.train.seed)
+    model = load_model(
         recipe.model, recipe.quant, device=accelerator.device,
         gradient_checkpointing=recipe.train.gradient_checkpointing,
         trains_base_weights=spec.trains_base_weights,
@@ -99,15 +111,6 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
         raise InputError(f"adapter: method {spec.name} left no trainable parameter; check "
                          "adapter.target_modules")
 
-    splits = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
-    rows = pack_rows(splits.train, max_length=recipe.data.max_length,
-                     packing=recipe.data.packing, seed=recipe.train.seed)
-    val_rows = None
-    if splits.val is not None and len(splits.val):
-        val_rows = pack_rows(splits.val, max_length=recipe.data.max_length,
-                             packing=recipe.data.packing, seed=recipe.train.seed)
-    if not rows:
-        raise InputError(f"data.train: {recipe.data.train} has no usable examples")
     micro_per_epoch = -(-len(rows) // recipe.train.batch_size)
     steps = total_steps(recipe, micro_per_epoch)
 
