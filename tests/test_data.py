@@ -212,7 +212,7 @@ def test_packed_batch_matches_examples_run_alone(tmp_path: Path, tokenizer: Any,
     batches = micro_batches(rows, batch_size=3, pad_id=tokenizer.pad_token_id, seed=0, epoch=0,
                             packing=True)
     batch = next(b for b in batches if (b["labels"][:, -1] == -100).any())  # one with padding
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "num_tokens"}
     with torch.no_grad():
         packed = per_example_losses(model(input_ids=batch["input_ids"],
                                           position_ids=batch["position_ids"],
@@ -235,7 +235,8 @@ def test_padded_batch_matches_examples_run_alone(tmp_path: Path, tokenizer: Any,
     rows = pack_rows(splits.train, max_length=1024, packing=False, seed=0)
     batch = micro_batches(rows, batch_size=8, pad_id=tokenizer.pad_token_id, seed=0, epoch=0,
                           packing=False)[0]
-    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "num_tokens"}
+    assert int(batch["num_tokens"]) == int(batch["attention_mask"].sum())
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     with torch.no_grad():
         padded = per_example_losses(model(input_ids=batch["input_ids"],
