@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="sampling and shuffling seed")
     parser.add_argument("--max-docs", type=int, default=6000, help="pretrain.jsonl documents")
     parser.add_argument("--max-test-docs", type=int, default=2000, help="tests_train.jsonl documents")
-    parser.add_argument("--max-val-docs", type=int, default=150, help="tests_val.jsonl documents")
+    parser.add_argument("--max-val-docs", type=int, default=80, help="tests_val.jsonl documents")
     args = parser.parse_args(argv)
     for flag in ("max_docs", "max_test_docs", "max_val_docs"):
         if getattr(args, flag) < 1:

@@ -67,9 +67,21 @@ def mixed_precision(precision: str, device: Any) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
+def _accelerator(precision: str) -> Any:
+    """An Accelerator for this run. Accelerate keeps its settings in a process-wide singleton;
+    a second run in the same process (a notebook, the tests) may ask for another precision, so
+    the per-run part of that state is reset (the process-group part is kept)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    current = AcceleratorState._shared_state.get("_mixed_precision", precision)
+    if getattr(current, "value", current) != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=precision)
+
+
 def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from peftune.adapters import apply_adapter, get_method
@@ -81,7 +93,7 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
 
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    accelerator = Accelerator(mixed_precision=mixed_precision(recipe.train.precision, device))
+    accelerator = _accelerator(mixed_precision(recipe.train.precision, device))
     if accelerator.num_processes > 1:
         raise InputError("multi-process training is not supported yet: run one process "
                          "(see the scale-out issue)")

@@ -1,0 +1,90 @@
+"""Training options: gradient checkpointing, bf16, 8-bit AdamW, schedules, epochs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_recipe
+from peftune.recipe import load_recipe
+from peftune.train.runner import run_train
+
+
+def _run(tmp_path: Path, name: str, model: Path, data: Path, **sections) -> tuple[dict, Path]:
+    recipe = write_recipe(tmp_path / f"{name}.yaml", model=model, data=data,
+                          out=tmp_path / name, **sections)
+    summary = run_train(load_recipe(recipe), quiet=True)
+    return summary, tmp_path / name
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").open() if "loss" in line]
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_model_dir, text_data):
+    plain = dict(train={"max_steps": 2, "gradient_checkpointing": False})
+    ckpt = dict(train={"max_steps": 2, "gradient_checkpointing": True})
+    _, a = _run(tmp_path, "plain", tiny_model_dir, text_data["train"], **plain)
+    _, b = _run(tmp_path, "ckpt", tiny_model_dir, text_data["train"], **ckpt)
+    wa = load_file(a / "adapter" / "adapter_model.safetensors")
+    wb = load_file(b / "adapter" / "adapter_model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_trains_every_method(tmp_path, tiny_model_dir, text_data, method):
+    adapter = {"method": "full"} if method == "full" else {"method": "lora", "r": 4}
+    summary, _ = _run(tmp_path, method, tiny_model_dir, text_data["train"], adapter=adapter,
+                      train={"max_steps": 2, "gradient_checkpointing": True, "lr": 1e-3})
+    assert summary["steps"] == 2 and summary["final_loss"] < 10
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_model_dir, text_data):
+    summary, run = _run(tmp_path, "bf16", tiny_model_dir, text_data["train"],
+                        train={"max_steps": 3, "precision": "bf16"})
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _records(run))
+    # the adapter is kept in full precision
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+
+
+def test_adamw8bit_trains(tmp_path, tiny_model_dir, text_data):
+    summary, run = _run(tmp_path, "adam8", tiny_model_dir, text_data["train"],
+                        train={"max_steps": 6, "optimizer": "adamw8bit", "lr": 2e-2})
+    records = _records(run)
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear", "constant"])
+def test_schedules_warm_up_then_follow_their_shape(tmp_path, tiny_model_dir, text_data, scheduler):
+    _, run = _run(tmp_path, scheduler, tiny_model_dir, text_data["train"],
+                  train={"max_steps": 10, "lr": 1e-2, "scheduler": scheduler, "warmup_steps": 2})
+    lrs = [r["lr"] for r in _records(run)]  # lr after each step
+    assert lrs[0] == pytest.approx(0.5e-2)  # warm-up: step 1 of 2
+    assert lrs[1] == pytest.approx(1e-2)  # peak
+    if scheduler == "constant":
+        assert lrs[-1] == pytest.approx(1e-2)
+    else:
+        assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+        assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    if scheduler == "linear":
+        assert lrs[5] == pytest.approx(1e-2 * 4 / 8)
+
+
+def test_epochs_set_the_step_count(tmp_path, tiny_model_dir, text_data):
+    # 64 short rows of <= 64 tokens pack into a few rows; 2 epochs = 2 x ceil(rows / batch)
+    summary, run = _run(tmp_path, "epochs", tiny_model_dir, text_data["train"],
+                        train={"max_steps": None, "epochs": 2, "batch_size": 2})
+    from peftune.data import build_datasets, pack_rows
+    from peftune.models import load_tokenizer
+
+    recipe = load_recipe(run / "recipe.yaml")
+    splits = build_datasets(recipe.data, load_tokenizer(str(tiny_model_dir)), seed=0)
+    rows = pack_rows(splits.train, max_length=64, packing=True, seed=0)
+    assert summary["steps"] == 2 * -(-len(rows) // 2)
+    assert summary["epochs"] == 2
