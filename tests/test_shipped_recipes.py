@@ -48,11 +48,15 @@ def test_shipped_recipe_validates(path: Path):
 @pytest.mark.parametrize("path", ALL, ids=_name)
 def test_shipped_recipe_header_shows_its_own_command(path: Path):
     # STYLE 7: the header says what the recipe does and the exact command that runs it.
-    text = path.read_text()
-    assert text.startswith("#"), f"{_name(path)}: begins without a header comment"
-    header = text.split("\n\n", 1)[0] + text  # the command may sit anywhere in the comments
+    lines = path.read_text().splitlines()
+    assert lines and lines[0].startswith("#"), f"{_name(path)}: begins without a header comment"
+    header = "\n".join(line for line in lines[:_first_key_line(lines)])
     assert f"peftune train recipes/{_name(path)}" in header, (
         f"{_name(path)}: the header does not show `peftune train recipes/{_name(path)}`")
+
+
+def _first_key_line(lines: list[str]) -> int:
+    return next((i for i, line in enumerate(lines) if line and not line.startswith("#")), len(lines))
 
 
 def test_quickstart_recipes_chain_together():
@@ -78,7 +82,8 @@ def test_model_recipes_point_at_the_documented_user_file():
     for path in sorted((RECIPES / "models").glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())
         assert raw["data"]["train"] == "data/train.jsonl", _name(path)
-        assert "data/train.jsonl" in path.read_text().split("\nmodel:")[0], (
+        lines = path.read_text().splitlines()
+        assert "data/train.jsonl" in "\n".join(lines[:_first_key_line(lines)]), (
             f"{_name(path)}: the header does not document data/train.jsonl")
 
 

@@ -1,0 +1,130 @@
+"""scripts/build_demo_corpus.py: the demo's data, built from the running Python's own files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_demo_corpus.py"
+FILES = ("pretrain.jsonl", "tests_train.jsonl", "tests_val.jsonl", "instruct_train.jsonl")
+SMALL = ["--max-docs", "300", "--max-test-docs", "120", "--max-val-docs", "30"]
+
+
+def _load_builder():
+    spec = importlib.util.spec_from_file_location("build_demo_corpus", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+builder = _load_builder()
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus") / "seed0"
+    assert builder.main(["--out", str(out), "--seed", "0", *SMALL]) == 0
+    return out
+
+
+def test_writes_every_file_with_text_rows(corpus: Path, capsys):
+    assert sorted(p.name for p in corpus.iterdir()) == sorted(FILES)  # no temp files left
+    caps = {"pretrain.jsonl": 300, "tests_train.jsonl": 120, "tests_val.jsonl": 30}
+    for name, cap in caps.items():
+        rows = _rows(corpus / name)
+        assert 0 < len(rows) <= cap, name
+        for row in rows:
+            assert isinstance(row["text"], str)
+            assert builder.MIN_CHARS <= len(row["text"]) <= builder.MAX_CHARS, (name, row["source"])
+    assert len(_rows(corpus / "pretrain.jsonl")) == 300  # every CPython has enough library code
+
+
+def test_pretrain_mixes_prose_and_library_code(corpus: Path):
+    sources = [row["source"] for row in _rows(corpus / "pretrain.jsonl")]
+    prose = [s for s in sources if s.startswith("pydoc:")]
+    code = [s for s in sources if s.endswith(".py")]
+    assert prose and code and len(prose) + len(code) == len(sources)
+    assert len(set(code)) > 50  # many modules, not a few large ones
+    # Test code is the fine-tuning domain: pre-training never sees it.
+    assert not any(Path(s).name.startswith("test") or "/test/" in f"/{s}" for s in code)
+
+
+def test_val_and_train_come_from_different_files(corpus: Path):
+    train = {row["source"] for row in _rows(corpus / "tests_train.jsonl")}
+    val = {row["source"] for row in _rows(corpus / "tests_val.jsonl")}
+    assert train and val and not train & val
+
+
+def test_instruction_rows(corpus: Path):
+    rows = _rows(corpus / "instruct_train.jsonl")
+    assert len(rows) > 50
+    assert len({row["prompt"] for row in rows}) == len(rows)
+    for row in rows:
+        assert row["prompt"].startswith("Explain the Python topic: ")
+        assert len(row["prompt"]) > len("Explain the Python topic: ")
+        assert row["response"].strip()
+
+
+def test_same_seed_same_bytes_other_seed_other_sample(corpus: Path, tmp_path: Path):
+    again, other = tmp_path / "again", tmp_path / "other"
+    assert builder.main(["--out", str(again), "--seed", "0", *SMALL]) == 0
+    assert builder.main(["--out", str(other), "--seed", "1", *SMALL]) == 0
+    for name in FILES:
+        assert (again / name).read_bytes() == (corpus / name).read_bytes(), name
+    assert (other / "pretrain.jsonl").read_bytes() != (corpus / "pretrain.jsonl").read_bytes()
+
+
+def test_chunk_tests_splits_at_test_functions():
+    source = textwrap.dedent('''
+        import unittest
+
+        def helper():
+            return 1
+
+        class T(unittest.TestCase):
+            def setUp(self):
+                self.x = 1
+
+            @unittest.skipIf(False, "never")
+            def test_one(self):
+                def nested():
+                    return 2
+                self.assertEqual(nested() + {pad}, 2)
+
+            def test_two(self):
+                self.assertTrue(self.x)
+    ''').replace("{pad}", " + ".join(["0"] * 120))
+    chunks = builder.chunk_tests(source)
+    assert len(chunks) == 2
+    assert chunks[0].startswith("@unittest.skipIf") and "def nested" in chunks[0]
+    assert "def test_two" not in chunks[0] and "setUp" not in "".join(chunks)
+    assert all(len(c) <= builder.MAX_CHARS for c in chunks)
+
+
+def test_pack_keeps_sizes_within_bounds():
+    pieces = ["x" * 50 + "\n"] * 40 + ["y" * 4000 + "\n"] + ["z\n\n" * 900]
+    chunks = builder.pack(pieces)
+    assert chunks and all(builder.MIN_CHARS <= len(c) <= builder.MAX_CHARS for c in chunks)
+
+
+def test_stripped_test_directory_falls_back_to_held_out_library_code(tmp_path: Path):
+    # A distribution without Lib/test (Debian's python3 without its -testsuite package).
+    stdlib = tmp_path / "lib"
+    (stdlib / "test").mkdir(parents=True)
+    (stdlib / "test" / "__init__.py").write_text("")
+    for i in range(12):
+        (stdlib / f"module{i}.py").write_text(f"def f{i}():\n    return {i}\n")
+    library = builder.library_files(stdlib)
+    assert len(library) == 12
+    files, chunker, note = builder.finetune_domain(stdlib, library, random.Random(0))
+    assert chunker is builder.chunk_code and "kept out of pretrain" in note
+    assert len(files) == 3 and len(library) == 9 and not set(files) & set(library)
