@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     tests_train, tests_val = split_domain(domain_files, domain_chunker, stdlib, rng,
                                           args.max_test_docs, args.max_val_docs)
     instruct = topic_instructions(topics)
+    if not tests_train or not tests_val:
+        print(f"error: too little code in {stdlib} for tests_train.jsonl and tests_val.jsonl",
+              file=sys.stderr)
+        return 1
 
     args.out.mkdir(parents=True, exist_ok=True)
     outputs = {
@@ -97,9 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:22s} {len(rows):6d} docs  {size / 1e6:6.2f} MB")
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f}s "
           f"(Python {sys.version_info.major}.{sys.version_info.minor}, seed {args.seed})")
-    if not tests_train or not tests_val:
-        print("error: too little test code found for tests_train/tests_val", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -83,8 +83,9 @@ def test_same_seed_same_bytes_other_seed_other_sample(corpus: Path, tmp_path: Pa
     assert (other / "pretrain.jsonl").read_bytes() != (corpus / "pretrain.jsonl").read_bytes()
 
 
-def test_chunk_tests_splits_at_test_functions():
-    source = textwrap.dedent('''
+def test_chunk_tests_keeps_test_functions_only():
+    checks = "".join(f"        self.assertEqual(nested() + {i}, {i + 2})\n" for i in range(8))
+    source = textwrap.dedent("""
         import unittest
 
         def helper():
@@ -98,16 +99,16 @@ def test_chunk_tests_splits_at_test_functions():
             def test_one(self):
                 def nested():
                     return 2
-                self.assertEqual(nested() + {pad}, 2)
-
+        """) + checks + textwrap.dedent("""
             def test_two(self):
                 self.assertTrue(self.x)
-    ''').replace("{pad}", " + ".join(["0"] * 120))
+        """).replace("\n", "\n    ")
     chunks = builder.chunk_tests(source)
-    assert len(chunks) == 2
-    assert chunks[0].startswith("@unittest.skipIf") and "def nested" in chunks[0]
-    assert "def test_two" not in chunks[0] and "setUp" not in "".join(chunks)
-    assert all(len(c) <= builder.MAX_CHARS for c in chunks)
+    assert len(chunks) == 1  # short neighbours share a chunk
+    chunk = chunks[0]
+    assert chunk.startswith("@unittest.skipIf")  # decorators stay with their function
+    assert "def nested" in chunk and "def test_two(self):\n    self.assertTrue" in chunk
+    assert "setUp" not in chunk and "helper" not in chunk
 
 
 def test_pack_keeps_sizes_within_bounds():

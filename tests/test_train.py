@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_recipe
 from safetensors.torch import load_file
 
-from conftest import write_recipe
 from peftune.errors import InputError, TrainingError
 from peftune.recipe import load_recipe
 

@@ -97,9 +97,9 @@ def plot_losses(records: list[dict], path: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.4)
+        ax.plot(*zip(*train, strict=False), label="train loss", color="tab:blue", linewidth=1.4)
     if val:
-        ax.plot(*zip(*val), label="validation loss", color="tab:orange", marker="o",
+        ax.plot(*zip(*val, strict=False), label="validation loss", color="tab:orange", marker="o",
                 markersize=4, linewidth=1.4)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per target token)")
