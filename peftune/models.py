@@ -122,12 +122,23 @@ def check_model_loadable(path: str, *, trust_remote_code: bool) -> None:
         raise InputError(f"model.path: {path}: {_first_line(err)}") from err
 
 
-def quiet_transformers() -> None:
-    """No per-tensor loading bars or advisory warnings: peftune prints its own progress."""
+def quiet_libraries() -> None:
+    """No per-tensor loading bars, advisory warnings or optional-kernel notices from the
+    libraries underneath: peftune prints its own progress, and these say nothing actionable.
+    Call before importing peft or bitsandbytes."""
+    import logging
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # bitsandbytes on CPU logs that the optional `kernels` package is absent (it must stay
+    # absent: it downloads kernels from the hub), and transformers' deprecation notices
+    # triggered inside peft are not the user's to fix.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
 def load_tokenizer(model: Any, *, trust_remote_code: bool = False) -> Any:
@@ -135,7 +146,7 @@ def load_tokenizer(model: Any, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     check_model_loadable(model, trust_remote_code=trust_remote_code)
-    quiet_transformers()
+    quiet_libraries()
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -166,7 +177,7 @@ def load_model(model_cfg: Any, quant_cfg: Any, *, device: Any,
 
     path = resolve_model_path(model_cfg.path)
     check_model_loadable(path, trust_remote_code=model_cfg.trust_remote_code)
-    quiet_transformers()
+    quiet_libraries()
 
     quant = quantization_config(quant_cfg)
     dtype = _model_dtype(model_cfg.dtype, device=device, trains_base_weights=trains_base_weights)

@@ -113,6 +113,8 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
     trainable = [p for p in model.parameters() if p.requires_grad]
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": timer.elapsed()}
     model.train()
+    if state.step == 0 and loop.val_batches and loop.eval_every:
+        loop.on_eval({"step": 0, **evaluate_loss(loop)})  # the baseline the run improves on
 
     while state.step < loop.total_steps:
         micro_batches = next_micro_batches(loop, state)

@@ -66,12 +66,12 @@ class ProgressDisplay:
 
     def log(self, message: str) -> None:
         if self.enabled:
-            self.progress.console.print(message, highlight=False)
+            self.progress.console.print(message, highlight=False, soft_wrap=True)
 
 
 def format_log_line(record: dict, total_steps: int) -> str:
     parts = [f"step {record['step']:>5}/{total_steps}", f"loss {record['loss']:.4f}",
-             f"lr {record['lr']:.2e}", f"grad {record['grad_norm']:.3f}",
+             f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3f}",
              f"{record['tokens_per_s']:,.0f} tok/s"]
     return "  ".join(parts)
 

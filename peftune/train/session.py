@@ -111,10 +111,12 @@ def _summary(built: Any, state: TrainerState, records: list[dict], artifact: Pat
 
 def _print_header(built: Any, display: ProgressDisplay, *, resumed_from: Path | None) -> None:
     r = built.recipe
+    precision = str(built.accelerator.mixed_precision)
+    precision = "fp32" if precision == "no" else precision
     tokens_per_step = r.train.batch_size * r.train.grad_accum * r.data.max_length
     lines = [
         f"model {r.model.path}  quant {r.quant.method}  adapter {r.adapter.method}  "
-        f"device {built.accelerator.device}  precision {built.accelerator.mixed_precision}",
+        f"device {built.accelerator.device}  precision {precision}",
         f"trainable parameters {built.trainable_params:,} of {built.total_params:,} "
         f"({100 * built.trainable_params / max(built.total_params, 1):.2f}%)",
         f"data: {len(built.rows):,} rows of <= {r.data.max_length} tokens "
