@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from peftune.recipe import load_recipe
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 SHIPPED = 6  # quickstart: pretrain, lora, qlora; models: qwen2.5-0.5b lora + qlora, llama-3.2-1b qlora
@@ -24,10 +26,6 @@ def _name(path: Path) -> str:
 
 
 def _load(path: Path, overrides: tuple[str, ...] = ()):
-    try:
-        from peftune.recipe import load_recipe
-    except ImportError as err:
-        pytest.skip(f"peftune.recipe.load_recipe cannot be imported yet: {err}")
     return load_recipe(path, list(overrides))
 
 
