@@ -19,6 +19,7 @@ from __future__ import annotations
 from peftune.data.cache import DATA_FORMAT_VERSION, default_cache_dir
 from peftune.data.formats import FORMATS, IGNORE_INDEX, RowError, Segments, register_format
 from peftune.data.packing import (
+    MicroBatches,
     Row,
     micro_batches,
     pack_rows,
@@ -31,6 +32,7 @@ __all__ = [
     "DATA_FORMAT_VERSION",
     "FORMATS",
     "IGNORE_INDEX",
+    "MicroBatches",
     "DataSplits",
     "Row",
     "RowError",

@@ -109,9 +109,12 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int, *, seed: int) -> lis
 
 
 def micro_batches(rows: list[Row], *, batch_size: int, pad_id: int, seed: int, epoch: int,
-                  packing: bool) -> list[dict[str, torch.Tensor]]:
+                  packing: bool) -> MicroBatches:
     """One epoch of micro-batches: the rows in a (seed, epoch)-seeded order, `batch_size` per
     batch (the last one may be smaller), right-padded to the batch's longest row.
+
+    The result is a lazy sequence: each batch's tensors are built when it is indexed, so an
+    epoch costs no memory beyond the rows themselves.
 
     Keys (torch.long): input_ids, labels (-100 on padding; unshifted), and position_ids
     restarting at each example (packing) or attention_mask (no packing); num_tokens, a 0-d
@@ -119,33 +122,56 @@ def micro_batches(rows: list[Row], *, batch_size: int, pad_id: int, seed: int, e
     attention_mask on purpose: call the model with use_cache=False so that transformers
     isolates the examples by their position_ids.
     """
-    import torch
-
     if not packing and any(len(row.lengths) > 1 for row in rows):
         raise ValueError("rows hold several examples each: they were packed, so call "
                          "micro_batches with packing=True")
     order = np.random.default_rng([seed % 2**63, epoch]).permutation(len(rows))
-    batches = []
-    for start in range(0, len(rows), batch_size):
-        chosen = [rows[i] for i in order[start:start + batch_size]]
+    return MicroBatches(rows, order, batch_size=batch_size, pad_id=pad_id, packing=packing)
+
+
+class MicroBatches:
+    """The micro-batches of one epoch, built on access (see `micro_batches`)."""
+
+    def __init__(self, rows: list[Row], order: np.ndarray, *, batch_size: int, pad_id: int,
+                 packing: bool):
+        self.rows, self.order = rows, order
+        self.batch_size, self.pad_id, self.packing = batch_size, pad_id, packing
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"micro-batch {index} of {len(self)}")
+        start = (index % len(self)) * self.batch_size
+        chosen = [self.rows[i] for i in self.order[start:start + self.batch_size]]
+        return self._collate(chosen)
+
+    def _collate(self, chosen: list[Row]) -> dict[str, torch.Tensor]:
+        import torch
+
         width = max(len(row) for row in chosen)
-        input_ids = np.full((len(chosen), width), pad_id, dtype=np.int64)
+        input_ids = np.full((len(chosen), width), self.pad_id, dtype=np.int64)
         labels = np.full((len(chosen), width), IGNORE_INDEX, dtype=np.int64)
         extra = np.zeros((len(chosen), width), dtype=np.int64)  # position_ids or attention_mask
         for j, row in enumerate(chosen):
             input_ids[j, :len(row)] = row.input_ids
             labels[j, :len(row)] = row.labels
-            if packing:
+            if self.packing:
                 # Each example counts from 0, and so does the padding tail: a run of its own.
                 runs = [*row.lengths, width - len(row)] if width > len(row) else row.lengths
                 extra[j] = np.concatenate([np.arange(n) for n in runs])
             else:
                 extra[j, :len(row)] = 1
         batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
-        batch["position_ids" if packing else "attention_mask"] = torch.from_numpy(extra)
+        batch["position_ids" if self.packing else "attention_mask"] = torch.from_numpy(extra)
         batch["num_tokens"] = torch.tensor(sum(len(row) for row in chosen))  # real, not padding
-        batches.append(batch)
-    return batches
+        return batch
 
 
 def per_example_losses(logits: torch.Tensor, batch: dict[str, Any]) -> list[float]:

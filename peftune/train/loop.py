@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ from peftune.adapters.hooks import AdapterHooks
 from peftune.errors import TrainingError
 from peftune.train.checkpoint import TrainerState
 
-BatchesForEpoch = Callable[[int], list[dict]]  # epoch -> that epoch's micro-batches
+BatchesForEpoch = Callable[[int], Sequence[dict]]  # epoch -> that epoch's micro-batches
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Loop:
     log_every: int
     eval_every: int | None
     save_every: int | None
-    val_batches: list[dict] | None = None
+    val_batches: Sequence[dict] | None = None
     # Callbacks into the runner (logging, checkpoints); the loop does no I/O itself.
     on_log: Callable[[dict], None] = lambda record: None
     on_eval: Callable[[dict], None] = lambda record: None
@@ -80,7 +80,7 @@ def next_micro_batches(loop: Loop, state: TrainerState) -> list[dict]:
 
 def _epoch(loop: Loop, epoch: int) -> list[dict]:
     if epoch not in loop._epoch_cache:
-        loop._epoch_cache.clear()  # hold one epoch of batches at a time
+        loop._epoch_cache.clear()  # one epoch's (lazy) batch sequence at a time
         loop._epoch_cache[epoch] = loop.batches_for_epoch(epoch)
     return loop._epoch_cache[epoch]
 

@@ -65,10 +65,11 @@ def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
         state = run_loop(loop, state, timer=timer)
     train_seconds = state.elapsed_s + timer.elapsed()
 
+    peak = peak_memory_bytes(built.accelerator.device)  # of training, before export and plot
     artifact = _export(built, out)
     records = metrics.read()
     plot = plot_losses(records, out / "loss.png")
-    summary = _summary(built, state, records, artifact, plot, train_seconds)
+    summary = _summary(built, state, records, artifact, plot, train_seconds, peak)
     write_summary(out / "summary.json", summary)
     _print_footer(display, out, summary)
     return summary
@@ -86,7 +87,7 @@ def _export(built: Any, out: Path) -> Path:
 
 
 def _summary(built: Any, state: TrainerState, records: list[dict], artifact: Path,
-             plot: Path | None, seconds: float) -> dict:
+             plot: Path | None, seconds: float, peak: dict) -> dict:
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
     return {
@@ -102,7 +103,7 @@ def _summary(built: Any, state: TrainerState, records: list[dict], artifact: Pat
         "tokens_per_s": state.tokens / seconds if seconds > 0 else None,
         "trainable_params": built.trainable_params,
         "total_params": built.total_params,
-        **peak_memory_bytes(built.accelerator.device),
+        **peak,
         "artifact": str(artifact),
         "plot": str(plot) if plot else None,
         "data": built.data_stats,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ class BuiltRun:
     setup_s: float
     quiet: bool = False
 
-    def batches_for_epoch(self, epoch: int) -> list[dict]:
+    def batches_for_epoch(self, epoch: int) -> Sequence[dict]:
         from peftune.data import micro_batches
 
         cfg = self.recipe
@@ -39,7 +40,7 @@ class BuiltRun:
                              pad_id=self.tokenizer.pad_token_id, seed=cfg.train.seed,
                              epoch=epoch, packing=cfg.data.packing)
 
-    def val_batches(self) -> list[dict] | None:
+    def val_batches(self) -> Sequence[dict] | None:
         from peftune.data import micro_batches
 
         if not self.val_rows:
