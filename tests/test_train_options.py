@@ -88,3 +88,36 @@ def test_epochs_set_the_step_count(tmp_path, tiny_model_dir, text_data):
     rows = pack_rows(splits.train, max_length=64, packing=True, seed=0)
     assert summary["steps"] == 2 * -(-len(rows) // 2)
     assert summary["epochs"] == 2
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_inputs_isolate_examples(tiny_model_dir, attention):
+    """The loop's explicit block-causal mask gives each packed example the loss it has alone."""
+    from transformers import AutoModelForCausalLM
+
+    from peftune.data import TokenizedSet, micro_batches, pack_rows, per_example_losses
+    from peftune.train.loop import model_inputs, token_loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    examples = []
+    for length in (9, 17, 5, 30, 12):
+        ids = torch.randint(5, 250, (length,), generator=gen).numpy().astype("int32")
+        labels = ids.copy()
+        labels[0] = -100
+        examples.append((ids, labels))
+    data = TokenizedSet.from_examples(examples)
+    packed = micro_batches(pack_rows(data, max_length=40, packing=True, seed=0), batch_size=8,
+                           pad_id=0, seed=0, epoch=0, packing=True)[0]
+    assert packed["input_ids"].shape[0] < len(examples)  # really packed
+    inputs = model_inputs(model, packed)
+    assert inputs["attention_mask"].ndim == 4
+    with torch.no_grad():
+        together = per_example_losses(model(**inputs, use_cache=False).logits, packed)
+        alone = {}
+        for ids, labels in examples:
+            batch = {"input_ids": torch.tensor(ids[None], dtype=torch.long),
+                     "labels": torch.tensor(labels[None], dtype=torch.long)}
+            alone[len(ids)] = float(token_loss_sum(model, batch))
+    assert sorted(together) == pytest.approx(sorted(alone.values()), rel=1e-5, abs=1e-5)

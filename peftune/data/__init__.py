@@ -21,6 +21,7 @@ from peftune.data.formats import FORMATS, IGNORE_INDEX, RowError, Segments, regi
 from peftune.data.packing import (
     MicroBatches,
     Row,
+    block_causal_mask,
     micro_batches,
     pack_rows,
     packing_efficiency,
@@ -38,6 +39,7 @@ __all__ = [
     "RowError",
     "Segments",
     "TokenizedSet",
+    "block_causal_mask",
     "build_datasets",
     "default_cache_dir",
     "micro_batches",

@@ -45,12 +45,28 @@ class Loop:
     _epoch_cache: dict = field(default_factory=dict)
 
 
+def model_inputs(model: Any, batch: dict) -> dict:
+    """What the model is called with. Packed rows get their block-causal mask explicitly under
+    SDPA and eager attention (cheaper than transformers deriving it from the position ids);
+    flash attention takes the position ids alone (its variable-length path)."""
+    from peftune.data import block_causal_mask
+
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "position_ids" in inputs and "attention_mask" not in inputs:
+        attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        if attention == "sdpa":
+            inputs["attention_mask"] = block_causal_mask(inputs["position_ids"])
+        elif attention == "eager":
+            inputs["attention_mask"] = block_causal_mask(inputs["position_ids"],
+                                                         dtype=model.get_input_embeddings().weight.dtype)
+    return inputs
+
+
 def token_loss_sum(model: Any, batch: dict) -> Any:
     """Summed next-token cross-entropy over the batch's target tokens (labels != -100)."""
     import torch.nn.functional as F
 
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    logits = model(**model_inputs(model, batch), use_cache=False).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
