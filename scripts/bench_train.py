@@ -158,12 +158,17 @@ def _steady(marks: dict[int, tuple[float, int]], warmup: int, steps: int) -> dic
             "steady_seconds": t1 - t0, "steady_tokens_per_s": (n1 - n0) / (t1 - t0)}
 
 
+def _lazy(sequence):
+    """One thunk per micro-batch: tensors are built when the loop reaches the batch."""
+    return [lambda i=i: sequence[i] for i in range(len(sequence))]
+
+
 def worker_bare(recipe, cfg: dict) -> dict:
     """The same packed micro-batches as peftune through the plainest loop there is."""
     import torch
     from transformers import get_scheduler
 
-    from peftune.data import build_datasets, micro_batches, pack_rows
+    from peftune.data import block_causal_mask, build_datasets, micro_batches, pack_rows
     from peftune.models import load_tokenizer
 
     steps, warmup = recipe.train.max_steps, cfg["warmup"]
@@ -179,19 +184,22 @@ def worker_bare(recipe, cfg: dict) -> dict:
                                   weight_decay=t.weight_decay)
     scheduler = get_scheduler("cosine", optimizer, num_training_steps=steps,
                               num_warmup_steps=int(t.warmup_ratio * steps))
-    batches, epoch = [], 0
-    while len(batches) < steps:  # epochs in order, as peftune's loop takes them
-        batches += micro_batches(rows, batch_size=t.batch_size, pad_id=tokenizer.pad_token_id,
-                                 seed=t.seed, epoch=epoch, packing=True)
+    epochs, epoch = [], 0  # lazy per-epoch sequences, in order, as peftune's loop takes them
+    while sum(len(e) for e in epochs) < steps:
+        epochs.append(micro_batches(rows, batch_size=t.batch_size, seed=t.seed, epoch=epoch,
+                                    pad_id=tokenizer.pad_token_id, packing=True))
         epoch += 1
-    batches = batches[:steps]
+    batches = [batch for sequence in epochs for batch in _lazy(sequence)][:steps]
 
     model.train()
     losses, marks, tokens = [], {}, 0
     start = time.perf_counter()
     marks[0] = (start, 0)
     for step, batch in enumerate(batches, 1):
+        batch = batch()
+        # the same model inputs as peftune's: packed rows with their block-causal mask
         loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     attention_mask=block_causal_mask(batch["position_ids"]),
                      labels=batch["labels"], use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
@@ -206,8 +214,8 @@ def worker_bare(recipe, cfg: dict) -> dict:
     return {
         "steps": steps, "tokens": tokens, "train_seconds": seconds,
         "tokens_per_s": tokens / seconds, **_steady(marks, warmup, steps),
-        "padded_tokens": sum(b["input_ids"].numel() for b in batches),
-        "examples": sum(int((b["input_ids"] == bos).sum()) for b in batches),
+        "padded_tokens": sum(b()["input_ids"].numel() for b in batches),
+        "examples": sum(int((b()["input_ids"] == bos).sum()) for b in batches),
         "losses": [float(x) for x in losses], "peak_rss_bytes": _peak_rss_bytes(),
     }
 

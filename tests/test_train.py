@@ -253,6 +253,15 @@ def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path, tiny_model_dir
     assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
 
 
+def test_overwrite_only_ever_deletes_a_previous_run(tmp_path, tiny_model_dir, text_data):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                          out=tmp_path / "mine")
+    _assert_clean_failure(_cli("train", str(recipe), "--overwrite"), "not a peftune run directory")
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
 def test_resume_without_a_checkpoint_fails_cleanly(tmp_path, tiny_model_dir, text_data):
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "run")

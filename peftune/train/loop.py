@@ -63,12 +63,17 @@ def model_inputs(model: Any, batch: dict) -> dict:
 
 
 def token_loss_sum(model: Any, batch: dict) -> Any:
-    """Summed next-token cross-entropy over the batch's target tokens (labels != -100)."""
+    """Summed next-token cross-entropy over the batch's target tokens (labels != -100).
+
+    The labels are shifted left instead of the logits: slicing the logits would copy the
+    largest activation of the step (batch x length x vocabulary)."""
+    import torch
     import torch.nn.functional as F
 
-    logits = model(**model_inputs(model, batch), use_cache=False).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+    logits = model(**model_inputs(model, batch), use_cache=False).logits
+    labels = batch["labels"]
+    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(),
                            ignore_index=-100, reduction="sum")
 
 

@@ -44,6 +44,10 @@ def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None
     if non_empty and not overwrite:
         raise InputError(f"output.dir: {out} is not empty; pass --resume to continue it, "
                          "--overwrite to replace it, or choose another output.dir")
+    if non_empty and not (out / "recipe.yaml").is_file():
+        # --overwrite deletes the directory: only ever a previous run's.
+        raise InputError(f"--overwrite: {out} is not a peftune run directory (no recipe.yaml); "
+                         "refusing to delete it. Choose another output.dir")
     return None
 
 
