@@ -174,7 +174,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
     assert not (run / "adapter").exists()
 
 
-@pytest.mark.parametrize("quant", ["nf4", "int8"])
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8"])
 def test_lora_trains_over_a_quantized_base(tmp_path, tiny_model_dir, text_data, quant):
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "run",
