@@ -52,6 +52,7 @@ def build_tiny_model(
     import torch
     from transformers import AutoModelForCausalLM
 
+    quiet_libraries()
     if hidden_size % heads:
         raise InputError(f"--hidden-size {hidden_size} must be a multiple of --heads {heads}")
     out = Path(out_dir)
