@@ -53,7 +53,8 @@ def model_inputs(model: Any, batch: dict) -> dict:
 
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if "position_ids" in inputs and "attention_mask" not in inputs:
-        attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        config = getattr(model, "config", None)
+        attention = getattr(config, "_attn_implementation", None) or "sdpa"
         if attention == "sdpa":
             inputs["attention_mask"] = block_causal_mask(inputs["position_ids"])
         elif attention == "eager":
@@ -99,7 +100,7 @@ def next_micro_batches(loop: Loop, state: TrainerState) -> list[dict]:
     return taken
 
 
-def _epoch(loop: Loop, epoch: int) -> list[dict]:
+def _epoch(loop: Loop, epoch: int) -> Sequence[dict]:
     if epoch not in loop._epoch_cache:
         loop._epoch_cache.clear()  # one epoch's (lazy) batch sequence at a time
         loop._epoch_cache[epoch] = loop.batches_for_epoch(epoch)
