@@ -39,6 +39,7 @@ class Loop:
     save_every: int | None
     val_batches: Sequence[dict] | None = None
     # Callbacks into the runner (logging, checkpoints); the loop does no I/O itself.
+    on_step: Callable[[int], None] = lambda step: None
     on_log: Callable[[dict], None] = lambda record: None
     on_eval: Callable[[dict], None] = lambda record: None
     on_save: Callable[[TrainerState], None] = lambda state: None
@@ -176,6 +177,7 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
         for after_step in hooks.after_step:
             after_step(model, state.step + 1)
         state.step += 1
+        loop.on_step(state.step)
 
         window["loss"] += loss_value
         window["steps"] += 1

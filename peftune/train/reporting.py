@@ -61,8 +61,9 @@ class ProgressDisplay:
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
-    def advance(self, step: int, status: str) -> None:
-        self.progress.update(self.task, completed=step, status=status)
+    def advance(self, step: int, status: str | None = None) -> None:
+        fields = {} if status is None else {"status": status}
+        self.progress.update(self.task, completed=step, **fields)
 
     def log(self, message: str) -> None:
         if self.enabled:

@@ -38,7 +38,7 @@ def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
 
     def on_log(record: dict) -> None:
         metrics.write(record)
-        display.advance(record["step"], f"loss {record['loss']:.4f}  "
+        display.advance(record["step"], f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
                                         f"{record['tokens_per_s']:,.0f} tok/s")
         display.log(format_log_line(record, built.total_steps))
 
@@ -59,7 +59,7 @@ def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
         grad_accum=recipe.train.grad_accum, max_grad_norm=recipe.train.max_grad_norm,
         log_every=recipe.train.log_every, eval_every=recipe.train.eval_every,
         save_every=recipe.train.save_every, val_batches=built.val_batches(),
-        on_log=on_log, on_eval=on_eval, on_save=on_save,
+        on_step=display.advance, on_log=on_log, on_eval=on_eval, on_save=on_save,
     )
     with display:
         state = run_loop(loop, state, timer=timer)
