@@ -65,6 +65,8 @@ def tiny_model(
     seed: Annotated[int, typer.Option(help="initialisation seed")] = 0,
 ) -> None:
     """Write a randomly initialised small model and a byte-level tokenizer (no downloads)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a directory; choose a new path")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"{out_dir}: directory is not empty; choose a new path or remove it")
     from peftune.models import build_tiny_model

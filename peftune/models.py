@@ -90,6 +90,9 @@ def _tiny_config(arch: str, *, vocab_size: int, hidden_size: int, layers: int, h
 def resolve_model_path(path: str) -> str:
     """A local directory as is; otherwise a hub id, which must be in the local cache offline."""
     local = Path(path).expanduser()
+    if local.is_file():
+        raise InputError(f"model.path: {path} is a file; point it at the model's directory "
+                         "(the one holding config.json)")
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise InputError(f"model.path: {path} is a directory without config.json; "

@@ -294,13 +294,12 @@ def test_overrides_are_typed():
     write("recipe.yaml", "model: ./m\ndata:\n  train: t.jsonl\n  val: v.jsonl\ntrain:\n  lr: 0.1\n")
     recipe = load_recipe("recipe.yaml", [
         "adapter.r=32", "train.lr=1e-4", "adapter.target_modules=[q_proj, v_proj]",
-        "data.val=null", "data.select.k=5", "model.trust_remote_code=true",
+        "data.val=null", "model.trust_remote_code=true",
     ])
     assert recipe.adapter.r == 32 and isinstance(recipe.adapter.r, int)
     assert recipe.train.lr == 1e-4 and isinstance(recipe.train.lr, float)
     assert recipe.adapter.target_modules == ["q_proj", "v_proj"]
     assert recipe.data.val is None
-    assert recipe.data.select == {"k": 5}
     assert recipe.model.trust_remote_code is True
     assert type(recipe.adapter).__name__ == "LoraConfig"
 
@@ -413,3 +412,19 @@ def test_count_parameters_unknown_architecture():
     from peftune.adapters.specs import LoraConfig
 
     assert count_parameters({"model_type": "gpt2", "n_embd": 32}, LoraConfig()) is None
+
+
+def test_non_finite_numbers_and_unavailable_selection_are_refused(tmp_path):
+    from peftune.errors import InputError
+    from peftune.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: m\ndata:\n  train: t.jsonl\n  select: {method: dsir}\n"
+                    "train:\n  lr: .inf\n  adam_betas: [0.9, 1.5]\n")
+    with pytest.raises(InputError) as err:
+        load_recipe(path)
+    text = "\n".join(err.value.lines)
+    assert "train.lr" in text and "adam_betas" in text
+    path.write_text("model: m\ndata:\n  train: t.jsonl\n  select: {method: dsir}\n")
+    with pytest.raises(InputError, match="data.select: data selection"):
+        load_recipe(path)

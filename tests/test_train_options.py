@@ -121,3 +121,32 @@ def test_packed_inputs_isolate_examples(tiny_model_dir, attention):
                      "labels": torch.tensor(labels[None], dtype=torch.long)}
             alone[len(ids)] = float(token_loss_sum(model, batch))
     assert sorted(together) == pytest.approx(sorted(alone.values()), rel=1e-5, abs=1e-5)
+
+
+def test_an_optimizer_step_takes_grad_accum_micro_batches_across_epochs():
+    from peftune.train.checkpoint import TrainerState
+    from peftune.train.loop import Loop, next_micro_batches
+
+    loop = Loop(model=None, optimizer=None, scheduler=None, hooks=None, accelerator=None,
+                batches_for_epoch=lambda epoch: [(epoch, i) for i in range(5)], total_steps=4,
+                grad_accum=2, max_grad_norm=None, log_every=1, eval_every=None, save_every=None)
+    state = TrainerState()
+    steps = [next_micro_batches(loop, state) for _ in range(4)]
+    assert steps == [[(0, 0), (0, 1)], [(0, 2), (0, 3)], [(0, 4), (1, 0)], [(1, 1), (1, 2)]]
+    assert (state.epoch, state.batch_in_epoch) == (1, 3)
+    loop.grad_accum = 8  # more than an epoch holds: the step spans epochs
+    assert len(next_micro_batches(loop, TrainerState())) == 8
+
+
+def test_full_model_export_generates_with_a_kv_cache(tmp_path, tiny_model_dir, text_data):
+    summary, run = _run(tmp_path, "full", tiny_model_dir, text_data["train"],
+                        adapter={"method": "full"}, train={"max_steps": 1})
+    assert json.loads((run / "model" / "config.json").read_text())["use_cache"] is True
+
+
+def test_validation_data_is_evaluated_without_eval_every(tmp_path, tiny_model_dir, text_data):
+    recipe = write_recipe(tmp_path / "v.yaml", model=tiny_model_dir, data=text_data["train"],
+                          val=text_data["val"], out=tmp_path / "v",
+                          train={"max_steps": 3, "eval_every": None})
+    summary = run_train(load_recipe(recipe), quiet=True)
+    assert summary["final_val_loss"] is not None

@@ -29,6 +29,13 @@ def load_trainable_state(model: Any, state: dict) -> None:
             param.copy_(state[name])
 
 
+def save_with_tokenizer(model: Any, out_dir: Any, tokenizer: Any = None) -> None:
+    """`save_pretrained` in safetensors, with the tokenizer beside it when there is one."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit packed weights counted as stored elements x2."""
     trainable = total = 0

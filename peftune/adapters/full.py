@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from peftune.adapters.common import load_trainable_state, trainable_state
+from peftune.adapters.common import load_trainable_state, save_with_tokenizer, trainable_state
 from peftune.adapters.hooks import AdapterHooks
 from peftune.adapters.specs import FullConfig
 
@@ -23,6 +23,6 @@ def apply_full(model: Any, config: FullConfig, **_: Any) -> tuple[Any, AdapterHo
 
 
 def export_full_model(model: Any, out_dir: Path, tokenizer: Any = None) -> None:
-    model.save_pretrained(out_dir, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    """A Hugging Face model directory; the KV cache, off while training, is on again."""
+    model.config.use_cache = True
+    save_with_tokenizer(model, out_dir, tokenizer)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from peftune.adapters.common import load_trainable_state, trainable_state
+from peftune.adapters.common import load_trainable_state, save_with_tokenizer, trainable_state
 from peftune.adapters.hooks import AdapterHooks
 from peftune.adapters.specs import LoraConfig
 
@@ -42,6 +42,4 @@ def apply_lora(model: Any, config: LoraConfig, **_: Any) -> tuple[Any, AdapterHo
 
 def export_peft_adapter(model: Any, out_dir: Path, tokenizer: Any = None) -> None:
     """Write `out_dir` as a PEFT adapter directory (config + safetensors, tokenizer beside)."""
-    model.save_pretrained(out_dir, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    save_with_tokenizer(model, out_dir, tokenizer)

@@ -22,7 +22,7 @@ class MethodConfig(BaseModel):
     subclass, which replaces the loosely typed `AdapterSection` in the resolved recipe.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     method: str
 

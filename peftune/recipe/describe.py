@@ -69,7 +69,7 @@ def _schedule_summary(recipe: Recipe) -> str:
     elif train.warmup_ratio > 0:
         warmup = f"linear warmup over {train.warmup_ratio:.0%} of steps"
         if train.max_steps:
-            warmup += f" (≈{round(train.warmup_ratio * train.max_steps)})"
+            warmup += f" (≈{train.warmup_for(train.max_steps)})"
     else:
         warmup = "no warmup"
     decay = {"cosine": "cosine decay", "linear": "linear decay", "constant": "constant"}

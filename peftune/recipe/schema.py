@@ -8,7 +8,7 @@ This module imports neither torch nor transformers.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
 
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validat
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -70,7 +70,7 @@ class TrainSection(Section):
     warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0)
     warmup_steps: int | None = Field(default=None, ge=0)
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw"] = "adamw"
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -80,6 +80,12 @@ class TrainSection(Section):
     eval_every: int | None = Field(default=None, gt=0)
     save_every: int | None = Field(default=None, gt=0)
     keep_checkpoints: int = Field(default=2, gt=0)
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warm-up steps of a run of `total_steps` (train and validate use this one rule)."""
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, total_steps)
+        return int(self.warmup_ratio * total_steps)
 
 
 class OutputSection(Section):
@@ -117,6 +123,12 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
             f"{recipe.quant.method} cannot be combined with adapter.method: {spec.name} "
             "(a quantized base is frozen and this method trains it); use quant.method: none "
             "or a method that trains over a quantized base, such as lora",
+        ))
+    if recipe.data.select is not None:
+        problems.append((
+            ("data", "select"),
+            "data selection (DSIR, ZIP-FIT) is not available yet; remove data.select and "
+            "train on the pool as it is",
         ))
     if recipe.data.val is not None and recipe.data.val_ratio > 0:
         problems.append((

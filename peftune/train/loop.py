@@ -89,15 +89,19 @@ def count_tokens(batch: dict) -> int:
 
 
 def next_micro_batches(loop: Loop, state: TrainerState) -> list[dict]:
-    """Up to `grad_accum` micro-batches from the data position; an epoch's last step may be
-    shorter. Advances `state.epoch` / `state.batch_in_epoch`."""
-    epoch_batches = _epoch(loop, state.epoch)
-    if state.batch_in_epoch >= len(epoch_batches):
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    """The next `grad_accum` micro-batches from the data position, continuing into the next
+    epoch when this one runs out (every optimizer step sees the batch the recipe asks for).
+    Advances `state.epoch` / `state.batch_in_epoch`."""
+    taken: list[dict] = []
+    while len(taken) < loop.grad_accum:
         epoch_batches = _epoch(loop, state.epoch)
-    start = state.batch_in_epoch
-    taken = epoch_batches[start:start + loop.grad_accum]
-    state.batch_in_epoch += len(taken)
+        if state.batch_in_epoch >= len(epoch_batches):
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            continue
+        start = state.batch_in_epoch
+        more = epoch_batches[start:start + loop.grad_accum - len(taken)]
+        state.batch_in_epoch += len(more)
+        taken += more
     return taken
 
 
@@ -136,7 +140,7 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
     trainable = [p for p in model.parameters() if p.requires_grad]
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": timer.elapsed()}
     model.train()
-    if state.step == 0 and loop.val_batches and loop.eval_every:
+    if state.step == 0 and loop.val_batches:
         loop.on_eval({"step": 0, **evaluate_loss(loop)})  # the baseline the run improves on
 
     while state.step < loop.total_steps:
@@ -172,7 +176,8 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
             grad_norm = float(torch.linalg.vector_norm(
                 torch.stack([p.grad.detach().float().norm() for p in trainable if p.grad is not None])))
         optimizer.step()
-        scheduler.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips inf steps
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         for after_step in hooks.after_step:
             after_step(model, state.step + 1)
@@ -195,8 +200,8 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
                 "elapsed_s": state.elapsed_s + timer.elapsed(),
             })
             window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": timer.elapsed()}
-        if loop.val_batches and loop.eval_every and (
-                state.step % loop.eval_every == 0 or state.step == loop.total_steps):
+        if loop.val_batches and (state.step == loop.total_steps or (
+                loop.eval_every and state.step % loop.eval_every == 0)):
             loop.on_eval({"step": state.step, **evaluate_loss(loop)})
         if loop.save_every and state.step % loop.save_every == 0:
             loop.on_save(state)

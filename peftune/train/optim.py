@@ -35,15 +35,9 @@ def build_optimizer(model: Any, cfg: TrainSection) -> Any:
     raise AssertionError(f"unhandled optimizer {cfg.optimizer}")  # the schema lists the choices
 
 
-def warmup_steps(cfg: TrainSection, total_steps: int) -> int:
-    if cfg.warmup_steps is not None:
-        return min(cfg.warmup_steps, total_steps)
-    return int(cfg.warmup_ratio * total_steps)
-
-
 def build_scheduler(optimizer: Any, cfg: TrainSection, total_steps: int) -> Any:
     from transformers import get_scheduler
 
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_for(total_steps),
                          num_training_steps=total_steps)

@@ -111,8 +111,8 @@ def _flat_diff(a: dict, b: dict, prefix: str = "") -> set[str]:
 def total_steps(recipe: Recipe, micro_batches_per_epoch: int) -> int:
     if recipe.train.max_steps is not None:
         return recipe.train.max_steps
-    steps_per_epoch = math.ceil(micro_batches_per_epoch / recipe.train.grad_accum)
-    return max(1, math.ceil(recipe.train.epochs * steps_per_epoch))
+    micro_batches = recipe.train.epochs * micro_batches_per_epoch
+    return max(1, math.ceil(micro_batches / recipe.train.grad_accum))
 
 
 def restore(built: Any, checkpoint: Path) -> TrainerState:
