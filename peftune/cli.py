@@ -43,7 +43,7 @@ def train(
     resolved = load_recipe(recipe, overrides or [])
     from peftune.train.runner import run_train
 
-    run_train(resolved, recipe_path=recipe, resume=resume, overwrite=overwrite)
+    run_train(resolved, resume=resume, overwrite=overwrite)
 
 
 @app.command()

@@ -3,7 +3,6 @@ tiny-model builder used by tests and the demo (`peftune tiny-model`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +101,6 @@ def resolve_model_path(path: str) -> str:
         raise InputError(f"model.path: {path} does not exist; build one with "
                          f"`peftune tiny-model {path}` or give a hub id")
     return path
-
-
-def read_model_config(path: str) -> dict | None:
-    """config.json of a local model directory, or None (hub ids are not fetched here)."""
-    config = Path(path).expanduser() / "config.json"
-    return json.loads(config.read_text()) if config.is_file() else None
 
 
 def check_model_loadable(path: str, *, trust_remote_code: bool) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from peftune.errors import InputError
-from peftune.recipe import count_parameters, load_recipe, recipe_to_yaml
+from peftune.recipe import estimate_parameters, load_recipe, recipe_to_yaml
 
 GOOD = """\
 model:
@@ -349,7 +349,7 @@ def test_validate_prints_the_recipe_and_trainable_count_without_torch(tiny_model
     assert result.returncode == 0, result.stderr
     assert not imported_modules(result.stderr) & HEAVY
     config = json.loads((tiny_model_dir / "config.json").read_text())
-    total, trainable = count_parameters(config, LoraConfig(r=4))
+    total, trainable = estimate_parameters(config, LoraConfig(r=4))
     assert "r: 4" in result.stdout and "grad_accum: 2" in result.stdout
     assert f"{trainable:,} (" in result.stdout and f"{total:,}" in result.stdout
     assert "8 (batch_size 4 × grad_accum 2 × 1 process)" in result.stdout
@@ -383,8 +383,8 @@ def test_count_parameters_matches_the_tiny_model(tiny_model_dir):
     config = json.loads((tiny_model_dir / "config.json").read_text())
     total, lora_trainable = _real_counts(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                          "all-linear")
-    assert count_parameters(config, FullConfig()) == (total, total)
-    assert count_parameters(config, LoraConfig(r=8)) == (total, lora_trainable)
+    assert estimate_parameters(config, FullConfig()) == (total, total)
+    assert estimate_parameters(config, LoraConfig(r=8)) == (total, lora_trainable)
 
 
 @pytest.mark.parametrize(("model_type", "extra", "targets"), [
@@ -404,14 +404,14 @@ def test_count_parameters_across_architectures(model_type, extra, targets):
                                   num_key_value_heads=2, **extra)
     total, trainable = _real_counts(AutoModelForCausalLM.from_config(config), targets)
     as_json = config.to_dict()
-    assert count_parameters(as_json, FullConfig()) == (total, total)
-    assert count_parameters(as_json, LoraConfig(r=8, target_modules=targets)) == (total, trainable)
+    assert estimate_parameters(as_json, FullConfig()) == (total, total)
+    assert estimate_parameters(as_json, LoraConfig(r=8, target_modules=targets)) == (total, trainable)
 
 
 def test_count_parameters_unknown_architecture():
     from peftune.adapters.specs import LoraConfig
 
-    assert count_parameters({"model_type": "gpt2", "n_embd": 32}, LoraConfig()) is None
+    assert estimate_parameters({"model_type": "gpt2", "n_embd": 32}, LoraConfig()) is None
 
 
 def test_non_finite_numbers_and_unavailable_selection_are_refused(tmp_path):

@@ -29,7 +29,9 @@ def _train_in_process(recipe_path: Path, overrides: list[str] = (), **kwargs):
     check_output_dir(out, resume=False, overwrite=kwargs.get("overwrite", False))
     built = build_training(recipe, quiet=True)
     out.mkdir(parents=True, exist_ok=True)
-    return built, built.run(out, None)
+    from peftune.train.session import run_session
+
+    return built, run_session(built, out, None)
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

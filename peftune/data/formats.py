@@ -99,12 +99,17 @@ def check_format_setup(cfg: DataSection, tokenizer: Any) -> None:
                              f"use {{prompt}}{hint}; write a literal brace as {{{{ or }}}}")
 
 
-def string_field(row: dict[str, Any], name: str, *, allow_empty: bool = False) -> str:
-    """`row[name]` as a non-empty string, or a RowError naming the field."""
+def require_field(row: dict[str, Any], name: str) -> Any:
+    """`row[name]`, or a RowError that lists the fields the row does have."""
     if name not in row:
         keys = ", ".join(sorted(map(str, row))) or "none"
         raise RowError(f"missing field; the row has: {keys}", name)
-    value = row[name]
+    return row[name]
+
+
+def string_field(row: dict[str, Any], name: str, *, allow_empty: bool = False) -> str:
+    """`row[name]` as a non-empty string, or a RowError naming the field."""
+    value = require_field(row, name)
     if not isinstance(value, str):
         raise RowError(f"expected a string, got {json_type(value)}", name)
     if not allow_empty and not value.strip():
@@ -171,10 +176,7 @@ def chat_format(row: dict[str, Any], cfg: DataSection, tokenizer: Any) -> Segmen
 
 
 def _messages(row: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    if name not in row:
-        keys = ", ".join(sorted(map(str, row))) or "none"
-        raise RowError(f"missing field; the row has: {keys}", name)
-    messages = row[name]
+    messages = require_field(row, name)
     if isinstance(messages, str):  # CSV cells hold the conversation as JSON text
         try:
             messages = json.loads(messages)

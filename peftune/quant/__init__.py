@@ -82,10 +82,6 @@ def prepare_quantized_model(model: Any, *, gradient_checkpointing: bool) -> Any:
     )
 
 
-def is_quantized(model: Any) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-
-
 def _quiet_bitsandbytes() -> None:
     # bnb 0.50 warns on every int8 matmul that fp32 inputs are cast to fp16: expected here.
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")

@@ -1,13 +1,13 @@
 """Recipes: the typed schema, YAML loading (`extends:`, dotted overrides, `file:line` errors)
 and the `peftune validate` report. Torch-free, so `peftune validate` starts in a blink."""
 
-from peftune.recipe.describe import count_parameters, derived_numbers, describe_recipe
+from peftune.recipe.describe import derived_numbers, describe_recipe, estimate_parameters
 from peftune.recipe.loader import load_recipe, recipe_to_yaml
 from peftune.recipe.schema import Recipe, cross_field_problems
 
 __all__ = [
     "Recipe",
-    "count_parameters",
+    "estimate_parameters",
     "cross_field_problems",
     "derived_numbers",
     "describe_recipe",

@@ -89,7 +89,7 @@ def _trainable_summary(recipe: Recipe) -> str:
     model_type = config.get("model_type", "an unnamed architecture")
     if model_type not in COUNTED_ARCHITECTURES:
         return f"unknown for {model_type} (computed at train start)"
-    counted = count_parameters(config, recipe.adapter)
+    counted = estimate_parameters(config, recipe.adapter)
     if counted is None:
         return f"computed at train start (not counted ahead for adapter method {recipe.adapter.method})"
     total, trainable = counted
@@ -110,7 +110,7 @@ class _Module:
     tied: bool = False  # shares its weight with another module (tied lm_head)
 
 
-def count_parameters(config: dict, adapter: Any) -> tuple[int, int] | None:
+def estimate_parameters(config: dict, adapter: Any) -> tuple[int, int] | None:
     """(total base-model parameters, trainable parameters) from a config.json dict, or None
     when the architecture or the adapter method is not one this counts.
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from peftune.adapters.hooks import AdapterHooks
+from peftune.data.formats import IGNORE_INDEX
 from peftune.errors import TrainingError
 from peftune.train.checkpoint import TrainerState
 
@@ -43,7 +44,8 @@ class Loop:
     on_log: Callable[[dict], None] = lambda record: None
     on_eval: Callable[[dict], None] = lambda record: None
     on_save: Callable[[TrainerState], None] = lambda state: None
-    _epoch_cache: dict = field(default_factory=dict)
+    # The epoch whose (lazy) batch sequence is at hand: one at a time.
+    _epoch: tuple[int, Sequence[dict]] | None = None
 
 
 def model_inputs(model: Any, batch: dict) -> dict:
@@ -74,13 +76,14 @@ def token_loss_sum(model: Any, batch: dict) -> Any:
 
     logits = model(**model_inputs(model, batch), use_cache=False).logits
     labels = batch["labels"]
-    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    pad = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
+    shifted = torch.cat([labels[:, 1:], pad], dim=1)
     return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(),
-                           ignore_index=-100, reduction="sum")
+                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def count_targets(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def count_tokens(batch: dict) -> int:
@@ -106,10 +109,9 @@ def next_micro_batches(loop: Loop, state: TrainerState) -> list[dict]:
 
 
 def _epoch(loop: Loop, epoch: int) -> Sequence[dict]:
-    if epoch not in loop._epoch_cache:
-        loop._epoch_cache.clear()  # one epoch's (lazy) batch sequence at a time
-        loop._epoch_cache[epoch] = loop.batches_for_epoch(epoch)
-    return loop._epoch_cache[epoch]
+    if loop._epoch is None or loop._epoch[0] != epoch:
+        loop._epoch = (epoch, loop.batches_for_epoch(epoch))
+    return loop._epoch[1]
 
 
 def evaluate_loss(loop: Loop) -> dict:
@@ -147,6 +149,7 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
         micro_batches = next_micro_batches(loop, state)
         n_targets = sum(count_targets(b) for b in micro_batches)
         step_loss = torch.zeros((), device=accelerator.device)
+        step_tokens = 0
 
         for i, batch in enumerate(micro_batches):
             batch = _to(batch, accelerator.device)
@@ -159,7 +162,8 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
                     loss = loss + hooks.extra_loss(model) / len(micro_batches)
             accelerator.backward(loss)
             step_loss += task_loss.detach()
-            state.tokens += count_tokens(batch)
+            step_tokens += count_tokens(batch)
+        state.tokens += step_tokens
         state.target_tokens += n_targets
 
         loss_value = float(step_loss)
@@ -186,7 +190,7 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
 
         window["loss"] += loss_value
         window["steps"] += 1
-        window["tokens"] += sum(count_tokens(b) for b in micro_batches)
+        window["tokens"] += step_tokens
         if state.step % loop.log_every == 0 or state.step == loop.total_steps:
             seconds = max(timer.elapsed() - window["start"], 1e-9)
             loop.on_log({

@@ -7,21 +7,12 @@ all loaded: bad input leaves no half-made run behind.
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
-from typing import Any
 
 from peftune.errors import InputError
 from peftune.recipe.schema import Recipe
-from peftune.train.checkpoint import (
-    TrainerState,
-    latest_checkpoint,
-    load_checkpoint,
-    remove_partial_checkpoints,
-    save_checkpoint,
-    set_rng_state,
-)
+from peftune.train.checkpoint import latest_checkpoint, remove_partial_checkpoints
 
 # Keys that may change between a run and its `--resume` (they do not change what is trained).
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.log_every", "train.eval_every",
@@ -51,8 +42,8 @@ def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None
     return None
 
 
-def run_train(recipe: Recipe, *, recipe_path: Path | None = None, resume: bool = False,
-              overwrite: bool = False, quiet: bool = False) -> dict:
+def run_train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
+              quiet: bool = False) -> dict:
     """Train as the recipe says; returns the run summary (also written to summary.json)."""
     out = Path(recipe.output.dir)
     checkpoint = check_output_dir(out, resume=resume, overwrite=overwrite)
@@ -60,6 +51,7 @@ def run_train(recipe: Recipe, *, recipe_path: Path | None = None, resume: bool =
         _check_same_recipe(recipe, out)
     _check_data_paths(recipe)
 
+    from peftune.train.session import run_session
     from peftune.train.setup import build_training
 
     built = build_training(recipe, quiet=quiet)  # loads model + data; may raise InputError
@@ -70,15 +62,16 @@ def run_train(recipe: Recipe, *, recipe_path: Path | None = None, resume: bool =
         out.mkdir(parents=True)
     else:
         remove_partial_checkpoints(out)
-    return built.run(out, checkpoint)
+    return run_session(built, out, checkpoint)
 
 
 def _check_data_paths(recipe: Recipe) -> None:
-    problems = [f"data.{key}: no such file or directory: {path}"
-                for key, path in (("train", recipe.data.train), ("val", recipe.data.val))
-                if path is not None and not Path(path).exists()]
-    if problems:
-        raise InputError(*problems)
+    """The data files exist and are of a kind we read: checked before any model loads."""
+    from peftune.data.sources import resolve_source
+
+    for key, path in (("data.train", recipe.data.train), ("data.val", recipe.data.val)):
+        if path is not None:
+            resolve_source(path, key=key)
 
 
 def _check_same_recipe(recipe: Recipe, out: Path) -> None:
@@ -106,30 +99,3 @@ def _flat_diff(a: dict, b: dict, prefix: str = "") -> set[str]:
         elif va != vb:
             diff.add(path)
     return diff
-
-
-def total_steps(recipe: Recipe, micro_batches_per_epoch: int) -> int:
-    if recipe.train.max_steps is not None:
-        return recipe.train.max_steps
-    micro_batches = recipe.train.epochs * micro_batches_per_epoch
-    return max(1, math.ceil(micro_batches / recipe.train.grad_accum))
-
-
-def restore(built: Any, checkpoint: Path) -> TrainerState:
-    state, trainable, training = load_checkpoint(checkpoint)
-    built.hooks.load_trainable_state(built.unwrapped_model, trainable)
-    built.optimizer.load_state_dict(training["optimizer"])
-    built.scheduler.load_state_dict(training["scheduler"])
-    set_rng_state(training["rng"])
-    return state
-
-
-def checkpoint_now(built: Any, out: Path, state: TrainerState, *, elapsed: float) -> Path:
-    from dataclasses import replace
-
-    return save_checkpoint(
-        out, state=replace(state, elapsed_s=elapsed),
-        trainable=built.hooks.trainable_state(built.unwrapped_model),
-        optimizer=built.optimizer, scheduler=built.scheduler,
-        keep=built.recipe.train.keep_checkpoints,
-    )

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from peftune.train.checkpoint import TrainerState
+from peftune.train.checkpoint import (
+    TrainerState,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from peftune.train.loop import Loop, run_loop
 from peftune.train.reporting import (
     MetricsLog,
@@ -18,7 +24,6 @@ from peftune.train.reporting import (
     plot_losses,
     write_summary,
 )
-from peftune.train.runner import checkpoint_now, restore
 
 
 def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
@@ -73,6 +78,25 @@ def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
     write_summary(out / "summary.json", summary)
     _print_footer(display, out, summary)
     return summary
+
+
+def restore(built: Any, checkpoint: Path) -> TrainerState:
+    """Load a checkpoint into the built run: weights, optimizer, scheduler, RNG; the state."""
+    state, trainable, training = load_checkpoint(checkpoint)
+    built.hooks.load_trainable_state(built.unwrapped_model, trainable)
+    built.optimizer.load_state_dict(training["optimizer"])
+    built.scheduler.load_state_dict(training["scheduler"])
+    set_rng_state(training["rng"])
+    return state
+
+
+def checkpoint_now(built: Any, out: Path, state: TrainerState, *, elapsed: float) -> Path:
+    return save_checkpoint(
+        out, state=replace(state, elapsed_s=elapsed),
+        trainable=built.hooks.trainable_state(built.unwrapped_model),
+        optimizer=built.optimizer, scheduler=built.scheduler,
+        keep=built.recipe.train.keep_checkpoints,
+    )
 
 
 def _export(built: Any, out: Path) -> Path:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from peftune.adapters.hooks import AdapterHooks
@@ -50,10 +50,13 @@ class BuiltRun:
                              pad_id=self.tokenizer.pad_token_id, seed=cfg.train.seed, epoch=0,
                              packing=cfg.data.packing)
 
-    def run(self, out: Path, checkpoint: Path | None) -> dict:
-        from peftune.train.session import run_session
 
-        return run_session(self, out, checkpoint)
+def total_steps(recipe: Recipe, *, micro_batches_per_epoch: int) -> int:
+    """`train.max_steps`, or epochs x micro-batches per epoch / grad_accum, rounded up."""
+    if recipe.train.max_steps is not None:
+        return recipe.train.max_steps
+    micro_batches = recipe.train.epochs * micro_batches_per_epoch
+    return max(1, math.ceil(micro_batches / recipe.train.grad_accum))
 
 
 def mixed_precision(precision: str, device: Any) -> str:
@@ -90,7 +93,6 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
     from peftune.data import build_datasets, pack_rows
     from peftune.models import load_model, load_tokenizer, resolve_model_path
     from peftune.train.optim import build_optimizer, build_scheduler
-    from peftune.train.runner import total_steps
 
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -104,8 +106,6 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
     splits = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
     rows = pack_rows(splits.train, max_length=recipe.data.max_length,
                      packing=recipe.data.packing, seed=recipe.train.seed)
-    if not rows:
-        raise InputError(f"data.train: {recipe.data.train} has no usable examples")
     val_rows = None
     if splits.val is not None and len(splits.val):
         val_rows = pack_rows(splits.val, max_length=recipe.data.max_length,
@@ -124,8 +124,7 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
         raise InputError(f"adapter: method {spec.name} left no trainable parameter; check "
                          "adapter.target_modules")
 
-    micro_per_epoch = -(-len(rows) // recipe.train.batch_size)
-    steps = total_steps(recipe, micro_per_epoch)
+    steps = total_steps(recipe, micro_batches_per_epoch=-(-len(rows) // recipe.train.batch_size))
 
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, steps)
