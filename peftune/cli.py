@@ -55,6 +55,58 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     describe_recipe(resolved)
 
 
+@app.command("select-data")
+def select_data(
+    args: Annotated[list[str] | None, typer.Argument(
+        help="an optional recipe with a select: block, then KEY=VALUE overrides",
+        show_default=False)] = None,
+    method: Annotated[str | None, typer.Option(help="dsir or zipfit")] = None,
+    pool: Annotated[list[str] | None, typer.Option(
+        help="file to select from (repeat for several)", show_default=False)] = None,
+    target: Annotated[list[str] | None, typer.Option(
+        help="target sample file (repeat for several)", show_default=False)] = None,
+    k: Annotated[int | None, typer.Option("--k", "-k", help="rows to select")] = None,
+    out: Annotated[str | None, typer.Option(help="output directory")] = None,
+    text_field: Annotated[str | None, typer.Option(help="field scored [default: text]")] = None,
+    seed: Annotated[int | None, typer.Option(help="sampling seed [default: 0]")] = None,
+    num_proc: Annotated[int | None, typer.Option(
+        help="worker processes, 0 = every core [default: 1]")] = None,
+    label_field: Annotated[str | None, typer.Option(
+        help="count selected rows per value of this field")] = None,
+    min_length: Annotated[int | None, typer.Option(
+        help="skip rows with fewer word-punct tokens [default: 0]")] = None,
+    sampling: Annotated[str | None, typer.Option(
+        help="dsir: gumbel (importance resampling) or top_k [default: gumbel]")] = None,
+    compressor: Annotated[str | None, typer.Option(
+        help="zipfit: gzip, zlib, lz4 or zstd [default: gzip]")] = None,
+    level: Annotated[int | None, typer.Option(help="zipfit: compression level")] = None,
+    target_sample: Annotated[int | None, typer.Option(
+        help="zipfit: score against N random targets (an approximation)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite",
+                                            help="replace an earlier selection in --out")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress or table")] = False,
+) -> None:
+    """Select the k pool rows closest to a target sample (DSIR or ZIP-FIT)."""
+    from peftune.recipe.loader import load_select
+
+    recipe, overrides = _recipe_and_overrides(args or [])
+    flags = {"method": method, "pool": pool, "target": target, "k": k, "out": out,
+             "text_field": text_field, "seed": seed, "num_proc": num_proc,
+             "label_field": label_field, "min_length": min_length, "sampling": sampling,
+             "compressor": compressor, "level": level, "target_sample": target_sample}
+    config = load_select(recipe, overrides, flags)
+    from peftune.select.runner import run_select
+
+    run_select(config, out=Path(config.out), overwrite=overwrite, quiet=quiet)
+
+
+def _recipe_and_overrides(args: list[str]) -> tuple[Path | None, list[str]]:
+    """The first argument is a recipe unless it is a KEY=VALUE override."""
+    if args and "=" not in args[0]:
+        return Path(args[0]), args[1:]
+    return None, args
+
+
 @app.command("tiny-model")
 def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="directory to write the model into")],

@@ -414,7 +414,7 @@ def test_count_parameters_unknown_architecture():
     assert estimate_parameters({"model_type": "gpt2", "n_embd": 32}, LoraConfig()) is None
 
 
-def test_non_finite_numbers_and_unavailable_selection_are_refused(tmp_path):
+def test_non_finite_numbers_and_incomplete_selection_are_refused(tmp_path):
     from peftune.errors import InputError
     from peftune.recipe import load_recipe
 
@@ -426,5 +426,5 @@ def test_non_finite_numbers_and_unavailable_selection_are_refused(tmp_path):
     text = "\n".join(err.value.lines)
     assert "train.lr" in text and "adam_betas" in text
     path.write_text("model: m\ndata:\n  train: t.jsonl\n  select: {method: dsir}\n")
-    with pytest.raises(InputError, match="data.select: data selection"):
+    with pytest.raises(InputError, match="r.yaml:4: data.select.k: required key is missing"):
         load_recipe(path)

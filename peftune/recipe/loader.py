@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
@@ -38,6 +38,9 @@ from peftune.recipe.errors import (
     show,
 )
 from peftune.recipe.schema import Recipe, cross_field_problems
+
+if TYPE_CHECKING:
+    from peftune.select.config import SelectConfig
 
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
@@ -61,6 +64,51 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     if problems or recipe is None:
         raise InputError(*_unique_lines(problems))
     return recipe
+
+
+def load_select(path: str | Path | None, overrides: Sequence[str] = (),
+                flags: dict[str, Any] | None = None) -> SelectConfig:
+    """A stand-alone selection: a recipe's `select:` block (optional), then `KEY=VALUE`
+    overrides, then command-line flags (each becomes `select.<key>`), validated as one
+    SelectConfig with every problem reported at once, located in the file or at the flag."""
+    from peftune.select.config import SelectConfig
+    if path is not None:
+        shown = str(path)
+        data, where, problems = _read_yaml(Path(path), shown, order=0)
+        data, where, problems = _apply_extends(data, where, problems, Path(path), shown)
+    else:
+        data, where, problems = {}, {(): Where((_OVERRIDES_ORDER, -1), "command line")}, []
+    for number, override in enumerate(overrides):
+        problems += _apply_override(data, where, override, number)
+    section = data.setdefault("select", {})
+    where.setdefault(("select",), where[()])
+    for number, (key, value) in enumerate((flags or {}).items()):
+        if value is None or value == []:
+            continue
+        at = Where((_OVERRIDES_ORDER + 1, number), f"--{key.replace('_', '-')}")
+        section[key] = value
+        for stale in [p for p in where if p[:2] == ("select", key)]:
+            del where[stale]
+        for sub in [("select", key), *_paths(value, ("select", key))]:
+            where[sub] = at
+    extra = sorted(set(data) - {"select"})
+    if extra:
+        problems.append(Problem(locate((extra[0],), where), (extra[0],),
+                                "a selection recipe has only a select: section"))
+    config = None
+    try:
+        config = SelectConfig.model_validate(section)
+    except ValidationError as err:
+        problems += pydantic_problems(err.errors(include_url=False), data, where,
+                                      root=SelectConfig, prefix=("select",))
+    if config is not None:
+        for key, flag in (("pool", "--pool"), ("target", "--target"), ("out", "--out")):
+            if not getattr(config, key):
+                problems.append(Problem(locate(("select",), where), ("select", key),
+                                        f"required: give {flag} or select.{key} in a recipe"))
+    if problems or config is None:
+        raise InputError(*_unique_lines(problems))
+    return config
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
@@ -316,6 +364,9 @@ def _validate(data: dict, where: Locations) -> tuple[Recipe | None, list[Problem
             except ValidationError as err:
                 problems += pydantic_problems(err.errors(include_url=False), data, where,
                                               root=config_cls, prefix=("adapter",))
+    selection = data.get("data", {}).get("select") if isinstance(data.get("data"), dict) else None
+    if isinstance(selection, dict):
+        problems += _select_problems(selection, data, where)
     if recipe is None or method_config is None or problems:
         return None, problems
     # model_copy skips validation on purpose: the field is declared as AdapterSection.
@@ -323,6 +374,26 @@ def _validate(data: dict, where: Locations) -> tuple[Recipe | None, list[Problem
     for path, message in cross_field_problems(recipe):
         problems.append(Problem(locate(tuple(path), where), tuple(path), message))
     return (None if problems else recipe), problems
+
+
+def _select_problems(selection: dict, data: dict, where: Locations) -> list[Problem]:
+    """`data.select` is a SelectConfig whose pool is data.train: pool and out are not keys
+    here, and the text it scores comes from the data section unless set."""
+    from peftune.select.config import TRAINING_FORBIDDEN, SelectConfig
+    prefix = ("data", "select")
+    problems = [Problem(locate(prefix + (key,), where), prefix + (key,), message)
+                for key, message in TRAINING_FORBIDDEN.items() if key in selection]
+    if not selection.get("target"):
+        problems.append(Problem(locate(prefix, where), prefix + ("target",),
+                                "required key is missing (the target sample: a file or a list "
+                                "of files)"))
+    try:
+        SelectConfig.model_validate({k: v for k, v in selection.items()
+                                     if k not in TRAINING_FORBIDDEN})
+    except ValidationError as err:
+        problems += pydantic_problems(err.errors(include_url=False), data, where,
+                                      root=SelectConfig, prefix=prefix)
+    return problems
 
 
 def _unique_lines(problems: list[Problem]) -> list[str]:

@@ -124,12 +124,6 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
             "(a quantized base is frozen and this method trains it); use quant.method: none "
             "or a method that trains over a quantized base, such as lora",
         ))
-    if recipe.data.select is not None:
-        problems.append((
-            ("data", "select"),
-            "data selection (DSIR, ZIP-FIT) is not available yet; remove data.select and "
-            "train on the pool as it is",
-        ))
     if recipe.data.val is not None and recipe.data.val_ratio > 0:
         problems.append((
             ("data", "val_ratio"),

@@ -149,6 +149,13 @@ def _print_header(built: Any, display: ProgressDisplay, *, resumed_from: Path | 
         f"{r.train.grad_accum} = {r.train.batch_size * r.train.grad_accum} rows, "
         f"<= {tokens_per_step:,} tokens per optimizer step; {built.total_steps} steps",
     ]
+    selection = built.data_stats.get("selection")
+    if selection is not None:
+        reused = "cached, " if selection["cached"] else ""
+        lines.append(f"data.select: {selection['method']} chose {selection['k']:,} of "
+                     f"{selection['pool_size']:,} rows ({reused}KL reduction "
+                     f"{selection['kl_reduction']:.3f}, random {selection['random_kl_reduction']:.3f})"
+                     f"; {selection['dir']}")
     if resumed_from is not None:
         lines.append(f"resuming from {resumed_from}")
     for line in lines:

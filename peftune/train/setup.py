@@ -103,7 +103,12 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
     # Data first (it needs only the tokenizer): bad data fails before the model loads.
     tokenizer = load_tokenizer(resolve_model_path(recipe.model.path),
                                trust_remote_code=recipe.model.trust_remote_code)
-    splits = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
+    data, selection = recipe.data, None
+    if data.select is not None:
+        from peftune.select.training import select_for_training
+
+        data, selection = select_for_training(data, quiet=quiet)
+    splits = build_datasets(data, tokenizer, seed=recipe.train.seed)
     rows = pack_rows(splits.train, max_length=recipe.data.max_length,
                      packing=recipe.data.packing, seed=recipe.train.seed)
     val_rows = None
@@ -134,6 +139,19 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
         recipe=recipe, accelerator=accelerator, model=prepared_model,
         unwrapped_model=accelerator.unwrap_model(prepared_model), tokenizer=tokenizer,
         hooks=hooks, optimizer=optimizer, scheduler=scheduler, rows=rows, val_rows=val_rows,
-        total_steps=steps, data_stats=dict(splits.stats), trainable_params=trainable_params,
+        total_steps=steps, data_stats=_data_stats(splits.stats, selection), trainable_params=trainable_params,
         total_params=total_params, setup_s=time.perf_counter() - started, quiet=quiet,
     )
+
+
+def _data_stats(stats: dict, selection: dict | None) -> dict:
+    """The data numbers a run reports, with the selection's when data.select chose the rows."""
+    out = dict(stats)
+    if selection is not None:
+        out["selection"] = {
+            "method": selection["method"], "k": selection["k"],
+            "pool_size": selection["pool_size"], "kl_reduction": selection["kl"]["reduction"],
+            "random_kl_reduction": selection["kl"]["random_reduction"],
+            "cached": selection["cached"], "dir": selection["dir"],
+        }
+    return out

@@ -1,0 +1,176 @@
+"""Reading a pool for selection: rows streamed in chunks, the text each row is scored by, and
+the rows written back out unchanged.
+
+A JSONL pool is read as raw lines: the line is kept as bytes, parsed in a worker process,
+and, if selected, written out byte for byte. Other sources (JSON, parquet, CSV, a saved
+datasets directory) go through `peftune.data.sources` and are written out as one JSON object
+per line. Chunks never span files; a row's place is (file, line or row index) so that a
+bad row is reported where the user can find it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftune.data.formats import RowError, string_field
+from peftune.data.sources import iter_rows, json_type, resolve_source
+from peftune.errors import InputError
+from peftune.select.config import SelectConfig
+
+CHUNK_ROWS = 1024  # fixed, so chunk boundaries (and every result) never depend on num_proc
+
+
+@dataclass(frozen=True)
+class TextRule:
+    """Which text of a row is scored: a field as is, or the example rendered."""
+
+    format: str = "text"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    input_field: str | None = None
+    response_field: str = "response"
+    messages_field: str = "messages"
+    prompt_template: str = "{prompt}\n"
+
+    @classmethod
+    def for_pool(cls, cfg: SelectConfig) -> TextRule:
+        return cls(cfg.format, cfg.text_field, cfg.prompt_field, cfg.input_field,
+                   cfg.response_field, cfg.messages_field, cfg.prompt_template)
+
+    @classmethod
+    def for_target(cls, cfg: SelectConfig) -> TextRule:
+        if cfg.target_text_field is not None:
+            return cls("text", cfg.target_text_field)
+        return cls.for_pool(cfg)
+
+    def describe(self) -> str:
+        if self.format == "text":
+            return f"field '{self.text_field}'"
+        return f"the {self.format} example rendered as text"
+
+    def text(self, row: dict[str, Any]) -> str:
+        """The scored text of a row, or RowError."""
+        if self.format == "text":
+            return string_field(row, self.text_field, allow_empty=True)
+        if self.format == "instruction":
+            values = {"prompt": string_field(row, self.prompt_field)}
+            if self.input_field:
+                values["input"] = string_field(row, self.input_field, allow_empty=True)
+            return self.prompt_template.format(**values) + string_field(row, self.response_field)
+        messages = row.get(self.messages_field)
+        if not isinstance(messages, list):
+            raise RowError(f"expected a list of messages, got {json_type(messages)}",
+                           self.messages_field)
+        lines = []
+        for turn in messages:
+            if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+                raise RowError("each message must be an object with a string 'content'",
+                               self.messages_field)
+            lines.append(f"{turn.get('role', 'user')}: {turn['content']}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Chunk:
+    """Consecutive rows of one file: `payloads` are raw JSONL lines (bytes) or parsed rows."""
+
+    index: int  # chunk number over the whole pool
+    display: str  # the file, as the user named it
+    first_row: int  # global index of the first row
+    payloads: list[Any]
+    places: list[int]  # line numbers (JSONL, CSV) or row indices (others)
+    by_line: bool  # places are line numbers
+
+    def location(self, position: int) -> str:
+        number = self.places[position]
+        return f"{self.display}:{number}" if self.by_line else f"{self.display}: row {number}"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) for p in self.payloads) if self.by_line else 0
+
+
+def resolve_files(paths: list[str], key: str) -> list[Path]:
+    if not paths:
+        raise InputError(f"{key}: give at least one file")
+    return [resolve_source(path, key=key) for path in paths]
+
+
+def iter_chunks(files: list[Path], displays: list[str], *, key: str,
+                owner: tuple[int, int] = (0, 1)) -> Iterator[Chunk]:
+    """The pool in chunks of CHUNK_ROWS rows, in pool order. With `owner=(rank, world)` only
+    chunks whose number is rank modulo world are parsed (rows of other chunks are counted
+    and skipped), so ranks take disjoint shards that together cover the pool."""
+    rank, world = owner
+    number, first_row = 0, 0
+    for path, display in zip(files, displays, strict=False):
+        by_line = path.suffix.lower() in (".jsonl", ".csv")
+        payloads: list[Any] = []
+        places: list[int] = []
+        for payload, where in _payloads(path, display, key):
+            payloads.append(payload)
+            places.append(where)
+            if len(payloads) == CHUNK_ROWS:
+                if number % world == rank:
+                    yield Chunk(number, display, first_row, payloads, places, by_line)
+                number, first_row = number + 1, first_row + len(payloads)
+                payloads, places = [], []
+        if payloads:
+            if number % world == rank:
+                yield Chunk(number, display, first_row, payloads, places, by_line)
+            number, first_row = number + 1, first_row + len(payloads)
+
+
+def _payloads(path: Path, display: str, key: str) -> Iterator[tuple[Any, int]]:
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        with path.open("rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    yield line, number
+        return
+    is_csv = path.suffix.lower() == ".csv"
+    for index, source_row in enumerate(iter_rows(path, key=key, display=display)):
+        if source_row.row is None:
+            raise InputError(f"{key}: {source_row.location}: {source_row.problem}")
+        where = int(source_row.location.rsplit(":", 1)[1]) if is_csv else index
+        yield source_row.row, where
+
+
+def parse_payload(payload: Any) -> dict[str, Any]:
+    """A row from a raw JSONL line, or RowError."""
+    if not isinstance(payload, bytes):
+        return payload
+    try:
+        value = json.loads(payload)
+    except UnicodeDecodeError:
+        raise RowError("the line is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise RowError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise RowError(f"expected a JSON object, got {json_type(value)}")
+    return value
+
+
+def output_line(payload: Any) -> bytes:
+    """A selected row as written: the JSONL line unchanged, or the row as one JSON object."""
+    if isinstance(payload, bytes):
+        return payload if payload.endswith(b"\n") else payload + b"\n"
+    return (json.dumps(payload, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+
+
+def read_texts(files: list[Path], displays: list[str], rule: TextRule, *,
+               key: str) -> list[str]:
+    """Every scored text of some (small) files, such as a target sample."""
+    texts = []
+    for chunk in iter_chunks(files, displays, key=key):
+        for position, payload in enumerate(chunk.payloads):
+            try:
+                texts.append(rule.text(parse_payload(payload)))
+            except RowError as err:
+                raise InputError(f"{key}: {chunk.location(position)}: "
+                                 f"{err.message}") from None
+    return texts

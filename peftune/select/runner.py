@@ -1,0 +1,378 @@
+"""`run_select`: stream the pool once to score it, choose k rows, stream it again to write them.
+
+    targets  read the target files; fit DSIR's target model / compress ZIP-FIT's targets
+    score    one pass over the pool in fixed chunks (worker processes, ranks): DSIR spills
+             each row's hashed n-gram ids to disk, ZIP-FIT keeps one score per row
+    select   DSIR weighs the spilled rows against the raw model; Gumbel or plain top-k
+    write    a second pass writes the chosen rows unchanged, in pool order, and measures
+             the selection (KL reduction, labels, lengths) against a random one of equal size
+
+Memory is one float64 per pool row plus a chunk per worker. Everything is written into a
+temporary directory beside `out`, renamed into place at the end: a failed run leaves nothing.
+Under a multi-process launcher (torchrun, accelerate launch) rank r takes chunks r, r + W,
+...; raw n-gram counts are summed across ranks, each rank proposes its own top-k, and rank 0
+merges them into exactly the single-process selection and writes the output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peftune.errors import InputError
+from peftune.select import dsir
+from peftune.select.config import SelectConfig
+from peftune.select.kl import kl_divergence
+from peftune.select.ngrams import NgramHasher, bucket_dtype
+from peftune.select.pool import (
+    TextRule,
+    iter_chunks,
+    output_line,
+    parse_payload,
+    read_texts,
+    resolve_files,
+)
+from peftune.select.report import (
+    LENGTH_CAP,
+    Reporter,
+    build_report,
+    length_summary,
+    plot_scores,
+    select_yaml,
+)
+from peftune.select.scoring import ChunkScores, Scorer, label_of, score_chunks, worker_count
+from peftune.select.zipfit import ZipFitScorer
+
+OUTPUT_FILES = ("selected.jsonl", "scores.npy", "report.json", "scores.png", "select.yaml")
+
+
+def check_out_dir(out: Path, *, overwrite: bool) -> None:
+    """Refuse a non-empty output directory, unless --overwrite and it holds a selection."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"select.out: {out} exists and is not a directory; choose another path")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"select.out: {out} is not empty; pass --overwrite to replace an "
+                             "earlier selection, or choose another directory")
+        if not (out / "report.json").is_file():
+            raise InputError(f"select.out: {out} is not a selection output (no report.json); "
+                             "--overwrite only replaces earlier selections, choose another "
+                             "directory")
+
+
+@dataclass
+class PoolPass:
+    """What the scoring pass leaves on one rank: per-row scores (ZIP-FIT at once, DSIR after
+    the raw model is known), pool-wide counts, and DSIR's spilled features."""
+
+    raw_counts: np.ndarray
+    rows: int = 0
+    length_hist: np.ndarray = field(default_factory=lambda: np.zeros(LENGTH_CAP + 1, np.int64))
+    labels: Counter = field(default_factory=Counter)
+    chunks: list[tuple[int, int, int]] = field(default_factory=list)  # (chunk, first row, rows)
+    scores: dict[int, np.ndarray] = field(default_factory=dict)  # chunk -> scores
+    seconds: float = 0.0
+
+
+class Ranks:
+    """This process's place under a multi-process launcher (WORLD_SIZE > 1), else 0 of 1."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+            self._dist = dist
+
+    def gather(self, value: Any) -> list:
+        """Every rank's `value`, in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        out: list = [None] * self.world
+        self._dist.all_gather_object(out, value)
+        return out
+
+
+def run_select(cfg: SelectConfig, *, out: Path, overwrite: bool = False,
+               quiet: bool = False) -> dict:
+    """Select `cfg.k` rows of `cfg.pool` that resemble `cfg.target` and write them to `out`;
+    returns the report (an empty dict on ranks other than 0)."""
+    started = time.perf_counter()
+    ranks = Ranks()
+    check_out_dir(out, overwrite=overwrite)
+    pool_files = resolve_files(cfg.pool, "select.pool")
+    target_files = resolve_files(cfg.target, "select.target")
+    reporter = Reporter(quiet=quiet or ranks.rank != 0)
+    timings: dict[str, float] = {}
+
+    tick = time.perf_counter()
+    target_texts = []
+    for path, shown in zip(target_files, cfg.target, strict=False):
+        texts = read_texts([path], [shown], TextRule.for_target(cfg), key="select.target")
+        if not texts:
+            raise InputError(f"select.target: {shown} has no rows; the target sample must "
+                             "hold at least one example of the text to select for")
+        target_texts.append(texts)
+    # ZIP-FIT's KL reduction is measured on DSIR's default features, so it reads the same.
+    hasher = NgramHasher(buckets=cfg.buckets, ngrams=cfg.ngrams, hash=cfg.hash)
+    target_counts = [hasher.counts(texts) for texts in target_texts]
+    zipfit = _zipfit_scorer(cfg, target_texts) if cfg.method == "zipfit" else None
+    timings["targets"] = time.perf_counter() - tick
+
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary dir
+    try:
+        processes = worker_count(cfg.num_proc)
+        scorer = Scorer(TextRule.for_pool(cfg), hasher, cfg.label_field, cfg.min_length, zipfit)
+        reporter.start_pass(pool_files, processes=processes, world=ranks.world)
+        scored = _score_pool(cfg, scorer, pool_files, work, ranks, reporter,
+                             processes=processes)
+        timings["score"] = scored.seconds
+
+        tick = time.perf_counter()
+        raw_counts = sum(ranks.gather(scored.raw_counts))
+        if cfg.method == "dsir":
+            log_ratios = _dsir_log_ratios(cfg, target_counts, raw_counts)
+            for chunk, _, rows in scored.chunks:
+                scored.scores[chunk] = _dsir_chunk_weights(cfg, work, chunk, rows, log_ratios)
+        shares = dsir.split_k(cfg.k, cfg.target_weights) if cfg.target_weights else [cfg.k]
+        gathered = ranks.gather((_propose(cfg, scored, shares), scored.rows, scored.labels,
+                                 scored.length_hist, scored.scores))
+        pool_rows = sum(g[1] for g in gathered)
+        scores = _assemble([g[4] for g in gathered])
+        _check_k(cfg, scores, pool_rows)
+        if ranks.rank != 0:
+            return {}
+        selected = _merge([g[0] for g in gathered], shares)
+        timings["select"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        random_rows = _random_rows(scores, len(selected), cfg.seed)
+        written = _write_selection(cfg, pool_files, work, selected, random_rows, hasher)
+        timings["write"] = time.perf_counter() - tick
+
+        target_mix = _target_mixture(cfg, target_counts)
+        kl = {"target_vs_raw": kl_divergence(target_mix, raw_counts),
+              "target_vs_selected": kl_divergence(target_mix, written["selected_counts"]),
+              "target_vs_random": kl_divergence(target_mix, written["random_counts"])}
+        kl["reduction"] = kl["target_vs_raw"] - kl["target_vs_selected"]
+        kl["random_reduction"] = kl["target_vs_raw"] - kl["target_vs_random"]
+        timings["total"] = time.perf_counter() - started
+        report = build_report(
+            cfg, pool_rows=pool_rows, target_rows=[len(t) for t in target_texts],
+            zipfit_targets=len(zipfit.targets) if zipfit else None, timings=timings, kl=kl,
+            pool_labels=sum((g[2] for g in gathered), Counter()),
+            selected_labels=written["labels"],
+            pool_lengths=length_summary(sum(g[3] for g in gathered)),
+            selected_lengths=length_summary(written["length_hist"]),
+            scores=scores, selected=selected, processes=processes, world=ranks.world)
+        for spill in work.glob("spill-*"):
+            spill.unlink()
+        np.save(work / "scores.npy", scores)
+        (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        plot_scores(work / "scores.png", scores, selected, cfg)
+        (work / "select.yaml").write_text(select_yaml(cfg))
+        _publish(work, out)
+        reporter.finish(report, out)
+        return report
+    finally:
+        reporter.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _zipfit_scorer(cfg: SelectConfig, target_texts: list[list[str]]) -> ZipFitScorer:
+    targets = [text.encode("utf-8") for texts in target_texts for text in texts]
+    if cfg.target_sample is not None and cfg.target_sample < len(targets):
+        # An approximation: the mean NCD over a random subset of the targets.
+        keep = np.random.default_rng(cfg.seed).choice(len(targets), cfg.target_sample,
+                                                      replace=False)
+        targets = [targets[i] for i in np.sort(keep)]
+    return ZipFitScorer(targets, compressor=cfg.compressor, level=cfg.compression_level)
+
+
+def _score_pool(cfg: SelectConfig, scorer: Scorer, files: list[Path], work: Path,
+                ranks: Ranks, reporter: Reporter, *, processes: int) -> PoolPass:
+    """The scoring pass over this rank's chunks; a bad row on any rank stops every rank."""
+    scored = PoolPass(raw_counts=np.zeros(scorer.hasher.buckets, dtype=np.int64))
+    tick = time.perf_counter()
+    problem = None
+    try:
+        chunks = iter_chunks(files, list(cfg.pool), key="select.pool",
+                             owner=(ranks.rank, ranks.world))
+        for result in score_chunks(scorer, chunks, processes=processes):
+            if result.error is not None:
+                problem = f"select.pool: {result.error}"
+                break
+            _absorb(cfg, scored, result, work)
+            reporter.advance(result.rows, result.nbytes)
+    except InputError as err:
+        problem = err.lines[0]
+    problems = [p for p in ranks.gather(problem) if p is not None]
+    if problems:
+        raise InputError(problems[0])
+    reporter.end_pass()
+    scored.seconds = time.perf_counter() - tick
+    return scored
+
+
+def _absorb(cfg: SelectConfig, scored: PoolPass, result: ChunkScores, work: Path) -> None:
+    scored.rows += result.rows
+    scored.raw_counts += np.bincount(result.ids, minlength=len(scored.raw_counts))
+    scored.length_hist += np.bincount(np.minimum(result.words, LENGTH_CAP),
+                                      minlength=LENGTH_CAP + 1)
+    scored.labels.update(result.labels)
+    scored.chunks.append((result.chunk, result.first_row, result.rows))
+    if cfg.method == "zipfit":
+        scored.scores[result.chunk] = result.scores
+        return
+    # DSIR: a row's weight needs the whole pool's n-gram model, so its features wait on disk.
+    result.ids.tofile(work / f"spill-{result.chunk}.ids")
+    np.stack([result.sizes, result.words]).astype(np.int64).tofile(
+        work / f"spill-{result.chunk}.rows")
+
+
+def _dsir_log_ratios(cfg: SelectConfig, target_counts: list[np.ndarray],
+                     raw_counts: np.ndarray) -> list[np.ndarray]:
+    """One log ratio per target model: the pooled targets, or one per file with weights."""
+    raw = dsir.bag_of_ngrams(raw_counts)
+    models = target_counts if cfg.target_weights else [sum(target_counts)]
+    return [dsir.log_importance_ratio(dsir.bag_of_ngrams(counts, cfg.pseudo_count), raw)
+            for counts in models]
+
+
+def _dsir_chunk_weights(cfg: SelectConfig, work: Path, chunk: int, rows: int,
+                        log_ratios: list[np.ndarray]) -> np.ndarray:
+    ids = np.fromfile(work / f"spill-{chunk}.ids", dtype=bucket_dtype(cfg.buckets))
+    sizes, words = np.fromfile(work / f"spill-{chunk}.rows", dtype=np.int64).reshape(2, rows)
+    weights = np.stack([dsir.dsir_log_weights(ids, sizes, ratio,
+                                              length_normalize=cfg.length_normalize)
+                        for ratio in log_ratios], axis=1)
+    weights[words < cfg.min_length] = np.nan
+    return weights if len(log_ratios) > 1 else weights[:, 0]
+
+
+def _keys(cfg: SelectConfig, scores: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Sort keys (rows, targets): the score, plus Gumbel noise for DSIR's sampling; rows
+    below min_length (NaN) never win."""
+    keys = np.where(np.isnan(scores), -np.inf, scores).reshape(len(scores), -1)
+    if cfg.method == "dsir" and cfg.sampling == "gumbel":
+        for t in range(keys.shape[1]):
+            keys[:, t] = keys[:, t] + dsir.gumbel_noise(cfg.seed, rows, stream=t)
+    return keys
+
+
+def _propose(cfg: SelectConfig, scored: PoolPass, shares: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's candidates: for each target, its k best rows here (global rows, keys).
+    Any row the merged selection takes is among them."""
+    if not scored.chunks:
+        return np.zeros(0, np.int64), np.zeros((0, len(shares)))
+    rows = np.concatenate([np.arange(first, first + n) for _, first, n in scored.chunks])
+    scores = np.concatenate([scored.scores[chunk] for chunk, _, _ in scored.chunks])
+    keys = _keys(cfg, scores, rows)
+    best = np.unique(np.concatenate([dsir.top_k(keys[:, t], sum(shares))
+                                     for t in range(keys.shape[1])]))
+    return rows[best], keys[best]
+
+
+def _merge(proposals: list[tuple[np.ndarray, np.ndarray]], shares: list[int]) -> np.ndarray:
+    """The selection (global rows, sorted) from every rank's candidates: the same rows one
+    process would choose, because ties break by global row in both."""
+    rows = np.concatenate([p[0] for p in proposals])
+    keys = np.concatenate([p[1] for p in proposals])
+    order = np.argsort(rows, kind="stable")
+    chosen = dsir.choose(keys[order], shares)
+    return rows[order][chosen]
+
+
+def _assemble(shards: list[dict[int, np.ndarray]]) -> np.ndarray:
+    """Per-row scores in pool order from every rank's chunk -> scores maps."""
+    merged = {chunk: scores for shard in shards for chunk, scores in shard.items()}
+    return np.concatenate([merged[chunk] for chunk in sorted(merged)]) if merged \
+        else np.zeros(0)
+
+
+def _check_k(cfg: SelectConfig, scores: np.ndarray, pool_rows: int) -> None:
+    files = ", ".join(cfg.pool)
+    if cfg.k > pool_rows:
+        raise InputError(f"select.k: k={cfg.k} is larger than the pool, which has "
+                         f"{pool_rows} rows ({files}); choose k <= {pool_rows}")
+    eligible = int(np.isfinite(scores.reshape(len(scores), -1)[:, 0]).sum())
+    if cfg.k > eligible:
+        raise InputError(f"select.k: k={cfg.k} is larger than the {eligible} of {pool_rows} "
+                         f"pool rows with at least min_length={cfg.min_length} words; lower "
+                         "k or min_length")
+
+
+def _random_rows(scores: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """A uniform random subset of the eligible rows, the baseline the selection is measured
+    against."""
+    eligible = np.flatnonzero(np.isfinite(scores.reshape(len(scores), -1)[:, 0]))
+    picked = np.random.default_rng([seed, 1]).choice(eligible, count, replace=False)
+    return np.sort(picked)
+
+
+def _write_selection(cfg: SelectConfig, files: list[Path], work: Path, selected: np.ndarray,
+                     random_rows: np.ndarray, hasher: NgramHasher) -> dict:
+    """Second pass: the chosen rows unchanged, in pool order, and what the selection and the
+    random baseline look like (n-gram counts, labels, lengths)."""
+    chosen = set(selected.tolist())
+    baseline = set(random_rows.tolist())
+    rule = TextRule.for_pool(cfg)
+    selected_counts = np.zeros(hasher.buckets, np.int64)
+    random_counts = np.zeros(hasher.buckets, np.int64)
+    length_hist = np.zeros(LENGTH_CAP + 1, np.int64)
+    labels: Counter = Counter()
+    with (work / "selected.jsonl").open("wb") as sink:
+        for chunk in iter_chunks(files, list(cfg.pool), key="select.pool"):
+            for position, payload in enumerate(chunk.payloads):
+                row_index = chunk.first_row + position
+                if row_index not in chosen and row_index not in baseline:
+                    continue
+                row = parse_payload(payload)
+                ids, words = hasher.ids(rule.text(row))
+                if row_index in baseline:
+                    random_counts += np.bincount(ids, minlength=hasher.buckets)
+                if row_index in chosen:
+                    sink.write(output_line(payload))
+                    selected_counts += np.bincount(ids, minlength=hasher.buckets)
+                    length_hist[min(words, LENGTH_CAP)] += 1
+                    if cfg.label_field is not None:
+                        labels[label_of(row, cfg.label_field)] += 1
+    return {"selected_counts": selected_counts, "random_counts": random_counts,
+            "labels": labels, "length_hist": length_hist}
+
+
+def _target_mixture(cfg: SelectConfig, target_counts: list[np.ndarray]) -> np.ndarray:
+    """The target's n-gram counts for KL: pooled, or each file's distribution mixed by its
+    weight and scaled to the targets' total count."""
+    total = sum(target_counts)
+    if not cfg.target_weights:
+        return total
+    weights = np.asarray(cfg.target_weights, dtype=np.float64) / sum(cfg.target_weights)
+    mix = sum(w * c / max(c.sum(), 1) for w, c in zip(weights, target_counts, strict=False))
+    return mix * total.sum()
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Move the finished files into `out` (created, or emptied when overwriting)."""
+    if out.is_dir():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(work, out)
+    work.mkdir()  # the caller's cleanup removes this empty stand-in

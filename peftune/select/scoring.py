@@ -1,0 +1,115 @@
+"""Scoring chunks of pool rows, in the main process or in worker processes.
+
+The state a worker needs (text rule, hasher, ZIP-FIT scorer) is built once in the parent and
+inherited by forked workers, so targets are compressed and n-gram models built only once.
+At most two chunks per worker are in flight, so a pool larger than memory streams through.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from peftune.data.formats import RowError
+from peftune.select.ngrams import NgramHasher
+from peftune.select.pool import Chunk, TextRule, parse_payload
+from peftune.select.zipfit import ZipFitScorer
+
+
+@dataclass
+class Scorer:
+    """What scoring a chunk needs. DSIR's rows are featurized here and weighed later, once
+    the raw pool's n-gram model is known; ZIP-FIT's rows are scored here."""
+
+    rule: TextRule
+    hasher: NgramHasher
+    label_field: str | None = None
+    min_length: int = 0
+    zipfit: ZipFitScorer | None = None
+
+
+@dataclass
+class ChunkScores:
+    chunk: int
+    first_row: int
+    rows: int
+    words: np.ndarray  # word-punct tokens per row
+    ids: np.ndarray  # hashed n-gram ids of every row, back to back
+    sizes: np.ndarray  # n-grams per row
+    scores: np.ndarray | None = None  # ZIP-FIT only; NaN where a row is below min_length
+    labels: Counter = field(default_factory=Counter)
+    nbytes: int = 0  # bytes of the JSONL lines read, for progress
+    error: str | None = None  # "file:line: problem" of the chunk's first bad row
+
+
+def score_chunk(scorer: Scorer, chunk: Chunk) -> ChunkScores:
+    texts: list[str] = []
+    labels: Counter = Counter()
+    for position, payload in enumerate(chunk.payloads):
+        try:
+            row = parse_payload(payload)
+            texts.append(scorer.rule.text(row))
+            if scorer.label_field is not None:
+                labels[label_of(row, scorer.label_field)] += 1
+        except RowError as err:
+            empty = np.zeros(0, dtype=np.int64)
+            return ChunkScores(chunk.index, chunk.first_row, len(chunk.payloads), empty,
+                               empty, empty, error=f"{chunk.location(position)}: {err.message}")
+    ids, sizes, words = scorer.hasher.featurize(texts)
+    out = ChunkScores(chunk.index, chunk.first_row, len(texts), words, ids, sizes,
+                      labels=labels, nbytes=chunk.nbytes)
+    if scorer.zipfit is not None:
+        keep = words >= scorer.min_length
+        out.scores = np.full(len(texts), np.nan)
+        docs = [text.encode("utf-8") for text, ok in zip(texts, keep, strict=False) if ok]
+        out.scores[keep] = scorer.zipfit.scores(docs)
+    return out
+
+
+def label_of(row: dict, name: str) -> str:
+    if name not in row:
+        raise RowError("missing label field", name)
+    return str(row[name])
+
+
+_WORKER: Scorer | None = None
+
+
+def _work(chunk: Chunk) -> ChunkScores:
+    assert _WORKER is not None  # set by the parent before forking
+    return score_chunk(_WORKER, chunk)
+
+
+def worker_count(num_proc: int) -> int:
+    """`num_proc`, with 0 meaning every core this process may use."""
+    if num_proc > 0:
+        return num_proc
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def score_chunks(scorer: Scorer, chunks: Iterable[Chunk], *, processes: int) -> Iterator[ChunkScores]:
+    """Scores in chunk order, computed by `processes` forked workers (1: in this process)."""
+    if processes <= 1:
+        for chunk in chunks:
+            yield score_chunk(scorer, chunk)
+        return
+    global _WORKER
+    _WORKER = scorer
+    context = multiprocessing.get_context("fork")
+    with context.Pool(processes) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_work, (chunk,)))
+            if len(pending) >= 2 * processes:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+    _WORKER = None
