@@ -338,6 +338,19 @@ def _write_selection(cfg: SelectConfig, files: list[Path], work: Path, selected:
     random_counts = np.zeros(hasher.buckets, np.int64)
     length_hist = np.zeros(LENGTH_CAP + 1, np.int64)
     labels: Counter = Counter()
+    batches: dict[str, list[str]] = {"selected": [], "random": []}
+
+    def measure(final: bool = False) -> None:
+        for name, counts in (("selected", selected_counts), ("random", random_counts)):
+            texts = batches[name]
+            if texts and (final or len(texts) >= 4096):
+                ids, _, words = hasher.featurize(texts)
+                counts += np.bincount(ids, minlength=hasher.buckets)
+                if name == "selected":
+                    length_hist[:] += np.bincount(np.minimum(words, LENGTH_CAP),
+                                                  minlength=LENGTH_CAP + 1)
+                texts.clear()
+
     with (work / "selected.jsonl").open("wb") as sink:
         for chunk in iter_chunks(files, list(cfg.pool), key="select.pool"):
             for position, payload in enumerate(chunk.payloads):
@@ -345,15 +358,16 @@ def _write_selection(cfg: SelectConfig, files: list[Path], work: Path, selected:
                 if row_index not in chosen and row_index not in baseline:
                     continue
                 row = parse_payload(payload)
-                ids, words = hasher.ids(rule.text(row))
+                text = rule.text(row)
                 if row_index in baseline:
-                    random_counts += np.bincount(ids, minlength=hasher.buckets)
+                    batches["random"].append(text)
                 if row_index in chosen:
                     sink.write(output_line(payload))
-                    selected_counts += np.bincount(ids, minlength=hasher.buckets)
-                    length_hist[min(words, LENGTH_CAP)] += 1
+                    batches["selected"].append(text)
                     if cfg.label_field is not None:
                         labels[label_of(row, cfg.label_field)] += 1
+            measure()
+    measure(final=True)
     return {"selected_counts": selected_counts, "random_counts": random_counts,
             "labels": labels, "length_hist": length_hist}
 
