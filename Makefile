@@ -33,7 +33,10 @@ lint: $(STAMP)
 	$(PYTHON) -m ruff check peftune tests scripts
 
 bench: $(STAMP)
+	@# the reference packages bench_select.py compares against (data-selection, zip-fit)
+	@$(PIP) install --quiet --disable-pip-version-check -c .make/constraints.txt -e ".[bench]"
 	$(PYTHON) scripts/bench_train.py
+	$(PYTHON) scripts/bench_select.py
 
 clean:
 	rm -rf .make runs/demo build *.egg-info
