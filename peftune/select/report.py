@@ -104,9 +104,11 @@ def plot_scores(path: Path, scores: np.ndarray, selected: np.ndarray, cfg: Selec
     ax.hist(finite, bins=bins, color="tab:gray", alpha=0.6, label=f"pool ({len(finite):,} rows)")
     ax.hist(chosen[np.isfinite(chosen)], bins=bins, color="tab:blue", alpha=0.8,
             label=f"selected ({len(chosen):,})")
-    if len(chosen) and (cfg.method == "zipfit" or cfg.sampling == "top_k"):
-        ax.axvline(np.min(chosen), color="tab:red", linestyle="--",
-                   label=f"threshold {np.min(chosen):.4g}")
+    if len(chosen):
+        hard = cfg.method == "zipfit" or cfg.sampling == "top_k"
+        what = "threshold" if hard else "lowest selected"
+        ax.axvline(np.nanmin(chosen), color="tab:red", linestyle="--",
+                   label=f"{what} {np.nanmin(chosen):.4g}")
     ax.set_yscale("log")
     what = "log importance weight" if cfg.method == "dsir" else "1 - mean NCD"
     ax.set_xlabel(f"{cfg.method} score ({what})")
