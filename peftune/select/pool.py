@@ -78,7 +78,11 @@ class TextRule:
 
 @dataclass
 class Chunk:
-    """Consecutive rows of one file: `payloads` are raw JSONL lines (bytes) or parsed rows."""
+    """Consecutive rows of one file: `payloads` are raw JSONL lines (bytes) or parsed rows.
+
+    A lazy chunk of a JSONL file holds only where its lines are (`span`: byte offset, byte
+    length, first line number); the worker process that scores it reads them, so the rows
+    never travel between processes."""
 
     index: int  # chunk number over the whole pool
     display: str  # the file, as the user named it
@@ -86,6 +90,8 @@ class Chunk:
     payloads: list[Any]
     places: list[int]  # line numbers (JSONL, CSV) or row indices (others)
     by_line: bool  # places are line numbers
+    path: Path | None = None
+    span: tuple[int, int, int] | None = None
 
     def location(self, position: int) -> str:
         number = self.places[position]
@@ -93,7 +99,23 @@ class Chunk:
 
     @property
     def nbytes(self) -> int:
+        if self.span is not None:
+            return self.span[1]
         return sum(len(p) for p in self.payloads) if self.by_line else 0
+
+    def load(self) -> Chunk:
+        """Read a lazy chunk's lines (a no-op for other chunks)."""
+        if self.span is None or self.payloads:
+            return self
+        offset, length, first_line = self.span
+        with self.path.open("rb") as handle:
+            handle.seek(offset)
+            data = handle.read(length)
+        for number, line in enumerate(data.split(b"\n"), start=first_line):
+            if line.strip():
+                self.payloads.append(line)
+                self.places.append(number)
+        return self
 
 
 def resolve_files(paths: list[str], key: str) -> list[Path]:
@@ -103,13 +125,20 @@ def resolve_files(paths: list[str], key: str) -> list[Path]:
 
 
 def iter_chunks(files: list[Path], displays: list[str], *, key: str,
-                owner: tuple[int, int] = (0, 1)) -> Iterator[Chunk]:
+                owner: tuple[int, int] = (0, 1), lazy: bool = False) -> Iterator[Chunk]:
     """The pool in chunks of CHUNK_ROWS rows, in pool order. With `owner=(rank, world)` only
-    chunks whose number is rank modulo world are parsed (rows of other chunks are counted
-    and skipped), so ranks take disjoint shards that together cover the pool."""
+    chunks whose number is rank modulo world are yielded (rows of other chunks are counted
+    and skipped), so ranks take disjoint shards that together cover the pool. With `lazy`,
+    JSONL chunks come as byte spans for the worker to read (`Chunk.load`)."""
     rank, world = owner
     number, first_row = 0, 0
-    for path, display in zip(files, displays, strict=False):
+    for path, display in zip(files, displays, strict=True):
+        if lazy and path.is_file() and path.suffix.lower() == ".jsonl":
+            for span, rows in _line_spans(path):
+                if number % world == rank:
+                    yield Chunk(number, display, first_row, [], [], True, path, span)
+                number, first_row = number + 1, first_row + rows
+            continue
         by_line = path.suffix.lower() in (".jsonl", ".csv")
         payloads: list[Any] = []
         places: list[int] = []
@@ -125,6 +154,23 @@ def iter_chunks(files: list[Path], displays: list[str], *, key: str,
             if number % world == rank:
                 yield Chunk(number, display, first_row, payloads, places, by_line)
             number, first_row = number + 1, first_row + len(payloads)
+
+
+def _line_spans(path: Path) -> Iterator[tuple[tuple[int, int, int], int]]:
+    """((byte offset, byte length, first line number), rows) of each CHUNK_ROWS non-blank
+    lines of a JSONL file: the same chunks `_payloads` would make."""
+    offset = start = 0
+    first_line, rows = 1, 0
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            offset += len(line)
+            if line.strip():
+                rows += 1
+                if rows == CHUNK_ROWS:
+                    yield (start, offset - start, first_line), rows
+                    start, first_line, rows = offset, number + 1, 0
+    if rows:
+        yield (start, offset - start, first_line), rows
 
 
 def _payloads(path: Path, display: str, key: str) -> Iterator[tuple[Any, int]]:

@@ -214,7 +214,7 @@ def _score_pool(cfg: SelectConfig, scorer: Scorer, files: list[Path], work: Path
     problem = None
     try:
         chunks = iter_chunks(files, list(cfg.pool), key="select.pool",
-                             owner=(ranks.rank, ranks.world))
+                             owner=(ranks.rank, ranks.world), lazy=True)
         for result in score_chunks(scorer, chunks, processes=processes):
             if result.error is not None:
                 problem = f"select.pool: {result.error}"

@@ -48,6 +48,7 @@ class ChunkScores:
 
 
 def score_chunk(scorer: Scorer, chunk: Chunk) -> ChunkScores:
+    chunk.load()
     texts: list[str] = []
     labels: Counter = Counter()
     for position, payload in enumerate(chunk.payloads):
