@@ -17,6 +17,7 @@ import pytest
 from peftune.select import SelectConfig, kl_reduction, run_select
 from peftune.select.dsir import choose, gumbel_noise, split_k, top_k
 from peftune.select.ngrams import NgramHasher, sha256_bucket, word_punct
+from peftune.select.pool import CHUNK_ROWS
 from peftune.select.zipfit import ZipFitScorer, compressed_size, compressor_available, ncd
 
 
@@ -57,7 +58,10 @@ def mixture(tmp_path_factory) -> dict[str, Path]:
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
     target = root / "target.jsonl"
     target.write_text("".join(json.dumps({"text": t}) + "\n" for t in prose[250:850]))
-    return {"pool": pool, "target": target, "rows": rows}
+    # 2,850 rows: three chunks of rows, so that workers and ranks really split the pool.
+    big = root / "big.jsonl"
+    big.write_bytes(pool.read_bytes() * 3)
+    return {"pool": pool, "target": target, "rows": rows, "big": big}
 
 
 def _select(mixture, out: Path, **keys) -> dict:
@@ -210,9 +214,10 @@ def test_zipfit_prefers_the_target_domain(mixture, tmp_path):
 
 @pytest.mark.parametrize("method", ["dsir", "zipfit"])
 def test_num_proc_gives_identical_results(mixture, tmp_path, method):
-    keys = {"target_sample": 40} if method == "zipfit" else {}
-    _select(mixture, tmp_path / "one", method=method, num_proc=1, **keys)
-    _select(mixture, tmp_path / "two", method=method, num_proc=2, **keys)
+    keys = {"target_sample": 20} if method == "zipfit" else {}
+    big = {**mixture, "pool": mixture["big"]}
+    _select(big, tmp_path / "one", method=method, num_proc=1, **keys)
+    _select(big, tmp_path / "two", method=method, num_proc=2, **keys)
     for name in ("selected.jsonl", "scores.npy"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
@@ -220,14 +225,15 @@ def test_num_proc_gives_identical_results(mixture, tmp_path, method):
 def test_two_ranks_give_the_single_process_result(mixture, tmp_path):
     """Under torchrun with 2 CPU processes the ranks take disjoint shards; the merged
     per-rank top-k is exactly the one-process selection."""
-    args = ["select-data", "--method", "dsir", "--pool", str(mixture["pool"]), "--target",
+    assert 3 * len(mixture["rows"]) > 2 * CHUNK_ROWS  # both ranks get chunks
+    args = ["select-data", "--method", "dsir", "--pool", str(mixture["big"]), "--target",
             str(mixture["target"]), "--k", "150", "--label-field", "label", "--quiet"]
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "peftune.cli", *args, "--out", str(tmp_path / "ranks")],
         capture_output=True, text=True, timeout=180)
     assert launched.returncode == 0, launched.stderr[-2000:]
-    _select(mixture, tmp_path / "single")
+    _select({**mixture, "pool": mixture["big"]}, tmp_path / "single")
     assert json.loads((tmp_path / "ranks" / "report.json").read_text())["ranks"] == 2
     for name in ("selected.jsonl", "scores.npy"):
         assert (tmp_path / "ranks" / name).read_bytes() == \
