@@ -80,6 +80,9 @@ class PoolPass:
     labels: Counter = field(default_factory=Counter)
     chunks: list[tuple[int, int, int]] = field(default_factory=list)  # (chunk, first row, rows)
     scores: dict[int, np.ndarray] = field(default_factory=dict)  # chunk -> scores
+    # DSIR: chunk -> (first n-gram, n-grams, first row) in the spill files
+    spill: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    spilled: tuple[int, int] = (0, 0)  # n-grams and rows written so far
     seconds: float = 0.0
 
 
@@ -150,7 +153,8 @@ def run_select(cfg: SelectConfig, *, out: Path, overwrite: bool = False,
         if cfg.method == "dsir":
             log_ratios = _dsir_log_ratios(cfg, target_counts, raw_counts)
             for chunk, _, rows in scored.chunks:
-                scored.scores[chunk] = _dsir_chunk_weights(cfg, work, chunk, rows, log_ratios)
+                scored.scores[chunk] = _dsir_chunk_weights(cfg, work, scored.spill[chunk], rows,
+                                                           log_ratios)
         shares = dsir.split_k(cfg.k, cfg.target_weights) if cfg.target_weights else [cfg.k]
         gathered = ranks.gather((_propose(cfg, scored, shares), scored.rows, scored.labels,
                                  scored.length_hist, scored.scores))
@@ -182,7 +186,7 @@ def run_select(cfg: SelectConfig, *, out: Path, overwrite: bool = False,
             pool_lengths=length_summary(sum(g[3] for g in gathered)),
             selected_lengths=length_summary(written["length_hist"]),
             scores=scores, selected=selected, processes=processes, world=ranks.world)
-        for spill in work.glob("spill-*"):
+        for spill in work.glob("spill.*"):
             spill.unlink()
         np.save(work / "scores.npy", scores)
         (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -241,10 +245,15 @@ def _absorb(cfg: SelectConfig, scored: PoolPass, result: ChunkScores, work: Path
     if cfg.method == "zipfit":
         scored.scores[result.chunk] = result.scores
         return
-    # DSIR: a row's weight needs the whole pool's n-gram model, so its features wait on disk.
-    result.ids.tofile(work / f"spill-{result.chunk}.ids")
-    np.stack([result.sizes, result.words]).astype(np.int64).tofile(
-        work / f"spill-{result.chunk}.rows")
+    # DSIR: a row's weight needs the whole pool's n-gram model, so its features wait on disk,
+    # appended to two files (n-gram ids; per row, n-grams and words).
+    with (work / "spill.ids").open("ab") as sink:
+        result.ids.tofile(sink)
+    with (work / "spill.rows").open("ab") as sink:
+        np.stack([result.sizes, result.words], axis=1).astype(np.int64).tofile(sink)
+    grams, rows = scored.spilled
+    scored.spill[result.chunk] = (grams, len(result.ids), rows)
+    scored.spilled = (grams + len(result.ids), rows + result.rows)
 
 
 def _dsir_log_ratios(cfg: SelectConfig, target_counts: list[np.ndarray],
@@ -256,10 +265,15 @@ def _dsir_log_ratios(cfg: SelectConfig, target_counts: list[np.ndarray],
             for counts in models]
 
 
-def _dsir_chunk_weights(cfg: SelectConfig, work: Path, chunk: int, rows: int,
-                        log_ratios: list[np.ndarray]) -> np.ndarray:
-    ids = np.fromfile(work / f"spill-{chunk}.ids", dtype=bucket_dtype(cfg.buckets))
-    sizes, words = np.fromfile(work / f"spill-{chunk}.rows", dtype=np.int64).reshape(2, rows)
+def _dsir_chunk_weights(cfg: SelectConfig, work: Path, spilled: tuple[int, int, int],
+                        rows: int, log_ratios: list[np.ndarray]) -> np.ndarray:
+    first_gram, grams, first_row = spilled
+    dtype = np.dtype(bucket_dtype(cfg.buckets))
+    ids = np.fromfile(work / "spill.ids", dtype=dtype, count=grams,
+                      offset=first_gram * dtype.itemsize)
+    per_row = np.fromfile(work / "spill.rows", dtype=np.int64, count=2 * rows,
+                          offset=first_row * 16).reshape(rows, 2)
+    sizes, words = per_row[:, 0], per_row[:, 1]
     weights = np.stack([dsir.dsir_log_weights(ids, sizes, ratio,
                                               length_normalize=cfg.length_normalize)
                         for ratio in log_ratios], axis=1)
