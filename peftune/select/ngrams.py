@@ -153,16 +153,17 @@ class NgramHasher:
 
     def _word_ids(self, flat: list[str]) -> np.ndarray:
         vocab = self._vocab
-        found = list(map(vocab.get, flat))
-        if None in found:
-            new = [w for w in dict.fromkeys(flat) if w not in vocab]
-            start = len(self._words)
-            vocab.update(zip(new, range(start, start + len(new)), strict=True))
-            self._words += new
-            fresh = self._hash_many(new, self.buckets)
-            self._word_buckets = np.concatenate([self._word_buckets, fresh])
-            found = list(map(vocab.__getitem__, flat))
-        return np.array(found, dtype=np.int64)
+        try:  # most chunks bring no new word: straight into an array, no list in between
+            return np.fromiter(map(vocab.__getitem__, flat), dtype=np.int64, count=len(flat))
+        except KeyError:
+            pass
+        new = [w for w in dict.fromkeys(flat) if w not in vocab]
+        start = len(self._words)
+        vocab.update(zip(new, range(start, start + len(new)), strict=True))
+        self._words += new
+        self._word_buckets = np.concatenate([self._word_buckets,
+                                             self._hash_many(new, self.buckets)])
+        return np.fromiter(map(vocab.__getitem__, flat), dtype=np.int64, count=len(flat))
 
     def _pair_buckets_of(self, keys: np.ndarray) -> np.ndarray:
         """Buckets of packed word pairs. Known pairs live in a large sorted table plus a
