@@ -67,18 +67,18 @@ def select_data(
         help="target sample file (repeat for several)", show_default=False)] = None,
     k: Annotated[int | None, typer.Option("--k", "-k", help="rows to select")] = None,
     out: Annotated[str | None, typer.Option(help="output directory")] = None,
-    text_field: Annotated[str | None, typer.Option(help="field scored [default: text]")] = None,
-    seed: Annotated[int | None, typer.Option(help="sampling seed [default: 0]")] = None,
+    text_field: Annotated[str | None, typer.Option(help="field scored (default text)")] = None,
+    seed: Annotated[int | None, typer.Option(help="sampling seed (default 0)")] = None,
     num_proc: Annotated[int | None, typer.Option(
-        help="worker processes, 0 = every core [default: 1]")] = None,
+        help="worker processes, 0 = every core (default 1)")] = None,
     label_field: Annotated[str | None, typer.Option(
         help="count selected rows per value of this field")] = None,
     min_length: Annotated[int | None, typer.Option(
-        help="skip rows with fewer word-punct tokens [default: 0]")] = None,
+        help="skip rows with fewer word-punct tokens (default 0)")] = None,
     sampling: Annotated[str | None, typer.Option(
-        help="dsir: gumbel (importance resampling) or top_k [default: gumbel]")] = None,
+        help="dsir: gumbel (importance resampling) or top_k (default gumbel)")] = None,
     compressor: Annotated[str | None, typer.Option(
-        help="zipfit: gzip, zlib, lz4 or zstd [default: gzip]")] = None,
+        help="zipfit: gzip, zlib, lz4 or zstd (default gzip)")] = None,
     level: Annotated[int | None, typer.Option(help="zipfit: compression level")] = None,
     target_sample: Annotated[int | None, typer.Option(
         help="zipfit: score against N random targets (an approximation)")] = None,
@@ -101,8 +101,9 @@ def select_data(
 
 
 def _recipe_and_overrides(args: list[str]) -> tuple[Path | None, list[str]]:
-    """The first argument is a recipe unless it is a KEY=VALUE override."""
-    if args and "=" not in args[0]:
+    """The first argument is a recipe if it is a file or does not look like KEY=VALUE."""
+    if args and ("=" not in args[0] or Path(args[0]).is_file()
+                 or args[0].endswith((".yaml", ".yml"))):
         return Path(args[0]), args[1:]
     return None, args
 

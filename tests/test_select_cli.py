@@ -155,3 +155,48 @@ def test_training_recipe_rejects_bad_select_keys(files, tiny_model_dir, tmp_path
     assert result.returncode == 2
     assert "data.select.pool: the pool of data.select is data.train" in result.stderr
     assert "data.select.compresor: unknown key (did you mean compressor?)" in result.stderr
+
+
+def test_more_bad_input_is_one_line(files, tmp_path):
+    recipe = tmp_path / "s.yaml"
+    recipe.write_text("select: 5\n")
+    result = _cli("select-data", recipe, "--k", "3")
+    assert result.returncode == 2 and "select: expected a mapping" in result.stderr
+    result = _cli(*_base(files, "--seed", "-1"))
+    assert result.returncode == 2 and "--seed: select.seed: must be >= 0" in result.stderr
+    result = _cli(*_base({**files, "out": "/proc/peftune-no/out"}))
+    assert result.returncode == 2 and "cannot write beside" in result.stderr
+    nested = tmp_path / "new1" / "new2" / "out"
+    result = _cli(*_base({**files, "out": nested}, "--k", "5000"))
+    assert result.returncode == 2 and not (tmp_path / "new1").exists()
+    empty_target = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": "   "}])
+    result = _cli(*_base({**files, "target": empty_target}))
+    assert result.returncode == 2 and "blank.jsonl has only empty texts" in result.stderr
+    result = _cli(*_base(files, "--quiet"))
+    assert result.returncode == 0
+    result = _cli(*_base({**files, "out": "."}, "--overwrite"), cwd=files["out"])
+    assert result.returncode == 2 and "is the current directory" in result.stderr
+    assert (files["out"] / "selected.jsonl").is_file()
+
+
+def test_empty_and_bad_rows_are_never_selected(tmp_path, files):
+    rows = [json.loads(line) for line in files["pool"].read_text().splitlines()]
+    rows += [{"text": ""}, {"text": "   "}, {"text": "caf\ud800 latin"}, {"body": "no text"}]
+    pool = write_jsonl(tmp_path / "holes.jsonl", rows)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + files["pool"].read_bytes())
+    result = _cli(*_base({**files, "pool": pool}, "select.on_bad_row=skip", "--k", "80",
+                         "--sampling", "top_k", "--pool", bom, "--quiet"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((files["out"] / "report.json").read_text())
+    assert report["skipped_rows"] == 1 and report["eligible"] == 2 * 80 + 1
+    written = (files["out"] / "selected.jsonl").read_bytes().splitlines()
+    assert all(json.loads(line).get("text", "").strip() for line in written)
+    assert not any(line.startswith(b"\xef\xbb\xbf") for line in written)
+
+
+def test_zero_target_weight_gets_no_rows():
+    from peftune.select.dsir import split_k
+
+    assert split_k(3, [1, 1, 0]) == [1, 2, 0]
+    assert split_k(10, [1, 0, 1]) == [5, 0, 5]

@@ -85,18 +85,25 @@ def check_format_setup(cfg: DataSection, tokenizer: Any) -> None:
                          "has none; use a chat model's tokenizer, or data.format: instruction "
                          "(prompt/response fields) or text")
     if cfg.format == "instruction":
-        allowed = {"prompt", "input"} if cfg.input_field else {"prompt"}
-        try:
-            names = {name for _, name, _, _ in string.Formatter().parse(cfg.prompt_template)
-                     if name is not None}
-        except ValueError as exc:
-            raise InputError(f"data.prompt_template: {exc}; "
-                             "write a literal brace as {{ or }}") from None
-        unknown = sorted(names - allowed)
-        if unknown:
-            hint = "" if cfg.input_field else " (and {input} with data.input_field set)"
-            raise InputError(f"data.prompt_template: unknown placeholder {{{unknown[0]}}}; "
-                             f"use {{prompt}}{hint}; write a literal brace as {{{{ or }}}}")
+        problem = prompt_template_problem(cfg.prompt_template, cfg.input_field)
+        if problem:
+            raise InputError(f"data.prompt_template: {problem}")
+
+
+def prompt_template_problem(template: str, input_field: str | None) -> str | None:
+    """What is wrong with an instruction prompt template, or None."""
+    allowed = {"prompt", "input"} if input_field else {"prompt"}
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template)
+                 if name is not None}
+    except ValueError as exc:
+        return f"{exc}; write a literal brace as {{{{ or }}}}"
+    unknown = sorted(names - allowed)
+    if unknown:
+        hint = "" if input_field else " (and {input} with input_field set)"
+        return (f"unknown placeholder {{{unknown[0]}}}; use {{prompt}}{hint}; write a literal "
+                "brace as {{ or }}")
+    return None
 
 
 def require_field(row: dict[str, Any], name: str) -> Any:
@@ -145,7 +152,7 @@ def chat_format(row: dict[str, Any], cfg: DataSection, tokenizer: Any) -> Segmen
     prompt must be a prefix of messages[:i+1], which must be a prefix of the whole chat.
     The template's own end markers close each turn (and are targets), so data.add_eos and
     BOS do not apply: a template that wants BOS writes it into the text."""
-    messages = _messages(row, cfg.messages_field)
+    messages = chat_messages(row, cfg.messages_field)
 
     def render(upto: int, generation_prompt: bool) -> str:
         try:
@@ -175,7 +182,7 @@ def chat_format(row: dict[str, Any], cfg: DataSection, tokenizer: Any) -> Segmen
     return Segments([part for part in parts if part[0]], bos=False, eos=False)
 
 
-def _messages(row: dict[str, Any], name: str) -> list[dict[str, Any]]:
+def chat_messages(row: dict[str, Any], name: str) -> list[dict[str, Any]]:
     messages = require_field(row, name)
     if isinstance(messages, str):  # CSV cells hold the conversation as JSON text
         try:

@@ -82,6 +82,9 @@ def load_select(path: str | Path | None, overrides: Sequence[str] = (),
         problems += _apply_override(data, where, override, number)
     section = data.setdefault("select", {})
     where.setdefault(("select",), where[()])
+    if not isinstance(section, dict):
+        raise InputError(f"{locate(('select',), where).text}: select: expected a mapping of "
+                         f"keys (method:, pool:, k:, ...), got {show(section)}")
     for number, (key, value) in enumerate((flags or {}).items()):
         if value is None or value == []:
             continue
@@ -93,8 +96,10 @@ def load_select(path: str | Path | None, overrides: Sequence[str] = (),
             where[sub] = at
     extra = sorted(set(data) - {"select"})
     if extra:
+        hint = (f" (did you mean select.{extra[0]}?)"
+                if extra[0] in SelectConfig.model_fields else "")
         problems.append(Problem(locate((extra[0],), where), (extra[0],),
-                                "a selection recipe has only a select: section"))
+                                f"a selection recipe has only a select: section{hint}"))
     config = None
     try:
         config = SelectConfig.model_validate(section)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from peftune.data.formats import prompt_template_problem
 from peftune.recipe.schema import Section
 
 DSIR_KEYS = frozenset({"buckets", "ngrams", "hash", "pseudo_count", "target_weights",
@@ -44,7 +45,7 @@ class SelectConfig(Section):
     target: list[str] = Field(default_factory=list, description="files of the target sample")
     k: int = Field(gt=0, description="how many pool rows to keep")
     out: str | None = Field(default=None, description="output directory")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     num_proc: int = Field(default=1, ge=0, description="worker processes; 0 = every core")
     # What text is scored: `text_field` as is (format text), or the whole example rendered
     # (format instruction: prompt template + response; chat: one `role: content` line each).
@@ -60,6 +61,8 @@ class SelectConfig(Section):
     label_field: str | None = Field(default=None, description="count selected rows per label")
     min_length: int = Field(default=0, ge=0,
                             description="skip pool rows with fewer word-punct tokens")
+    on_bad_row: Literal["error", "skip"] = Field(
+        default="error", description="a pool row that cannot be read: stop, or leave it out")
 
     # DSIR
     buckets: int = Field(default=10_000, ge=2, le=2**32)
@@ -76,6 +79,14 @@ class SelectConfig(Section):
     compressor: Literal["gzip", "zlib", "lz4", "zstd"] = "gzip"
     level: int | None = None
     target_sample: int | None = Field(default=None, gt=0)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, value: str, info: ValidationInfo) -> str:
+        problem = prompt_template_problem(value, info.data.get("input_field"))
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("pool", "target", mode="before")
     @classmethod

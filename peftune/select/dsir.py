@@ -80,10 +80,12 @@ def top_k(keys: np.ndarray, k: int) -> np.ndarray:
 
 
 def split_k(k: int, weights: list[float]) -> list[int]:
-    """k split by proportions as the reference does: floor each share, remainder to the last."""
+    """k split by proportions as the reference does: floor each share, the remainder to the
+    last target with a positive weight (a weight of 0 gets no rows)."""
     weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
     shares = [int(k * w) for w in weights]
-    shares[-1] += k - sum(shares)
+    last = int(np.flatnonzero(weights > 0)[-1])
+    shares[last] += k - sum(shares)
     return shares
 
 

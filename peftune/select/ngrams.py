@@ -48,11 +48,12 @@ def ngram_strings(words: Sequence[str], ngrams: int = 2) -> list[str]:
 
 def sha256_bucket(gram: str, buckets: int) -> int:
     """The reference package's bucket: `int(sha256(gram).hexdigest(), 16) % buckets`."""
-    return int.from_bytes(hashlib.sha256(gram.encode("utf-8")).digest(), "big") % buckets
+    return int.from_bytes(hashlib.sha256(gram.encode("utf-8", "surrogatepass")).digest(),
+                          "big") % buckets
 
 
 def crc32_bucket(gram: str, buckets: int) -> int:
-    return zlib.crc32(gram.encode("utf-8")) % buckets
+    return zlib.crc32(gram.encode("utf-8", "surrogatepass")) % buckets
 
 
 HASHES: dict[str, Callable[[str, int], int]] = {"sha256": sha256_bucket, "crc32": crc32_bucket}
@@ -64,7 +65,7 @@ def sha256_buckets(grams: list[str], buckets: int) -> np.ndarray:
     if not grams:
         return np.zeros(0, dtype=np.int64)
     digests = b"".join(map(methodcaller("digest"),
-                           map(hashlib.sha256, map(methodcaller("encode", "utf-8"), grams))))
+                           map(hashlib.sha256, map(methodcaller("encode", "utf-8", "surrogatepass"), grams))))
     limbs = np.frombuffer(digests, dtype=">u8").reshape(-1, 4).astype(np.uint64)
     if buckets > 1 << 32:
         return np.array([sha256_bucket(g, buckets) for g in grams], dtype=np.int64)
@@ -77,7 +78,7 @@ def sha256_buckets(grams: list[str], buckets: int) -> np.ndarray:
 
 
 def crc32_buckets(grams: list[str], buckets: int) -> np.ndarray:
-    crcs = np.fromiter(map(zlib.crc32, map(methodcaller("encode", "utf-8"), grams)),
+    crcs = np.fromiter(map(zlib.crc32, map(methodcaller("encode", "utf-8", "surrogatepass"), grams)),
                        dtype=np.int64, count=len(grams))
     return crcs % buckets
 

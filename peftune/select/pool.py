@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftune.data.formats import RowError, string_field
+from peftune.data.formats import RowError, chat_messages, instruction_format, string_field
 from peftune.data.sources import iter_rows, json_type, resolve_source
 from peftune.errors import InputError
 from peftune.select.config import SelectConfig
@@ -54,26 +54,17 @@ class TextRule:
             return f"field '{self.text_field}'"
         return f"the {self.format} example rendered as text"
 
+    add_eos = False  # read by the instruction format, which renders the same text as training
+
     def text(self, row: dict[str, Any]) -> str:
-        """The scored text of a row, or RowError."""
+        """The scored text of a row, or RowError: rows are read by the same rules as in
+        training (`peftune.data.formats`), chat turns rendered as `role: content` lines."""
         if self.format == "text":
             return string_field(row, self.text_field, allow_empty=True)
         if self.format == "instruction":
-            values = {"prompt": string_field(row, self.prompt_field)}
-            if self.input_field:
-                values["input"] = string_field(row, self.input_field, allow_empty=True)
-            return self.prompt_template.format(**values) + string_field(row, self.response_field)
-        messages = row.get(self.messages_field)
-        if not isinstance(messages, list):
-            raise RowError(f"expected a list of messages, got {json_type(messages)}",
-                           self.messages_field)
-        lines = []
-        for turn in messages:
-            if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
-                raise RowError("each message must be an object with a string 'content'",
-                               self.messages_field)
-            lines.append(f"{turn.get('role', 'user')}: {turn['content']}")
-        return "\n".join(lines)
+            return "".join(part for part, _ in instruction_format(row, self, None).parts)
+        messages = chat_messages(row, self.messages_field)
+        return "\n".join(f"{turn['role']}: {turn['content']}" for turn in messages)
 
 
 @dataclass
@@ -208,8 +199,13 @@ def parse_payload(payload: Any) -> dict[str, Any]:
 def output_line(payload: Any) -> bytes:
     """A selected row as written: the JSONL line unchanged, or the row as one JSON object."""
     if isinstance(payload, bytes):
-        return payload if payload.endswith(b"\n") else payload + b"\n"
-    return (json.dumps(payload, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        line = payload.removeprefix(_BOM)  # a file's byte-order mark is not part of its row
+        return line if line.endswith(b"\n") else line + b"\n"
+    text = json.dumps(payload, ensure_ascii=False, default=str)
+    try:
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: write it escaped, as JSON allows
+        return (json.dumps(payload, default=str) + "\n").encode("utf-8")
 
 
 def read_texts(files: list[Path], displays: list[str], rule: TextRule, *,

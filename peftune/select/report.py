@@ -41,14 +41,18 @@ def build_report(cfg: SelectConfig, *, pool_rows: int, target_rows: list[int],
                  zipfit_targets: int | None, timings: dict[str, float], kl: dict[str, float],
                  pool_labels: Counter, selected_labels: Counter, pool_lengths: dict,
                  selected_lengths: dict, scores: np.ndarray, selected: np.ndarray,
-                 processes: int, world: int) -> dict[str, Any]:
+                 processes: int, world: int, skipped_rows: int = 0) -> dict[str, Any]:
+    """The report; with several weighted DSIR targets, `scores` summarises the first
+    target's column of scores.npy."""
     first = scores.reshape(len(scores), -1)[:, 0]
+    eligible = int(np.isfinite(first).sum())
     chosen = first[selected]
     report: dict[str, Any] = {
         "method": cfg.method,
         "k": int(len(selected)),
         "pool_size": pool_rows,
-        "eligible": int(np.isfinite(first).sum()),
+        "eligible": eligible,
+        "skipped_rows": skipped_rows,
         "pool": list(cfg.pool),
         "target": [{"file": f, "rows": n} for f, n in zip(cfg.target, target_rows, strict=False)],
         "seed": cfg.seed,
@@ -57,7 +61,7 @@ def build_report(cfg: SelectConfig, *, pool_rows: int, target_rows: list[int],
         "processes": processes,
         "ranks": world,
         "timings": {name: round(seconds, 4) for name, seconds in timings.items()},
-        "docs_per_s": pool_rows / max(timings["score"], 1e-9),
+        "docs_per_s": round(pool_rows / max(timings["score"], 1e-9), 1),
         "kl": {**kl, "features": f"hashed {cfg.ngrams}-grams, {cfg.buckets} buckets, "
                                  f"{cfg.hash}",
                "smoothing": f"Laplace, {ALPHA:g} count added per bucket, for all distributions"},
@@ -68,9 +72,10 @@ def build_report(cfg: SelectConfig, *, pool_rows: int, target_rows: list[int],
                     "selected": selected_lengths},
     }
     if zipfit_targets is not None:
-        pairs = pool_rows * zipfit_targets
+        pairs = eligible * zipfit_targets  # rows below min_length are not compressed
         report["zipfit_targets"] = zipfit_targets
-        report["pairs_per_s"] = pairs / max(timings["score"], 1e-9)
+        report["pairs"] = pairs
+        report["pairs_per_s"] = round(pairs / max(timings["score"], 1e-9), 1)
     if cfg.label_field is not None:
         report["labels"] = {"field": cfg.label_field, "pool": dict(pool_labels.most_common()),
                             "selected": dict(selected_labels.most_common())}
@@ -83,14 +88,20 @@ def _finite(value: float) -> float | None:
 
 def select_yaml(cfg: SelectConfig) -> str:
     """The resolved `select:` block, runnable again with `peftune select-data FILE`."""
+    from peftune.recipe.loader import _RecipeDumper
+
     foreign = ZIPFIT_KEYS if cfg.method == "dsir" else DSIR_KEYS
     values = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in foreign}
-    return yaml.safe_dump({"select": values}, sort_keys=False)
+    header = ("# The resolved settings of this selection (paths relative to where it ran).\n"
+              "# Run again with: peftune select-data select.yaml select.out=NEW_DIR\n")
+    return header + yaml.dump({"select": values}, Dumper=_RecipeDumper, sort_keys=False,
+                              allow_unicode=True, width=100)
 
 
 def plot_scores(path: Path, scores: np.ndarray, selected: np.ndarray, cfg: SelectConfig) -> None:
-    """Histogram of every row's score with the selected rows' scores over it, and the length
-    distribution of the selection against the pool's."""
+    """Histogram of every row's score (first target's, with several weighted targets) with
+    the selected rows' scores over it. The range leaves out the lowest 0.1% of scores, which
+    would otherwise squeeze the interesting part into a few bins; the title counts them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,6 +111,11 @@ def plot_scores(path: Path, scores: np.ndarray, selected: np.ndarray, cfg: Selec
     finite = first[np.isfinite(first)]
     chosen = first[selected]
     fig, ax = plt.subplots(figsize=(7.5, 4), dpi=110)
+    low = float(np.quantile(finite, 0.001)) if len(finite) else 0.0
+    if len(chosen) and np.isfinite(chosen).any():
+        low = min(low, float(np.nanmin(chosen)))
+    hidden = int((finite < low).sum())
+    finite = finite[finite >= low]
     bins = np.histogram_bin_edges(finite, bins=60) if len(finite) else 10
     ax.hist(finite, bins=bins, color="tab:gray", alpha=0.6, label=f"pool ({len(finite):,} rows)")
     ax.hist(chosen[np.isfinite(chosen)], bins=bins, color="tab:blue", alpha=0.8,
@@ -116,6 +132,8 @@ def plot_scores(path: Path, scores: np.ndarray, selected: np.ndarray, cfg: Selec
     title = f"{cfg.method}: k={len(chosen):,} of {len(first):,}"
     if cfg.method == "dsir" and cfg.sampling == "gumbel":
         title += " (Gumbel sampling: no hard threshold)"
+    if hidden:
+        title += f"\n{hidden:,} pool rows below {low:.4g} not shown"
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -189,8 +207,14 @@ class Reporter:
             table.add_row("median length", f"{lengths['selected']['p50']} words selected, "
                                            f"{lengths['pool']['p50']} in the pool")
         if "labels" in report:
-            mix = ", ".join(f"{label} {n:,}" for label, n in
-                            list(report["labels"]["selected"].items())[:6])
+            pool, k = report["labels"]["pool"], max(report["k"], 1)
+            total = max(sum(pool.values()), 1)
+            mix = ", ".join(f"{label} {n:,} ({n / k:.0%}; pool {pool.get(label, 0) / total:.0%})"
+                            for label, n in list(report["labels"]["selected"].items())[:5])
             table.add_row("labels", mix)
-        table.add_row("output", f"{out}/selected.jsonl, scores.npy, report.json, scores.png")
-        Console().print(table)
+        if report.get("skipped_rows"):
+            table.add_row("skipped", f"{report['skipped_rows']:,} bad rows (on_bad_row: skip)")
+        console = Console()
+        console.print(table)
+        console.print(f"wrote {out}/: selected.jsonl, scores.npy, report.json, scores.png, "
+                      "select.yaml", highlight=False, soft_wrap=True)

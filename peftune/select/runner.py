@@ -19,9 +19,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,22 +52,37 @@ from peftune.select.report import (
     plot_scores,
     select_yaml,
 )
-from peftune.select.scoring import ChunkScores, Scorer, label_of, score_chunks, worker_count
+from peftune.select.scoring import (
+    ChunkScores,
+    Scorer,
+    encode_text,
+    label_of,
+    score_chunks,
+    worker_count,
+)
 from peftune.select.zipfit import ZipFitScorer
 
 OUTPUT_FILES = ("selected.jsonl", "scores.npy", "report.json", "scores.png", "select.yaml")
 
 
-def check_out_dir(out: Path, *, overwrite: bool) -> None:
-    """Refuse a non-empty output directory, unless --overwrite and it holds a selection."""
+def check_out_dir(out: Path, *, overwrite: bool, key: str = "select.out") -> None:
+    """Refuse an output directory that is not a new or empty one, unless --overwrite and it
+    holds an earlier selection; never the current directory or one that contains it."""
+    out = Path(os.path.abspath(out))
+    if out.is_symlink() and not out.exists():
+        raise InputError(f"{key}: {out} is a link to nothing; choose another path")
     if out.exists() and not out.is_dir():
-        raise InputError(f"select.out: {out} exists and is not a directory; choose another path")
+        raise InputError(f"{key}: {out} exists and is not a directory; choose another path")
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise InputError(f"{key}: {out} is the current directory or contains it; choose a "
+                         "new directory for the selection")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise InputError(f"select.out: {out} is not empty; pass --overwrite to replace an "
+            raise InputError(f"{key}: {out} is not empty; pass --overwrite to replace an "
                              "earlier selection, or choose another directory")
         if not (out / "report.json").is_file():
-            raise InputError(f"select.out: {out} is not a selection output (no report.json); "
+            raise InputError(f"{key}: {out} is not a selection output (no report.json); "
                              "--overwrite only replaces earlier selections, choose another "
                              "directory")
 
@@ -83,6 +101,7 @@ class PoolPass:
     # DSIR: chunk -> (first n-gram, n-grams, first row) in the spill files
     spill: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     spilled: tuple[int, int] = (0, 0)  # n-grams and rows written so far
+    skipped: int = 0
     seconds: float = 0.0
 
 
@@ -108,43 +127,85 @@ class Ranks:
         return out
 
 
-def run_select(cfg: SelectConfig, *, out: Path, overwrite: bool = False,
-               quiet: bool = False) -> dict:
+def run_select(cfg: SelectConfig, *, out: Path, overwrite: bool = False, quiet: bool = False,
+               key: str = "select", pool_key: str | None = None) -> dict:
     """Select `cfg.k` rows of `cfg.pool` that resemble `cfg.target` and write them to `out`;
-    returns the report (an empty dict on ranks other than 0)."""
+    returns the report (an empty dict on ranks other than 0). `key` and `pool_key` name the
+    recipe keys in messages (`data.select`, `data.train` when a training recipe selects)."""
     started = time.perf_counter()
+    keys = _Keys(key, pool_key or f"{key}.pool")
+    out = Path(os.path.abspath(out))
+    check_out_dir(out, overwrite=overwrite, key=f"{key}.out")
+    pool_files = resolve_files(cfg.pool, keys.pool)
+    target_files = resolve_files(cfg.target, keys.target)
+    with _cleanup_on_sigterm():
+        return _run(cfg, out, keys, pool_files, target_files, quiet=quiet, started=started)
+
+
+@dataclass(frozen=True)
+class _Keys:
+    """The recipe keys that messages name."""
+
+    prefix: str
+    pool: str
+
+    @property
+    def target(self) -> str:
+        return f"{self.prefix}.target"
+
+    @property
+    def k(self) -> str:
+        return f"{self.prefix}.k"
+
+
+@contextmanager
+def _cleanup_on_sigterm():
+    """SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so the temporary output is
+    removed; the handler is only installed in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):  # noqa: ARG001 - the signal module's signature
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(cfg: SelectConfig, out: Path, keys: _Keys, pool_files: list[Path],
+         target_files: list[Path], *, quiet: bool, started: float) -> dict:
     ranks = Ranks()
-    check_out_dir(out, overwrite=overwrite)
-    pool_files = resolve_files(cfg.pool, "select.pool")
-    target_files = resolve_files(cfg.target, "select.target")
     reporter = Reporter(quiet=quiet or ranks.rank != 0)
     timings: dict[str, float] = {}
 
     tick = time.perf_counter()
-    target_texts = []
-    for path, shown in zip(target_files, cfg.target, strict=False):
-        texts = read_texts([path], [shown], TextRule.for_target(cfg), key="select.target")
-        if not texts:
-            raise InputError(f"select.target: {shown} has no rows; the target sample must "
-                             "hold at least one example of the text to select for")
-        target_texts.append(texts)
     # ZIP-FIT's KL reduction is measured on DSIR's default features, so it reads the same.
     hasher = NgramHasher(buckets=cfg.buckets, ngrams=cfg.ngrams, hash=cfg.hash)
-    target_counts = [hasher.counts(texts) for texts in target_texts]
+    target_texts, target_counts = [], []
+    for path, shown in zip(target_files, cfg.target, strict=True):
+        texts = read_texts([path], [shown], TextRule.for_target(cfg), key=keys.target)
+        counts = hasher.counts(texts)
+        if not texts or not counts.any():
+            what = "has no rows" if not texts else "has only empty texts"
+            raise InputError(f"{keys.target}: {shown} {what}; the target sample must hold at "
+                             "least one example of the text to select for")
+        target_texts.append(texts)
+        target_counts.append(counts)
     zipfit = _zipfit_scorer(cfg, target_texts) if cfg.method == "zipfit" else None
     timings["targets"] = time.perf_counter() - tick
 
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary dir
+    work, created = _make_work_dir(out, key=f"{keys.prefix}.out")
+    finished = False
     try:
         processes = worker_count(cfg.num_proc)
-        scorer = Scorer(TextRule.for_pool(cfg), hasher, cfg.label_field, cfg.min_length, zipfit)
+        scorer = Scorer(TextRule.for_pool(cfg), hasher, cfg.label_field, cfg.min_length, zipfit,
+                        skip_bad_rows=cfg.on_bad_row == "skip")
         reporter.start_pass(pool_files, processes=processes, world=ranks.world)
-        scored = _score_pool(cfg, scorer, pool_files, work, ranks, reporter,
+        scored = _score_pool(cfg, scorer, pool_files, work, ranks, reporter, keys,
                              processes=processes)
         timings["score"] = scored.seconds
 
@@ -157,10 +218,10 @@ def run_select(cfg: SelectConfig, *, out: Path, overwrite: bool = False,
                                                            log_ratios)
         shares = dsir.split_k(cfg.k, cfg.target_weights) if cfg.target_weights else [cfg.k]
         gathered = ranks.gather((_propose(cfg, scored, shares), scored.rows, scored.labels,
-                                 scored.length_hist, scored.scores))
+                                 scored.length_hist, scored.scores, scored.skipped))
         pool_rows = sum(g[1] for g in gathered)
         scores = _assemble([g[4] for g in gathered])
-        _check_k(cfg, scores, pool_rows)
+        _check_k(cfg, scores, pool_rows, keys)
         if ranks.rank != 0:
             return {}
         selected = _merge([g[0] for g in gathered], shares)
@@ -185,6 +246,7 @@ def run_select(cfg: SelectConfig, *, out: Path, overwrite: bool = False,
             selected_labels=written["labels"],
             pool_lengths=length_summary(sum(g[3] for g in gathered)),
             selected_lengths=length_summary(written["length_hist"]),
+            skipped_rows=sum(g[5] for g in gathered),
             scores=scores, selected=selected, processes=processes, world=ranks.world)
         for spill in work.glob("spill.*"):
             spill.unlink()
@@ -193,15 +255,18 @@ def run_select(cfg: SelectConfig, *, out: Path, overwrite: bool = False,
         plot_scores(work / "scores.png", scores, selected, cfg)
         (work / "select.yaml").write_text(select_yaml(cfg))
         _publish(work, out)
+        finished = True
         reporter.finish(report, out)
         return report
     finally:
         reporter.close()
         shutil.rmtree(work, ignore_errors=True)
+        if not finished and created is not None:
+            shutil.rmtree(created, ignore_errors=True)  # parents this run made, now empty
 
 
 def _zipfit_scorer(cfg: SelectConfig, target_texts: list[list[str]]) -> ZipFitScorer:
-    targets = [text.encode("utf-8") for texts in target_texts for text in texts]
+    targets = [encode_text(text) for texts in target_texts for text in texts]
     if cfg.target_sample is not None and cfg.target_sample < len(targets):
         # An approximation: the mean NCD over a random subset of the targets.
         keep = np.random.default_rng(cfg.seed).choice(len(targets), cfg.target_sample,
@@ -211,17 +276,17 @@ def _zipfit_scorer(cfg: SelectConfig, target_texts: list[list[str]]) -> ZipFitSc
 
 
 def _score_pool(cfg: SelectConfig, scorer: Scorer, files: list[Path], work: Path,
-                ranks: Ranks, reporter: Reporter, *, processes: int) -> PoolPass:
+                ranks: Ranks, reporter: Reporter, keys: _Keys, *, processes: int) -> PoolPass:
     """The scoring pass over this rank's chunks; a bad row on any rank stops every rank."""
     scored = PoolPass(raw_counts=np.zeros(scorer.hasher.buckets, dtype=np.int64))
     tick = time.perf_counter()
     problem = None
     try:
-        chunks = iter_chunks(files, list(cfg.pool), key="select.pool",
+        chunks = iter_chunks(files, list(cfg.pool), key=keys.pool,
                              owner=(ranks.rank, ranks.world), lazy=True)
         for result in score_chunks(scorer, chunks, processes=processes):
             if result.error is not None:
-                problem = f"select.pool: {result.error}"
+                problem = f"{keys.pool}: {result.error}"
                 break
             _absorb(cfg, scored, result, work)
             reporter.advance(result.rows, result.nbytes)
@@ -241,6 +306,7 @@ def _absorb(cfg: SelectConfig, scored: PoolPass, result: ChunkScores, work: Path
     scored.length_hist += np.bincount(np.minimum(result.words, LENGTH_CAP),
                                       minlength=LENGTH_CAP + 1)
     scored.labels.update(result.labels)
+    scored.skipped += result.skipped
     scored.chunks.append((result.chunk, result.first_row, result.rows))
     if cfg.method == "zipfit":
         scored.scores[result.chunk] = result.scores
@@ -277,7 +343,7 @@ def _dsir_chunk_weights(cfg: SelectConfig, work: Path, spilled: tuple[int, int, 
     weights = np.stack([dsir.dsir_log_weights(ids, sizes, ratio,
                                               length_normalize=cfg.length_normalize)
                         for ratio in log_ratios], axis=1)
-    weights[words < cfg.min_length] = np.nan
+    weights[words < max(cfg.min_length, 1)] = np.nan  # no words: nothing to weigh
     return weights if len(log_ratios) > 1 else weights[:, 0]
 
 
@@ -321,16 +387,20 @@ def _assemble(shards: list[dict[int, np.ndarray]]) -> np.ndarray:
         else np.zeros(0)
 
 
-def _check_k(cfg: SelectConfig, scores: np.ndarray, pool_rows: int) -> None:
+def _check_k(cfg: SelectConfig, scores: np.ndarray, pool_rows: int, keys: _Keys) -> None:
     files = ", ".join(cfg.pool)
+    if pool_rows == 0:
+        raise InputError(f"{keys.pool}: the pool has no rows ({files}); give files with at "
+                         "least k rows")
     if cfg.k > pool_rows:
-        raise InputError(f"select.k: k={cfg.k} is larger than the pool, which has "
+        raise InputError(f"{keys.k}: k={cfg.k} is larger than the pool, which has "
                          f"{pool_rows} rows ({files}); choose k <= {pool_rows}")
     eligible = int(np.isfinite(scores.reshape(len(scores), -1)[:, 0]).sum())
     if cfg.k > eligible:
-        raise InputError(f"select.k: k={cfg.k} is larger than the {eligible} of {pool_rows} "
-                         f"pool rows with at least min_length={cfg.min_length} words; lower "
-                         "k or min_length")
+        raise InputError(f"{keys.k}: k={cfg.k} is larger than the {eligible} of {pool_rows} "
+                         f"pool rows that can be selected (rows with at least "
+                         f"{max(cfg.min_length, 1)} word(s), not skipped as bad); lower k"
+                         + (" or min_length" if cfg.min_length > 1 else ""))
 
 
 def _random_rows(scores: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -345,8 +415,6 @@ def _write_selection(cfg: SelectConfig, files: list[Path], work: Path, selected:
                      random_rows: np.ndarray, hasher: NgramHasher) -> dict:
     """Second pass: the chosen rows unchanged, in pool order, and what the selection and the
     random baseline look like (n-gram counts, labels, lengths)."""
-    chosen = set(selected.tolist())
-    baseline = set(random_rows.tolist())
     rule = TextRule.for_pool(cfg)
     selected_counts = np.zeros(hasher.buckets, np.int64)
     random_counts = np.zeros(hasher.buckets, np.int64)
@@ -367,15 +435,16 @@ def _write_selection(cfg: SelectConfig, files: list[Path], work: Path, selected:
 
     with (work / "selected.jsonl").open("wb") as sink:
         for chunk in iter_chunks(files, list(cfg.pool), key="select.pool"):
-            for position, payload in enumerate(chunk.payloads):
-                row_index = chunk.first_row + position
-                if row_index not in chosen and row_index not in baseline:
-                    continue
+            end = chunk.first_row + len(chunk.payloads)
+            chosen = _rows_in(selected, chunk.first_row, end)
+            baseline = _rows_in(random_rows, chunk.first_row, end)
+            for position in sorted(chosen | baseline):
+                payload = chunk.payloads[position]
                 row = parse_payload(payload)
                 text = rule.text(row)
-                if row_index in baseline:
+                if position in baseline:
                     batches["random"].append(text)
-                if row_index in chosen:
+                if position in chosen:
                     sink.write(output_line(payload))
                     batches["selected"].append(text)
                     if cfg.label_field is not None:
@@ -384,6 +453,12 @@ def _write_selection(cfg: SelectConfig, files: list[Path], work: Path, selected:
     measure(final=True)
     return {"selected_counts": selected_counts, "random_counts": random_counts,
             "labels": labels, "length_hist": length_hist}
+
+
+def _rows_in(rows: np.ndarray, start: int, end: int) -> set[int]:
+    """Positions within [start, end) of the sorted global `rows`."""
+    lo, hi = np.searchsorted(rows, [start, end])
+    return set((rows[lo:hi] - start).tolist())
 
 
 def _target_mixture(cfg: SelectConfig, target_counts: list[np.ndarray]) -> np.ndarray:
@@ -397,10 +472,32 @@ def _target_mixture(cfg: SelectConfig, target_counts: list[np.ndarray]) -> np.nd
     return mix * total.sum()
 
 
+def _make_work_dir(out: Path, *, key: str) -> tuple[Path, Path | None]:
+    """A temporary directory beside `out`, and the first parent directory this run had to
+    create (removed again if the run fails), or None."""
+    created = next((p for p in reversed(out.parents) if not p.exists()), None)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as err:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise InputError(f"{key}: cannot write beside {out}: {err.strerror or err}; choose a "
+                         "directory you can write to") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary dir
+    return work, created
+
+
 def _publish(work: Path, out: Path) -> None:
-    """Move the finished files into `out` (created, or emptied when overwriting)."""
+    """Move the finished files into `out`: an earlier selection there is moved aside first
+    and removed only once the new one is in place."""
+    old = None
     if out.is_dir():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        old = out.with_name(f"{work.name}-old")
+        os.rename(out, old)
     os.rename(work, out)
     work.mkdir()  # the caller's cleanup removes this empty stand-in
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

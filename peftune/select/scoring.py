@@ -31,6 +31,12 @@ class Scorer:
     label_field: str | None = None
     min_length: int = 0
     zipfit: ZipFitScorer | None = None
+    skip_bad_rows: bool = False
+
+    @property
+    def shortest(self) -> int:
+        """Rows with fewer words are never selected: at least one word, and min_length."""
+        return max(self.min_length, 1)
 
 
 @dataclass
@@ -43,6 +49,7 @@ class ChunkScores:
     sizes: np.ndarray  # n-grams per row
     scores: np.ndarray | None = None  # ZIP-FIT only; NaN where a row is below min_length
     labels: Counter = field(default_factory=Counter)
+    skipped: int = 0  # bad rows left out (on_bad_row: skip)
     nbytes: int = 0  # bytes of the JSONL lines read, for progress
     error: str | None = None  # "file:line: problem" of the chunk's first bad row
 
@@ -51,25 +58,38 @@ def score_chunk(scorer: Scorer, chunk: Chunk) -> ChunkScores:
     chunk.load()
     texts: list[str] = []
     labels: Counter = Counter()
+    skipped = 0
     for position, payload in enumerate(chunk.payloads):
         try:
             row = parse_payload(payload)
-            texts.append(scorer.rule.text(row))
-            if scorer.label_field is not None:
-                labels[label_of(row, scorer.label_field)] += 1
+            text = scorer.rule.text(row)
+            label = label_of(row, scorer.label_field) if scorer.label_field else None
         except RowError as err:
+            if scorer.skip_bad_rows and not err.fatal:
+                texts.append("")  # no words: never selected, never written
+                skipped += 1
+                continue
             empty = np.zeros(0, dtype=np.int64)
             return ChunkScores(chunk.index, chunk.first_row, len(chunk.payloads), empty,
                                empty, empty, error=f"{chunk.location(position)}: {err.message}")
+        texts.append(text)
+        if label is not None:
+            labels[label] += 1
     ids, sizes, words = scorer.hasher.featurize(texts)
     out = ChunkScores(chunk.index, chunk.first_row, len(texts), words, ids, sizes,
-                      labels=labels, nbytes=chunk.nbytes)
+                      labels=labels, skipped=skipped, nbytes=chunk.nbytes)
     if scorer.zipfit is not None:
-        keep = words >= scorer.min_length
+        keep = words >= scorer.shortest
         out.scores = np.full(len(texts), np.nan)
-        docs = [text.encode("utf-8") for text, ok in zip(texts, keep, strict=False) if ok]
+        docs = [encode_text(text) for text, ok in zip(texts, keep, strict=True) if ok]
         out.scores[keep] = scorer.zipfit.scores(docs)
     return out
+
+
+def encode_text(text: str) -> bytes:
+    """UTF-8 bytes of a text; a lone surrogate (valid in JSON, not in UTF-8) is kept as its
+    three bytes rather than failing the run."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 def label_of(row: dict, name: str) -> str:

@@ -15,7 +15,7 @@ from peftune.select.config import SelectConfig
 
 SELECT_FORMAT_VERSION = 1  # bumped whenever the same inputs would select other rows
 _INHERITED = ("format", "text_field", "prompt_field", "input_field", "response_field",
-              "messages_field", "prompt_template")
+              "messages_field", "prompt_template", "on_bad_row")
 _NOT_IN_KEY = frozenset({"pool", "target", "out", "num_proc"})
 
 
@@ -51,7 +51,7 @@ def select_for_training(data: DataSection, *, quiet: bool = False) -> tuple[Data
         report = json.loads(report_path.read_text())
         report["cached"] = True
     else:
-        report = run_select(cfg, out=out, quiet=quiet)
+        report = run_select(cfg, out=out, quiet=quiet, key="data.select", pool_key="data.train")
         report["cached"] = False
     report["dir"] = str(out)
     selected = data.model_copy(update={"train": str(out / "selected.jsonl"), "select": None})
