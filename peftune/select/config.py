@@ -10,7 +10,7 @@ Torch-free.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -56,6 +56,7 @@ class SelectConfig(Section):
     response_field: str = "response"
     messages_field: str = "messages"
     prompt_template: str = "{prompt}\n"
+    add_eos: ClassVar[bool] = False  # read by the instruction format; no EOS is scored
     target_text_field: str | None = Field(
         default=None, description="score this field of the target rows (default: as the pool)")
     label_field: str | None = Field(default=None, description="count selected rows per label")

@@ -28,42 +28,30 @@ CHUNK_ROWS = 1024  # fixed, so chunk boundaries (and every result) never depend 
 
 @dataclass(frozen=True)
 class TextRule:
-    """Which text of a row is scored: a field as is, or the example rendered."""
+    """Which text of a row is scored, read from a config with the data section's text keys
+    (`format`, `text_field`, `prompt_field`, ...): a field as is (format text), or the
+    example rendered as training renders it, chat turns as `role: content` lines."""
 
-    format: str = "text"
-    text_field: str = "text"
-    prompt_field: str = "prompt"
-    input_field: str | None = None
-    response_field: str = "response"
-    messages_field: str = "messages"
-    prompt_template: str = "{prompt}\n"
+    keys: Any  # a SelectConfig
 
     @classmethod
     def for_pool(cls, cfg: SelectConfig) -> TextRule:
-        return cls(cfg.format, cfg.text_field, cfg.prompt_field, cfg.input_field,
-                   cfg.response_field, cfg.messages_field, cfg.prompt_template)
+        return cls(cfg)
 
     @classmethod
     def for_target(cls, cfg: SelectConfig) -> TextRule:
-        if cfg.target_text_field is not None:
-            return cls("text", cfg.target_text_field)
-        return cls.for_pool(cfg)
-
-    def describe(self) -> str:
-        if self.format == "text":
-            return f"field '{self.text_field}'"
-        return f"the {self.format} example rendered as text"
-
-    add_eos = False  # read by the instruction format, which renders the same text as training
+        if cfg.target_text_field is None:
+            return cls(cfg)
+        return cls(cfg.model_copy(update={"format": "text", "text_field": cfg.target_text_field}))
 
     def text(self, row: dict[str, Any]) -> str:
-        """The scored text of a row, or RowError: rows are read by the same rules as in
-        training (`peftune.data.formats`), chat turns rendered as `role: content` lines."""
-        if self.format == "text":
-            return string_field(row, self.text_field, allow_empty=True)
-        if self.format == "instruction":
-            return "".join(part for part, _ in instruction_format(row, self, None).parts)
-        messages = chat_messages(row, self.messages_field)
+        """The scored text of a row, or RowError (the rules of `peftune.data.formats`)."""
+        keys = self.keys
+        if keys.format == "text":
+            return string_field(row, keys.text_field, allow_empty=True)
+        if keys.format == "instruction":
+            return "".join(part for part, _ in instruction_format(row, keys, None).parts)
+        messages = chat_messages(row, keys.messages_field)
         return "\n".join(f"{turn['role']}: {turn['content']}" for turn in messages)
 
 
