@@ -63,8 +63,6 @@ from peftune.select.scoring import (
 )
 from peftune.select.zipfit import ZipFitScorer
 
-OUTPUT_FILES = ("selected.jsonl", "scores.npy", "report.json", "scores.png", "select.yaml")
-
 
 @dataclass
 class PoolPass:
@@ -184,6 +182,7 @@ def _run(cfg: SelectConfig, out: Path, keys: _Keys, pool_files: list[Path],
         scores = _assemble([g[4] for g in gathered])
         _check_k(cfg, scores, pool_rows, keys)
         if ranks.rank != 0:
+            finished = True  # rank 0 writes the output, possibly into parents this rank made
             return {}
         selected = _merge([g[0] for g in gathered], shares)
         timings["select"] = time.perf_counter() - tick
@@ -199,7 +198,14 @@ def _run(cfg: SelectConfig, out: Path, keys: _Keys, pool_files: list[Path],
               "target_vs_random": kl_divergence(target_mix, written["random_counts"])}
         kl["reduction"] = kl["target_vs_raw"] - kl["target_vs_selected"]
         kl["random_reduction"] = kl["target_vs_raw"] - kl["target_vs_random"]
-        timings["total"] = time.perf_counter() - started
+        tick = time.perf_counter()
+        for spill in work.glob("spill.*"):
+            spill.unlink()
+        np.save(work / "scores.npy", scores)
+        plot_scores(work / "scores.png", scores, selected, cfg)
+        (work / "select.yaml").write_text(select_yaml(cfg))
+        timings["outputs"] = time.perf_counter() - tick
+        timings["total"] = time.perf_counter() - started  # everything but report.json itself
         report = build_report(
             cfg, pool_rows=pool_rows, target_rows=[len(t) for t in target_texts],
             zipfit_targets=len(zipfit.targets) if zipfit else None, timings=timings, kl=kl,
@@ -209,12 +215,7 @@ def _run(cfg: SelectConfig, out: Path, keys: _Keys, pool_files: list[Path],
             selected_lengths=length_summary(written["length_hist"]),
             skipped_rows=sum(g[5] for g in gathered),
             scores=scores, selected=selected, processes=processes, world=ranks.world)
-        for spill in work.glob("spill.*"):
-            spill.unlink()
-        np.save(work / "scores.npy", scores)
         (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        plot_scores(work / "scores.png", scores, selected, cfg)
-        (work / "select.yaml").write_text(select_yaml(cfg))
         publish(work, out)
         finished = True
         reporter.finish(report, out)
