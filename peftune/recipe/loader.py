@@ -72,6 +72,7 @@ def load_select(path: str | Path | None, overrides: Sequence[str] = (),
     overrides, then command-line flags (each becomes `select.<key>`), validated as one
     SelectConfig with every problem reported at once, located in the file or at the flag."""
     from peftune.select.config import SelectConfig
+
     if path is not None:
         shown = str(path)
         data, where, problems = _read_yaml(Path(path), shown, order=0)
