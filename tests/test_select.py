@@ -295,3 +295,19 @@ def test_report_plot_and_resolved_config(mixture, tmp_path):
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "again/selected.jsonl").read_bytes() == \
         (out / "selected.jsonl").read_bytes()
+
+
+def test_a_bad_row_on_one_rank_stops_every_rank_with_its_line(mixture, tmp_path):
+    lines = mixture["big"].read_bytes().splitlines(keepends=True)
+    lines[CHUNK_ROWS + 5] = b'{"body": "no text"}\n'  # in chunk 1: rank 1's share
+    pool = tmp_path / "bad.jsonl"
+    pool.write_bytes(b"".join(lines))
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "peftune.cli", "select-data", "--method", "dsir", "--pool", str(pool),
+         "--target", str(mixture["target"]), "--k", "10", "--out", str(tmp_path / "out"),
+         "--quiet"], capture_output=True, text=True, timeout=180)
+    expected = (f"error: select.pool: {pool}:{CHUNK_ROWS + 6}: missing field; the row has: "
+                "body (field 'text')")
+    assert launched.stderr.count(expected) == 2, launched.stderr[-2000:]  # both ranks
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
