@@ -313,3 +313,12 @@ def test_a_bad_row_on_one_rank_stops_every_rank_with_its_line(mixture, tmp_path)
     assert launched.stderr.count(expected) >= 1, launched.stderr[-2000:]
     assert "exitcode  : 2" in launched.stderr or "exitcode: 2" in launched.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_text_keys_mirror_the_data_section():
+    from peftune.recipe.schema import DataSection
+    from peftune.select.training import _INHERITED
+
+    for key in _INHERITED:
+        mine, theirs = SelectConfig.model_fields[key], DataSection.model_fields[key]
+        assert (mine.annotation, mine.default) == (theirs.annotation, theirs.default), key

@@ -47,6 +47,8 @@ class SelectConfig(Section):
     out: str | None = Field(default=None, description="output directory")
     seed: int = Field(default=0, ge=0)
     num_proc: int = Field(default=1, ge=0, description="worker processes; 0 = every core")
+    # The data section's text keys, same names and defaults (a test keeps them in step), so
+    # data.select can inherit them and a stand-alone selection reads rows like training does.
     # What text is scored: `text_field` as is (format text), or the whole example rendered
     # (format instruction: prompt template + response; chat: one `role: content` line each).
     format: Literal["text", "instruction", "chat"] = "text"
@@ -131,6 +133,12 @@ class SelectConfig(Section):
         if targets and len(value) != len(targets):
             raise ValueError(f"give one weight per target file ({len(targets)} files)")
         return value
+
+    @property
+    def shortest(self) -> int:
+        """Fewest words a selectable row has: min_length, and at least one (a row without
+        words has nothing to score)."""
+        return max(self.min_length, 1)
 
     @property
     def compression_level(self) -> int:

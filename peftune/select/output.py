@@ -21,7 +21,7 @@ from peftune.select.config import SelectConfig
 from peftune.select.ngrams import NgramHasher
 from peftune.select.pool import TextRule, iter_chunks, output_line, parse_payload
 from peftune.select.report import LENGTH_CAP
-from peftune.select.scoring import label_of
+from peftune.select.scoring import first_scores, label_of
 
 
 def check_out_dir(out: Path, *, overwrite: bool, key: str = "select.out") -> None:
@@ -98,7 +98,7 @@ def publish(work: Path, out: Path) -> None:
 def random_rows(scores: np.ndarray, count: int, seed: int) -> np.ndarray:
     """A uniform random subset of the eligible rows, the baseline the selection is measured
     against."""
-    eligible = np.flatnonzero(np.isfinite(scores.reshape(len(scores), -1)[:, 0]))
+    eligible = np.flatnonzero(np.isfinite(first_scores(scores)))
     picked = np.random.default_rng([seed, 1]).choice(eligible, count, replace=False)
     return np.sort(picked)
 

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from peftune.select.config import DSIR_KEYS, ZIPFIT_KEYS, SelectConfig
 from peftune.select.kl import ALPHA
+from peftune.select.scoring import first_scores
 
 LENGTH_CAP = 1 << 16  # lengths (words) above this share the last histogram bin
 
@@ -44,7 +45,7 @@ def build_report(cfg: SelectConfig, *, pool_rows: int, target_rows: list[int],
                  processes: int, world: int, skipped_rows: int = 0) -> dict[str, Any]:
     """The report; with several weighted DSIR targets, `scores` summarises the first
     target's column of scores.npy."""
-    first = scores.reshape(len(scores), -1)[:, 0]
+    first = first_scores(scores)
     eligible = int(np.isfinite(first).sum())
     chosen = first[selected]
     report: dict[str, Any] = {
@@ -107,7 +108,7 @@ def plot_scores(path: Path, scores: np.ndarray, selected: np.ndarray, cfg: Selec
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = scores.reshape(len(scores), -1)[:, 0]
+    first = first_scores(scores)
     finite = first[np.isfinite(first)]
     chosen = first[selected]
     fig, ax = plt.subplots(figsize=(7.5, 4), dpi=110)

@@ -58,6 +58,7 @@ from peftune.select.scoring import (
     ChunkScores,
     Scorer,
     encode_text,
+    first_scores,
     score_chunks,
     worker_count,
 )
@@ -161,7 +162,7 @@ def _run(cfg: SelectConfig, out: Path, keys: _Keys, pool_files: list[Path],
     finished = False
     try:
         processes = worker_count(cfg.num_proc)
-        scorer = Scorer(TextRule.for_pool(cfg), hasher, cfg.label_field, cfg.min_length, zipfit,
+        scorer = Scorer(TextRule.for_pool(cfg), hasher, cfg.label_field, cfg.shortest, zipfit,
                         skip_bad_rows=cfg.on_bad_row == "skip")
         reporter.start_pass(pool_files, processes=processes, world=ranks.world)
         scored = _score_pool(cfg, scorer, pool_files, work, ranks, reporter, keys,
@@ -305,7 +306,7 @@ def _dsir_chunk_weights(cfg: SelectConfig, work: Path, spilled: tuple[int, int, 
     weights = np.stack([dsir.dsir_log_weights(ids, sizes, ratio,
                                               length_normalize=cfg.length_normalize)
                         for ratio in log_ratios], axis=1)
-    weights[words < max(cfg.min_length, 1)] = np.nan  # no words: nothing to weigh
+    weights[words < cfg.shortest] = np.nan
     return weights if len(log_ratios) > 1 else weights[:, 0]
 
 
@@ -357,11 +358,11 @@ def _check_k(cfg: SelectConfig, scores: np.ndarray, pool_rows: int, keys: _Keys)
     if cfg.k > pool_rows:
         raise InputError(f"{keys.k}: k={cfg.k} is larger than the pool, which has "
                          f"{pool_rows} rows ({files}); choose k <= {pool_rows}")
-    eligible = int(np.isfinite(scores.reshape(len(scores), -1)[:, 0]).sum())
+    eligible = int(np.isfinite(first_scores(scores)).sum())
     if cfg.k > eligible:
         raise InputError(f"{keys.k}: k={cfg.k} is larger than the {eligible} of {pool_rows} "
                          f"pool rows that can be selected (rows with at least "
-                         f"{max(cfg.min_length, 1)} word(s), not skipped as bad); lower k"
+                         f"{cfg.shortest} word(s), not skipped as bad); lower k"
                          + (" or min_length" if cfg.min_length > 1 else ""))
 
 

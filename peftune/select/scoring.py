@@ -29,14 +29,9 @@ class Scorer:
     rule: TextRule
     hasher: NgramHasher
     label_field: str | None = None
-    min_length: int = 0
+    shortest: int = 1  # rows with fewer words are never selected (SelectConfig.shortest)
     zipfit: ZipFitScorer | None = None
     skip_bad_rows: bool = False
-
-    @property
-    def shortest(self) -> int:
-        """Rows with fewer words are never selected: at least one word, and min_length."""
-        return max(self.min_length, 1)
 
 
 @dataclass
@@ -90,6 +85,11 @@ def encode_text(text: str) -> bytes:
     """UTF-8 bytes of a text; a lone surrogate (valid in JSON, not in UTF-8) is kept as its
     three bytes rather than failing the run."""
     return text.encode("utf-8", "surrogatepass")
+
+
+def first_scores(scores: np.ndarray) -> np.ndarray:
+    """The per-row scores, or the first target's column when DSIR scored several targets."""
+    return scores.reshape(len(scores), -1)[:, 0]
 
 
 def label_of(row: dict, name: str) -> str:
