@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -53,6 +53,33 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 
     resolved = load_recipe(recipe, overrides or [])
     describe_recipe(resolved)
+
+
+@app.command()
+def compare(
+    recipe: RecipeArg,
+    methods: Annotated[str, typer.Option(
+        "--methods", help="adapter methods to train, comma-separated, e.g. lora,full "
+        "(`peftune methods` lists them)", show_default=False)],
+    overrides: OverridesArg = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="METHOD.KEY=VALUE for one method only: an adapter key (lora.r=16) or a "
+        "recipe key (full.train.lr=1e-5); repeat for several", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="output directory (default: the recipe's output.dir + -compare)",
+        show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite",
+                                            help="replace an earlier comparison in --out")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress or table")] = False,
+) -> None:
+    """Train several adapter methods on the same data, steps and seed; tabulate what each
+    measured (trainable params, peak memory, tokens/s, final losses, time)."""
+    from peftune.compare import exit_code, run_compare
+
+    report = run_compare(recipe_path=recipe, methods=methods, overrides=overrides or [],
+                         method_overrides=set_ or [], out=out, overwrite=overwrite, quiet=quiet)
+    if exit_code(report):
+        raise typer.Exit(exit_code(report))
 
 
 @app.command("select-data")
@@ -130,21 +157,61 @@ def tiny_model(
 
 
 @app.command()
-def methods() -> None:
-    """List every adapter method with what it supports."""
+def methods(
+    name: Annotated[str | None, typer.Argument(
+        help="one method: its paper, mechanism and keys with their defaults",
+        show_default=False)] = None,
+) -> None:
+    """List every adapter method with what it supports (or describe one)."""
     from rich.console import Console
     from rich.table import Table
 
-    from peftune.adapters.registry import all_methods
+    from peftune.adapters.registry import all_methods, get_method, method_names
+    from peftune.recipe.errors import did_you_mean
 
-    table = Table(title="adapter methods")
-    for column in ("name", "description", "paper", "mergeable", "over 4-bit", "plain LoRA"):
-        table.add_column(column)
+    console = Console()
+    if name is not None:
+        if name not in method_names():
+            raise InputError(f"methods: unknown method {name!r}; choose one of: "
+                             f"{', '.join(method_names())}{did_you_mean(name, method_names())}")
+        _describe_method(console, get_method(name))
+        return
+    table = Table(title="adapter methods (peftune methods NAME for one method's keys)")
+    for column in ("name", "description", "paper", "mergeable", "quantized bases",
+                   "plain LoRA", "keys"):
+        table.add_column(column, overflow="fold")
+    yes = {True: "yes", False: "no"}
     for spec in all_methods():
-        yes = {True: "yes", False: "no"}
         table.add_row(spec.name, spec.description, spec.paper, yes[spec.mergeable],
-                      yes[spec.works_over_4bit], yes[spec.exports_plain_lora])
-    Console().print(table)
+                      " ".join(quant_names(spec)) or "none",
+                      yes[spec.exports_plain_lora], ", ".join(spec.keys) or "-")
+    console.print(table)
+
+
+def quant_names(spec: Any) -> list[str]:
+    """The quantized bases a method trains over, in the order `quant.method` lists them."""
+    return [q for q in ("nf4", "fp4", "int8", "int4") if q in spec.quantized]
+
+
+def _describe_method(console: Any, spec: Any) -> None:
+    import inspect
+
+    from rich.table import Table
+
+    console.print(f"[bold]{spec.name}[/bold]: {spec.description}")
+    for paragraph in inspect.cleandoc(spec.config.__doc__ or "").split("\n\n"):
+        console.print(" ".join(paragraph.split()), markup=False, highlight=False)
+    over = ", ".join(quant_names(spec)) or f"none ({spec.unquantized_because})"
+    console.print(f"mergeable: {'yes' if spec.mergeable else 'no'}; plain LoRA export: "
+                  f"{'yes' if spec.exports_plain_lora else 'no'}; trains over: {over}",
+                  markup=False, highlight=False)
+    table = Table("key", "default", "type")
+    for key in spec.keys:
+        field = spec.config.model_fields[key]
+        default = field.default.model_dump() if hasattr(field.default, "model_dump") else field.default
+        kind = getattr(field.annotation, "__name__", None) or str(field.annotation)
+        table.add_row(key, repr(default), kind.replace("typing.", ""))
+    console.print(table)
 
 
 def main() -> None:

@@ -187,8 +187,9 @@ def load_model(model_cfg: Any, quant_cfg: Any, *, device: Any,
         if device.type == "cuda":
             kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if quant is not None:
-        model = prepare_quantized_model(model, gradient_checkpointing=gradient_checkpointing)
+    if quant_cfg.method != "none":  # int4 loads unquantized and is quantized here
+        model = prepare_quantized_model(model, quant_cfg, device=device,
+                                        gradient_checkpointing=gradient_checkpointing)
     else:
         model.to(device)
         if gradient_checkpointing:

@@ -40,7 +40,7 @@ def hooked_method(monkeypatch):
     spec = registry.MethodSpec(
         name="hooked-lora", config=HookedConfig, apply=f"{__name__}:apply_hooked",
         description="LoRA with an L2 penalty, for tests", paper="-", mergeable=True,
-        works_over_4bit=True, exports_plain_lora=True)
+        quantized=registry.BNB_4BIT, exports_plain_lora=True)
     registry.get_method("lora")  # load the built-ins first
     monkeypatch.setitem(registry._METHODS, "hooked-lora", spec)
     CALLS["after_step"].clear()

@@ -159,21 +159,21 @@ def test_unknown_adapter_key_names_the_method():
     assert problems(GOOD + "adapter:\n  method: lora\n  alhpa: 8\n") == [
         "recipe.yaml:9: adapter.alhpa: unknown key for adapter method lora (did you mean alpha?)"]
     assert problems(GOOD + "adapter:\n  method: lora\n  rank: 8\n") == [
-        "recipe.yaml:9: adapter.rank: unknown key for adapter method lora; valid keys: method, r, "
-        "alpha, dropout, target_modules, rslora, bias, modules_to_save"]
+        "recipe.yaml:9: adapter.rank: unknown key for adapter method lora; valid keys: method, "
+        "target_modules, modules_to_save, r, alpha, dropout, rslora, dora, bias"]
 
 
 def test_switching_method_names_the_leftover_keys():
     assert problems(GOOD + "adapter:\n  r: 16\n", "adapter.method=full") == [
-        "recipe.yaml:8: adapter.r: unknown key for adapter method full; r is a key of lora "
-        "(remove it when switching methods)"]
+        "recipe.yaml:8: adapter.r: unknown key for adapter method full; r is a key of bone, "
+        "corda, dora, eva and 16 more methods (remove it when switching methods)"]
 
 
 def test_nf4_with_full_fine_tuning():
     lines = problems(GOOD + "quant:\n  method: nf4\nadapter:\n  method: full\n")
     assert lines == ["recipe.yaml:8: quant.method: nf4 cannot be combined with adapter.method: "
-                     "full (a quantized base is frozen and this method trains it); use "
-                     "quant.method: none or a method that trains over a quantized base, such as lora"]
+                     "full (it trains weights of the base, which a quantized base freezes); use "
+                     "quant.method: none, or a method that trains over nf4, such as lora"]
 
 
 @pytest.mark.parametrize(("key", "value", "shown"), [

@@ -37,11 +37,15 @@ def save_with_tokenizer(model: Any, out_dir: Any, tokenizer: Any = None) -> None
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit packed weights counted as stored elements x2."""
+    """(trainable, total) parameter counts; 4-bit packed weights (bitsandbytes' Params4bit,
+    HQQ's uint8 `W_q`) count two weights per stored byte."""
+    import torch
+
     trainable = total = 0
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         n = param.numel()
-        if type(param).__name__ == "Params4bit":
+        if type(param).__name__ == "Params4bit" or (
+                name.endswith("W_q") and param.dtype == torch.uint8):
             n *= 2  # two 4-bit values per stored byte
         total += n
         if param.requires_grad:

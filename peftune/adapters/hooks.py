@@ -19,6 +19,7 @@ class AdapterHooks:
         (the run's `adapter/` in PEFT format, or `model/` for methods that train base weights).
     trainable_state(model) -> dict: the tensors a checkpoint must hold to resume.
     load_trainable_state(model, state) -> None: the inverse, used by `--resume`.
+    after_step hooks run before the gradients are cleared (AdaLoRA's importance needs them).
     """
 
     export: Callable[[Any, Path, Any], None]
@@ -27,3 +28,6 @@ class AdapterHooks:
     extra_loss: Callable[[Any], Any] | None = None
     after_step: list[Callable[[Any, int], None]] = field(default_factory=list)
     artifact: str = "adapter"  # the run-dir entry `export` writes: "adapter" or "model"
+    # What the method's init did (calibration examples, seconds, ...), for the run header
+    # and summary.json.
+    init_report: dict = field(default_factory=dict)

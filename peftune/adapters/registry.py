@@ -26,6 +26,21 @@ class MethodConfig(BaseModel):
 
     method: str
 
+    def recipe_problems(self, recipe: Any) -> list[tuple[tuple[str, ...], str]]:
+        """Checks of this method against the rest of the recipe: (key path, message) each."""
+        return []
+
+    def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
+        """Trainable parameters on the base described by `layers` (the linear layers this
+        method targets, each with `name`, `fan_in`, `fan_out`) and `model` (hidden size,
+        layers, vocabulary...), or None when it cannot be counted ahead of building."""
+        return None
+
+    @property
+    def targets(self) -> str | list[str] | None:
+        """The linear layers the method attaches to (`all-linear`, suffixes), or None."""
+        return getattr(self, "target_modules", None)
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -35,9 +50,21 @@ class MethodSpec:
     description: str
     paper: str
     mergeable: bool
-    works_over_4bit: bool
     exports_plain_lora: bool
+    # quant.method values the method trains over (checked on CPU by the method matrix);
+    # any other quantization is refused at validate time with `unquantized_because`.
+    quantized: frozenset[str] = frozenset()
+    unquantized_because: str = "it trains weights of the base, which a quantized base freezes"
     trains_base_weights: bool = False
+
+    @property
+    def works_over_4bit(self) -> bool:
+        return "nf4" in self.quantized
+
+    @property
+    def keys(self) -> list[str]:
+        """The method's own recipe keys (besides `method`)."""
+        return [name for name in self.config.model_fields if name != "method"]
 
     def load_apply(self) -> Any:
         module, _, func = self.apply.partition(":")
@@ -52,6 +79,11 @@ def register(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"adapter method {spec.name!r} is registered twice")
     _METHODS[spec.name] = spec
     return spec
+
+
+BNB_4BIT = frozenset({"nf4", "fp4"})
+INT8 = frozenset({"int8"})
+INT4 = frozenset({"int4"})
 
 
 def get_method(name: str) -> MethodSpec:

@@ -1,40 +1,23 @@
 """Registrations of the built-in adapter methods (configs only; torch-free).
 
-Each method's config lists its own recipe keys with defaults; implementations live in
-sibling modules and are imported only when a model is built.
+Importing this module registers every method: the LoRA family (`lora_configs`), peft's
+other tuners (`tuner_configs`), the virtual-token methods (`prompt_configs`) and, here,
+the methods that train the base's own weights (`full`, `freeze`). Implementations live
+in sibling modules and are imported only when a model is built.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import fnmatch
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
+from peftune.adapters import lora_configs, prompt_configs, tuner_configs  # noqa: F401
+from peftune.adapters.lora_configs import LoraConfig
 from peftune.adapters.registry import MethodConfig, MethodSpec, register
 
-
-class LoraConfig(MethodConfig):
-    """LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"):
-    W + (alpha/r)·B·A with A Kaiming-initialised and B zero, through peft.
-    `rslora: true` scales by alpha/sqrt(r) (Kalajdzievski 2023, rank-stabilised LoRA)."""
-
-    method: Literal["lora"] = "lora"
-    r: int = Field(default=8, gt=0)
-    alpha: float = Field(default=16, gt=0)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = "all-linear"
-    rslora: bool = False
-    bias: Literal["none", "all", "lora_only"] = "none"
-    modules_to_save: list[str] | None = None
-
-    @field_validator("target_modules")
-    @classmethod
-    def _targets(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, str) and value != "all-linear":
-            return [value]
-        if isinstance(value, list) and not value:
-            raise ValueError("must name at least one module, or be all-linear")
-        return value
+__all__ = ["FreezeConfig", "FullConfig", "LoraConfig"]
 
 
 class FullConfig(MethodConfig):
@@ -42,17 +25,50 @@ class FullConfig(MethodConfig):
 
     method: Literal["full"] = "full"
 
+    def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
+        return model["total"]
 
-register(MethodSpec(
-    name="lora",
-    config=LoraConfig,
-    apply="peftune.adapters.lora:apply_lora",
-    description="low-rank update W + (alpha/r)·B·A on the chosen linear layers",
-    paper="Hu et al. 2021, LoRA (arXiv:2106.09685)",
-    mergeable=True,
-    works_over_4bit=True,
-    exports_plain_lora=True,
-))
+
+class FreezeConfig(MethodConfig):
+    """Partial fine-tuning (freeze the rest): only the last `layers` decoder layers, and/or
+    the parameters whose names match one of `modules` (shell-style patterns such as
+    `model.layers.*.mlp.*`), and optionally the input `embeddings` and the output `head`
+    train. A tied head trains with the embeddings. Exports `model/` like `full`."""
+
+    method: Literal["freeze"] = "freeze"
+    layers: int | None = Field(default=None, gt=0)
+    modules: list[str] | None = None
+    embeddings: bool = False
+    head: bool = False
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> FreezeConfig:
+        if self.layers is None and not self.modules and not self.embeddings and not self.head:
+            raise ValueError("adapter.method freeze trains nothing: set adapter.layers (the "
+                             "last N decoder layers), adapter.modules, adapter.embeddings "
+                             "or adapter.head")
+        return self
+
+    def trains(self, name: str, layer: int | None, num_layers: int) -> bool:
+        """Whether parameter `name` (in decoder layer `layer`, if any) trains."""
+        if self.layers is not None and layer is not None and layer >= num_layers - self.layers:
+            return True
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.modules or [])
+
+    def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
+        if self.layers is not None and self.layers > model["layers"]:
+            return None
+        count = 0
+        for module in model["modules"]:
+            index = model["layer_of"](module.name)
+            if module.tied:
+                continue
+            if (self.trains(f"{module.name}.weight", index, model["layers"])
+                    or (self.embeddings and module.name.endswith("embed_tokens"))
+                    or (self.head and module.name == "lm_head")):
+                count += module.weight + module.bias
+        return count
+
 
 register(MethodSpec(
     name="full",
@@ -61,7 +77,17 @@ register(MethodSpec(
     description="full fine-tuning: every base parameter trains; exports model/",
     paper="-",
     mergeable=True,
-    works_over_4bit=False,
+    exports_plain_lora=False,
+    trains_base_weights=True,
+))
+
+register(MethodSpec(
+    name="freeze",
+    config=FreezeConfig,
+    apply="peftune.adapters.full:apply_freeze",
+    description="partial fine-tuning: only the last N layers / named parameters train",
+    paper="-",
+    mergeable=True,
     exports_plain_lora=False,
     trains_base_weights=True,
 ))

@@ -4,6 +4,9 @@ QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs"): a
 NormalFloat (nf4) or fp4 base, optionally double-quantized, computing in a higher-precision
 dtype, with adapters kept in full precision. LLM.int8() (Dettmers et al. 2022) for `int8`.
 Both come from bitsandbytes through transformers' `BitsAndBytesConfig`.
+
+`int4` is HQQ's 4-bit integer quantization (`peftune.quant.hqq`, which says why HQQ): the
+model loads unquantized and its linear layers are then replaced by 4-bit ones.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from peftune.recipe.schema import QuantSection
 @dataclass(frozen=True)
 class QuantBackend:
     name: str
-    load_config: Callable[[QuantSection], Any]  # -> the `quantization_config` for from_pretrained
+    # -> the `quantization_config` for from_pretrained; None: quantized after loading
+    load_config: Callable[[QuantSection], Any] | None
     bits: int
 
 
@@ -53,32 +57,49 @@ BACKENDS: dict[str, QuantBackend] = {
     "nf4": QuantBackend("nf4", _bnb_4bit("nf4"), bits=4),
     "fp4": QuantBackend("fp4", _bnb_4bit("fp4"), bits=4),
     "int8": QuantBackend("int8", _bnb_int8, bits=8),
+    "int4": QuantBackend("int4", None, bits=4),
 }
 
 
 def quantization_config(quant: QuantSection) -> Any | None:
-    """The `quantization_config` to load the base with, or None for `quant.method: none`."""
-    if quant.method == "none":
+    """The `quantization_config` to load the base with; None for `quant.method: none` and
+    for backends that quantize the loaded model (`int4`)."""
+    backend = BACKENDS.get(quant.method)
+    if backend is None or backend.load_config is None:
         return None
     _quiet_bitsandbytes()
-    return BACKENDS[quant.method].load_config(quant)
+    return backend.load_config(quant)
 
 
-def prepare_quantized_model(model: Any, *, gradient_checkpointing: bool) -> Any:
-    """Make a freshly loaded k-bit model safe and ready to train adapters on.
+def prepare_quantized_model(model: Any, quant: QuantSection, *, device: Any,
+                            gradient_checkpointing: bool) -> Any:
+    """Make a freshly loaded model quantized (if it is not yet), safe, and ready to train
+    adapters on.
 
-    Disables bitsandbytes' AVX512-BF16 weight repacking on CPU: after an eval forward it
-    silently corrupts the LoRA gradients of later training steps (see ENVIRONMENT.md).
-    Then peft's k-bit preparation (frozen base, fp32 norms, input grads for checkpointing).
+    int4: moves the unquantized model to `device` and replaces its linears by HQQ 4-bit
+    layers. bitsandbytes: disables its AVX512-BF16 weight repacking on CPU, which after an
+    eval forward silently corrupts the LoRA gradients of later training steps (see
+    ENVIRONMENT.md). Then peft's k-bit preparation (frozen base, fp32 norms for bnb, input
+    grads for checkpointing).
     """
-    import bitsandbytes as bnb
     from peft import prepare_model_for_kbit_training
 
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+    if quant.method == "int4":
+        from peftune.quant.hqq import quantize_model_int4
+
+        model.to(device)
+        model = quantize_model_int4(model, group_size=quant.group_size,
+                                    compute_dtype=_torch_dtype(quant.compute_dtype), device=device)
+    else:
+        import bitsandbytes as bnb
+
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+    # Non-reentrant checkpointing, as for unquantized bases (torch warns on the default).
     return prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=gradient_checkpointing
+        model, use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
 
 

@@ -112,38 +112,53 @@ class _Module:
 
 def estimate_parameters(config: dict, adapter: Any) -> tuple[int, int] | None:
     """(total base-model parameters, trainable parameters) from a config.json dict, or None
-    when the architecture or the adapter method is not one this counts.
+    when the architecture is not one this counts or the method cannot count ahead
+    (`MethodConfig.estimate_trainable`; e.g. EVA picks its ranks from data).
 
     Totals match `sum(p.numel() for p in model.parameters())` (a tied lm_head counted once).
-    LoRA adds r·(in + out) per targeted Linear/Embedding (A is r×in, B is out×r); `all-linear`
-    targets every Linear but lm_head, and a list targets modules whose name is, or ends with
-    `.` + , one of its entries, as peft matches them.
+    The method is handed the linear layers it targets, matched as peft matches them:
+    `all-linear` is every Linear but lm_head, and a list names modules whose name is, or ends
+    with `.` + , one of its entries. `modules_to_save` train a full copy of their module.
     """
     modules = _modules(config)
     if modules is None:
         return None
     total = sum((0 if m.tied else m.weight) + m.bias for m in modules)
-    method = getattr(adapter, "method", None)
-    if method == "full":
-        return total, total
-    if method != "lora":
-        return None
-    targets = adapter.target_modules
-    if targets == "all-linear":
+    targets = adapter.targets
+    if targets is None:
+        chosen = []
+    elif targets == "all-linear":
         chosen = [m for m in modules if m.linear and m.name != "lm_head"]
     else:
         chosen = [m for m in modules if _matches(m.name, targets)]
     if any(m.dims is None for m in chosen):
         return None  # a norm was targeted: peft refuses it, the run reports that
-    trainable = sum(adapter.r * (m.dims[0] + m.dims[1]) for m in chosen)
-    if adapter.bias == "all":
-        trainable += sum(m.bias for m in modules)
-    elif adapter.bias == "lora_only":
-        trainable += sum(m.bias for m in chosen)
-    for m in modules:  # modules_to_save train a full copy of the module
-        if adapter.modules_to_save and _matches(m.name, adapter.modules_to_save):
+    if targets is not None and not chosen:
+        return total, 0
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    shape = {
+        "hidden": hidden, "layers": int(config["num_hidden_layers"]),
+        "kv_dim": kv_heads * head_dim, "total": total, "modules": modules,
+        "all_biases": sum(m.bias for m in modules), "layer_of": _layer_of,
+    }
+    trainable = adapter.estimate_trainable(chosen, shape)
+    if trainable is None:
+        return None
+    for m in modules:
+        if getattr(adapter, "modules_to_save", None) and _matches(m.name, adapter.modules_to_save):
             trainable += m.weight + m.bias
     return total, trainable
+
+
+def _layer_of(name: str) -> int | None:
+    """The decoder layer a module belongs to (`model.layers.3.mlp` -> 3), or None."""
+    parts = name.split(".")
+    for before, index in zip(parts, parts[1:], strict=False):
+        if before == "layers" and index.isdigit():
+            return int(index)
+    return None
 
 
 def _matches(name: str, targets: list[str]) -> bool:

@@ -184,7 +184,9 @@ def _unknown_key(path: tuple[Any, ...], root: type[BaseModel], prefix: tuple[str
         what = f"unknown key for adapter method {method}"
         owners = _methods_with_key(str(path[-1]))
         if owners:  # typically a recipe switched methods and kept the old method's keys
-            return f"{what}; {path[-1]} is a key of {', '.join(owners)} (remove it when switching methods)"
+            shown = ", ".join(owners) if len(owners) <= 5 else (
+                f"{', '.join(owners[:4])} and {len(owners) - 4} more methods")
+            return f"{what}; {path[-1]} is a key of {shown} (remove it when switching methods)"
     hint = did_you_mean(path[-1], names)
     valid = "valid sections" if len(path) == 1 else "valid keys"
     return f"{what}{hint}" if hint or not names else f"{what}; {valid}: {', '.join(names)}"

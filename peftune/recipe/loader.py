@@ -66,6 +66,41 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     return recipe
 
 
+def load_method_recipe(path: str | Path, method: str, overrides: Sequence[str] = (),
+                       method_overrides: Sequence[tuple[str, str]] = ()
+                       ) -> tuple[Recipe, list[str]]:
+    """`load_recipe` for one of several adapter methods trained on one recipe (`peftune
+    compare`): after `overrides`, the `adapter:` section keeps only the keys `method`'s config
+    accepts and `adapter.method` becomes `method`; then `method_overrides`, `(shown,
+    "KEY.PATH=VALUE")` pairs located as `shown` in messages, apply to this method alone.
+    Returns the recipe and the adapter keys dropped (`adapter.r`, ...), for the caller to say.
+    """
+    shown = str(path)
+    data, where, problems = _read_yaml(Path(path), shown, order=0)
+    data, where, problems = _apply_extends(data, where, problems, Path(path), shown)
+    for number, override in enumerate(overrides):
+        problems += _apply_override(data, where, override, number)
+    adapter = data.setdefault("adapter", {})
+    dropped = []
+    if isinstance(adapter, dict):
+        if method in method_names():
+            accepted = get_method(method).config.model_fields
+            dropped = [key for key in adapter if key != "method" and key not in accepted]
+        for key in dropped:
+            del adapter[key]
+            for stale in [p for p in where if p[:2] == ("adapter", key)]:
+                del where[stale]
+        adapter["method"] = method
+        where[("adapter", "method")] = Where((_OVERRIDES_ORDER, -1), f"method {method}")
+    for number, (label, override) in enumerate(method_overrides, start=len(overrides)):
+        problems += _apply_override(data, where, override, number, shown=label)
+    recipe, validation = _validate(data, where)
+    problems += validation
+    if problems or recipe is None:
+        raise InputError(*_unique_lines(problems))
+    return recipe, [f"adapter.{key}" for key in dropped]
+
+
 def load_select(path: str | Path | None, overrides: Sequence[str] = (),
                 flags: dict[str, Any] | None = None) -> SelectConfig:
     """A stand-alone selection: a recipe's `select:` block (optional), then `KEY=VALUE`
@@ -302,13 +337,15 @@ def _paths(value: Any, prefix: tuple[Any, ...]) -> list[tuple[Any, ...]]:
 # overrides
 
 
-def _apply_override(data: dict, where: Locations, override: str, number: int) -> list[Problem]:
+def _apply_override(data: dict, where: Locations, override: str, number: int, *,
+                    shown: str | None = None) -> list[Problem]:
     """Apply one `KEY.PATH=VALUE`; the value is YAML (`[a, b]`, `null`, `true`, `32`).
 
     A value YAML reads as a string stays a string, and pydantic's lax mode coerces it to the
     key's type (YAML 1.1 reads `1e-4` as a string; `train.lr` still gets the float 1e-4).
+    Messages locate it as `shown` (default: `override 'KEY.PATH=VALUE'`).
     """
-    at = Where((_OVERRIDES_ORDER, number), f"override {override!r}")
+    at = Where((_OVERRIDES_ORDER, number), shown or f"override {override!r}")
     key, sep, raw = override.partition("=")
     keys = tuple(part.strip() for part in key.split("."))
     if not sep or not all(keys):

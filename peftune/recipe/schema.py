@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class Section(BaseModel):
@@ -27,9 +35,44 @@ class ModelSection(Section):
 
 
 class QuantSection(Section):
-    method: Literal["none", "nf4", "fp4", "int8"] = "none"
+    """The frozen base's quantization. nf4/fp4/int8: bitsandbytes; int4: HQQ 4-bit integer
+    codes in groups of `group_size` inputs, each group with its own scale and zero
+    (`peftune.quant.hqq`). `compute_dtype` is the dtype the quantized matmuls run in."""
+
+    method: Literal["none", "nf4", "fp4", "int8", "int4"] = "none"
     double_quant: bool = True
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # int4 only (filled in as 64 when unset); a multiple of 8, as hqq requires.
+    group_size: int | None = Field(default=None, gt=0, multiple_of=8, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _int4_has_no_double_quant(cls, data: Any) -> Any:
+        # double_quant's default (true) is the nf4/fp4 one; int4 has none, and the resolved
+        # recipe must say so (a saved `double_quant: true` would not load back).
+        if isinstance(data, dict) and data.get("method") == "int4" and "double_quant" not in data:
+            data = {**data, "double_quant": False}
+        return data
+
+    @field_validator("double_quant")
+    @classmethod
+    def _double_quant(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("method") == "int4":
+            raise ValueError("int4 (HQQ) keeps each group's scale and zero unquantized "
+                             "(hqq 0.2.8 dropped double quantization); remove the key or set "
+                             "it to false")
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int | None, info: ValidationInfo) -> int | None:
+        method = info.data.get("method")
+        if method == "int4":
+            return 64 if value is None else value  # HQQ's usual 4-bit group
+        if value is not None and method is not None:
+            raise ValueError(f"applies only to quant.method: int4, not {method}; remove it "
+                             "or use quant.method: int4")
+        return value
 
 
 class AdapterSection(Section):
@@ -70,6 +113,8 @@ class TrainSection(Section):
     warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0)
     warmup_steps: int | None = Field(default=None, ge=0)
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw"] = "adamw"
+    # LoRA+ (Hayou et al. 2024): B's learning rate = ratio x lr (the paper suggests 16)
+    loraplus_ratio: float | None = Field(default=None, gt=0)
     adam_betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
@@ -117,12 +162,21 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
 
     problems = []
     spec = get_method(recipe.adapter.method)
-    if recipe.quant.method != "none" and not spec.works_over_4bit:
+    if recipe.quant.method != "none" and recipe.quant.method not in spec.quantized:
+        over = sorted(spec.quantized)
         problems.append((
             ("quant", "method"),
             f"{recipe.quant.method} cannot be combined with adapter.method: {spec.name} "
-            "(a quantized base is frozen and this method trains it); use quant.method: none "
-            "or a method that trains over a quantized base, such as lora",
+            f"({spec.unquantized_because}); use quant.method: "
+            f"{' or '.join(['none', *over])}, or a method that trains over "
+            f"{recipe.quant.method}, such as lora",
+        ))
+    problems += recipe.adapter.recipe_problems(recipe)
+    if recipe.train.loraplus_ratio is not None and not getattr(recipe.adapter, "has_lora_b", False):
+        problems.append((
+            ("train", "loraplus_ratio"),
+            f"LoRA+ raises the learning rate of LoRA's B matrices, and adapter.method "
+            f"{spec.name} has none; remove it or use a LoRA-family method (lora, dora, ...)",
         ))
     if recipe.data.val is not None and recipe.data.val_ratio > 0:
         problems.append((

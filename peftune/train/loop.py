@@ -70,12 +70,15 @@ def token_loss_sum(model: Any, batch: dict) -> Any:
     """Summed next-token cross-entropy over the batch's target tokens (labels != -100).
 
     The labels are shifted left instead of the logits: slicing the logits would copy the
-    largest activation of the step (batch x length x vocabulary)."""
+    largest activation of the step (batch x length x vocabulary). Methods that prepend
+    virtual tokens return longer logits; only the batch's own positions are scored."""
     import torch
     import torch.nn.functional as F
 
     logits = model(**model_inputs(model, batch), use_cache=False).logits
     labels = batch["labels"]
+    if logits.shape[1] != labels.shape[1]:  # virtual tokens (prompt tuning) come first
+        logits = logits[:, -labels.shape[1]:]
     pad = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
     shifted = torch.cat([labels[:, 1:], pad], dim=1)
     return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(),
@@ -182,9 +185,9 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
         optimizer.step()
         if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips inf steps
             scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        for after_step in hooks.after_step:
+        for after_step in hooks.after_step:  # before zero_grad: some read this step's grads
             after_step(model, state.step + 1)
+        optimizer.zero_grad(set_to_none=True)
         state.step += 1
         loop.on_step(state.step)
 

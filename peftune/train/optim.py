@@ -19,20 +19,29 @@ def parameter_groups(model: Any, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: Any, cfg: TrainSection) -> Any:
+def optimizer_class(name: str) -> Any:
     import torch
 
-    groups = parameter_groups(model, cfg.weight_decay)
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas))
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, **kwargs)
+    if name == "adamw":
+        return torch.optim.AdamW
     import bitsandbytes as bnb
 
-    if cfg.optimizer == "adamw8bit":
-        return bnb.optim.AdamW8bit(groups, **kwargs)
-    if cfg.optimizer == "paged_adamw":
-        return bnb.optim.PagedAdamW(groups, **kwargs)
-    raise AssertionError(f"unhandled optimizer {cfg.optimizer}")  # the schema lists the choices
+    return {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW}[name]
+
+
+def build_optimizer(model: Any, cfg: TrainSection) -> Any:
+    """`train.optimizer` over the trainable parameters. With `train.loraplus_ratio`, LoRA+
+    (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models",
+    arXiv:2402.12354) through peft: LoRA's B matrices learn at ratio x lr, A at lr."""
+    cls = optimizer_class(cfg.optimizer)
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    if cfg.loraplus_ratio is not None:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model=model, optimizer_cls=cls,
+                                         loraplus_lr_ratio=cfg.loraplus_ratio,
+                                         weight_decay=cfg.weight_decay, **kwargs)
+    return cls(parameter_groups(model, cfg.weight_decay), **kwargs)
 
 
 def build_scheduler(optimizer: Any, cfg: TrainSection, total_steps: int) -> Any:

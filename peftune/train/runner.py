@@ -69,7 +69,9 @@ def _check_data_paths(recipe: Recipe) -> None:
     """The data files exist and are of a kind we read: checked before any model loads."""
     from peftune.data.sources import resolve_source
 
-    for key, path in (("data.train", recipe.data.train), ("data.val", recipe.data.val)):
+    calibration = getattr(recipe.adapter, "calibration", None)
+    for key, path in (("data.train", recipe.data.train), ("data.val", recipe.data.val),
+                      ("adapter.calibration.data", getattr(calibration, "data", None))):
         if path is not None:
             resolve_source(path, key=key)
 

@@ -126,6 +126,7 @@ def _summary(built: Any, state: TrainerState, records: list[dict], artifact: Pat
         "setup_seconds": round(built.setup_s, 3),
         "tokens_per_s": state.tokens / seconds if seconds > 0 else None,
         "trainable_params": built.trainable_params,
+        "adapter_init": built.hooks.init_report,
         "total_params": built.total_params,
         **peak,
         "artifact": str(artifact),
@@ -149,6 +150,10 @@ def _print_header(built: Any, display: ProgressDisplay, *, resumed_from: Path | 
         f"{r.train.grad_accum} = {r.train.batch_size * r.train.grad_accum} rows, "
         f"<= {tokens_per_step:,} tokens per optimizer step; {built.total_steps} steps",
     ]
+    init = built.hooks.init_report
+    if init:
+        details = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in init.items())
+        lines.append(f"adapter init ({r.adapter.method}): {details}")
     selection = built.data_stats.get("selection")
     if selection is not None:
         reused = "cached, " if selection["cached"] else ""

@@ -116,6 +116,7 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
         val_rows = pack_rows(splits.val, max_length=recipe.data.max_length,
                              packing=recipe.data.packing, seed=recipe.train.seed)
 
+    steps = total_steps(recipe, micro_batches_per_epoch=-(-len(rows) // recipe.train.batch_size))
     spec = get_method(recipe.adapter.method)
     set_seed(recipe.train.seed)
     model = load_model(
@@ -123,13 +124,15 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
         gradient_checkpointing=recipe.train.gradient_checkpointing,
         trains_base_weights=spec.trains_base_weights,
     )
-    model, hooks = apply_adapter(model, recipe.adapter, tokenizer=tokenizer)
+    model, hooks = apply_adapter(
+        model, recipe.adapter, tokenizer=tokenizer, total_steps=steps,
+        model_path=resolve_model_path(recipe.model.path),
+        calibration_batches=lambda calibration: calibration_batches(
+            recipe, tokenizer, splits.train, calibration))
     trainable_params, total_params = count_parameters(model)
     if trainable_params == 0:
         raise InputError(f"adapter: method {spec.name} left no trainable parameter; check "
                          "adapter.target_modules")
-
-    steps = total_steps(recipe, micro_batches_per_epoch=-(-len(rows) // recipe.train.batch_size))
 
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, steps)
@@ -142,6 +145,30 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
         total_steps=steps, data_stats=_data_stats(splits.stats, selection), trainable_params=trainable_params,
         total_params=total_params, setup_s=time.perf_counter() - started, quiet=quiet,
     )
+
+
+def calibration_batches(recipe: Recipe, tokenizer: Any, train_set: Any, calibration: Any) -> list[dict]:
+    """`adapter.calibration.examples` examples (seeded draw) of the training data, or of
+    `adapter.calibration.data` read like data.train, as padded micro-batches."""
+    import numpy as np
+
+    from peftune.data import build_datasets, micro_batches, pack_rows
+
+    data = train_set
+    if calibration.data is not None:
+        section = recipe.data.model_copy(update={
+            "train": calibration.data, "val": None, "val_ratio": 0.0, "select": None,
+            "max_examples": None})
+        data = build_datasets(section, tokenizer, seed=recipe.train.seed).train
+    if len(data) == 0:
+        raise InputError("adapter.calibration: the calibration data has no examples")
+    order = np.random.default_rng(recipe.train.seed).permutation(len(data))
+    chosen = data.select(order[:calibration.examples])
+    rows = pack_rows(chosen, max_length=recipe.data.max_length, packing=False,
+                     seed=recipe.train.seed)
+    return list(micro_batches(rows, batch_size=calibration.batch_size,
+                              pad_id=tokenizer.pad_token_id, seed=recipe.train.seed, epoch=0,
+                              packing=False))
 
 
 def _data_stats(stats: dict, selection: dict | None) -> dict:

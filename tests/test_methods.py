@@ -1,0 +1,283 @@
+"""The method matrix: one row per registered adapter method, over the tiny model on CPU.
+
+Each row trains through the real `peftune train` path, then checks what the method
+promises: the loss falls; the exported artifact, loaded by peft / transformers alone on
+the original base, reproduces the trained model's logits; merged logits equal unmerged
+ones where the method is mergeable; plain-LoRA exports are plain LoRA adapters; and the
+method trains over an nf4 base where its registration says so (elsewhere the recipe is
+refused before anything loads). The validate-time parameter estimate equals the real
+count wherever it gives one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_recipe
+
+from peftune.adapters.registry import all_methods, get_method, method_names
+from peftune.errors import InputError
+from peftune.recipe import estimate_parameters, load_recipe
+
+# Keys that fit the tiny model (hidden 32, MLP 64, 2 KV heads of 8), and a learning rate
+# at which a few steps show (virtual tokens and rescaling vectors need larger ones).
+ROWS: dict[str, dict] = {
+    "lora": {"r": 4},
+    "rslora": {"r": 4},
+    "dora": {"r": 4},
+    "pissa": {"r": 4},
+    "olora": {"r": 4},
+    "corda": {"r": 4, "calibration": {"examples": 8}},
+    "eva": {"r": 4, "tau": 0.9, "calibration": {"examples": 8}},
+    "lora-ga": {"r": 4, "calibration": {"examples": 8}},
+    "loftq": {"r": 4},
+    "adalora": {"init_r": 6, "target_r": 4},
+    "vera": {"r": 16},
+    "vblora": {"vector_length": 16, "num_vectors": 32},
+    "randlora": {"r": 8},
+    "miss": {"r": 4},
+    "bone": {"r": 4},
+    "shira": {"r": 4},
+    "lokr": {"r": 4},
+    "loha": {"r": 4},
+    "oft": {},
+    "boft": {},
+    "hra": {"r": 4},
+    "ia3": {},
+    "prompt": {"num_virtual_tokens": 4},
+    "prefix": {"num_virtual_tokens": 4},
+    "ptuning": {"num_virtual_tokens": 4},
+    "poly": {"r": 4, "n_skills": 2},
+    "mhr": {"r": 4, "n_skills": 2, "n_splits": 2},
+    "full": {},
+    "freeze": {"layers": 1},
+}
+LR = {"ia3": 0.2, "prompt": 0.3, "prefix": 0.1, "ptuning": 0.05, "vera": 0.05, "full": 2e-3}
+IDS = torch.tensor([[1, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79]])
+
+
+def test_every_registered_method_has_a_row():
+    assert sorted(ROWS) == method_names()
+
+
+def _recipe(tmp_path: Path, model: Path, data: dict, method: str, quant: str = "none",
+            steps: int = 8) -> Path:
+    spec = get_method(method)
+    needs_rows = spec.config.model_fields.get("num_virtual_tokens") is not None
+    sections: dict = {
+        "adapter": {"method": method, **ROWS[method]},
+        "train": {"max_steps": steps, "lr": LR.get(method, 2e-2)},
+    }
+    if method == "loftq" and quant == "none":
+        quant = "nf4"  # loftq is a QLoRA init: it only exists over a 4-bit base
+    if quant != "none":
+        sections["quant"] = {"method": quant, "compute_dtype": "float32"}
+    path = write_recipe(tmp_path / f"{method}-{quant}.yaml", model=model, data=data["train"],
+                        out=tmp_path / f"run-{method}-{quant}", **sections)
+    if needs_rows:  # virtual tokens need one example per row
+        path.write_text(path.read_text().replace("max_length: 64", "max_length: 64\n  packing: false"))
+    return path
+
+
+def _train(recipe_path: Path):
+    from peftune.train.runner import check_output_dir
+    from peftune.train.session import run_session
+    from peftune.train.setup import build_training
+
+    recipe = load_recipe(recipe_path)
+    out = Path(recipe.output.dir)
+    check_output_dir(out, resume=False, overwrite=False)
+    built = build_training(recipe, quiet=True)
+    out.mkdir(parents=True)
+    summary = run_session(built, out, None)
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r]
+    return recipe, built, summary, losses, out
+
+
+def _logits(model, **extra):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=IDS, use_cache=False, **extra).logits
+
+
+def _base(recipe):
+    """The base model as a user would load it, with the recipe's quantization."""
+    from peftune.models import load_model
+
+    return load_model(recipe.model, recipe.quant, device=torch.device("cpu"))
+
+
+def _extra(method: str) -> dict:
+    return {"task_ids": torch.zeros(1, dtype=torch.long)} if method in ("poly", "mhr") else {}
+
+
+@pytest.mark.parametrize("method", sorted(ROWS))
+def test_method_trains_exports_reloads_and_merges(tmp_path, tiny_model_dir, text_data, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    spec = get_method(method)
+    quant = "nf4" if method == "loftq" else "none"
+    recipe, built, summary, losses, out = _train(_recipe(tmp_path, tiny_model_dir, text_data,
+                                                         method, quant))
+    assert sum(losses[-2:]) < sum(losses[:2]), losses  # it learns
+    trained = _logits(built.unwrapped_model, **_extra(method))
+
+    if spec.trains_base_weights:
+        assert not (out / "adapter").exists()
+        loaded = AutoModelForCausalLM.from_pretrained(out / "model")
+        torch.testing.assert_close(_logits(loaded), trained, rtol=0, atol=1e-5)
+        return
+    # peft alone, on the base as it was before the method touched it
+    loaded = PeftModel.from_pretrained(_base(recipe), out / "adapter")
+    # residual inits are re-expressed on the original W: equal up to float rounding
+    atol = 1e-4 if getattr(recipe.adapter, "rewrites_base", False) else 1e-5
+    unmerged = _logits(loaded, **_extra(method))
+    torch.testing.assert_close(unmerged, trained, rtol=0, atol=atol)
+    # and training changed the model (virtual-token methods return their positions first)
+    assert (unmerged[:, -IDS.shape[1]:] - _logits(_base(recipe))).abs().max() > 1e-4
+
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    if spec.exports_plain_lora:
+        assert config["peft_type"] == "LORA" and config["init_lora_weights"] is True
+        assert not config.get("use_dora")
+    if spec.mergeable and quant == "none":
+        merged = loaded.merge_and_unload()
+        torch.testing.assert_close(_logits(merged), unmerged, rtol=0, atol=1e-4)
+
+
+NF4 = [m for m in sorted(ROWS) if "nf4" in get_method(m).quantized]
+
+
+@pytest.mark.parametrize("method", NF4)
+def test_method_trains_over_an_nf4_base(tmp_path, tiny_model_dir, text_data, method):
+    from peft import PeftModel
+
+    recipe, built, _, losses, out = _train(_recipe(tmp_path, tiny_model_dir, text_data, method,
+                                                   "nf4", steps=6))
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    loaded = PeftModel.from_pretrained(_base(recipe), out / "adapter")
+    torch.testing.assert_close(_logits(loaded, **_extra(method)),
+                               _logits(built.unwrapped_model, **_extra(method)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", [m for m in sorted(ROWS) if m not in NF4])
+def test_methods_that_cannot_train_over_nf4_are_refused_at_validate(tmp_path, tiny_model_dir,
+                                                                    text_data, method):
+    with pytest.raises(InputError) as err:
+        load_recipe(_recipe(tmp_path, tiny_model_dir, text_data, method, "nf4"))
+    (line,) = err.value.lines
+    assert "quant.method: nf4 cannot be combined with adapter.method: " + method in line
+    assert get_method(method).unquantized_because in line
+
+
+@pytest.mark.parametrize("method", sorted(ROWS))
+def test_validate_estimate_equals_the_real_count(tmp_path, tiny_model_dir, text_data, method):
+    from peftune.adapters.common import count_parameters
+    from peftune.train.setup import build_training
+
+    recipe = load_recipe(_recipe(tmp_path, tiny_model_dir, text_data, method))
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    estimate = estimate_parameters(config, recipe.adapter)
+    if estimate is None:
+        pytest.skip(f"{method}: counted at train start only")  # e.g. EVA redistributes ranks
+    base_total = count_parameters(_base(recipe))[1]
+    assert estimate == (base_total, build_training(recipe, quiet=True).trainable_params)
+
+
+def test_methods_table_lists_every_method_with_its_keys():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "peftune.cli", "methods"], capture_output=True,
+                          text=True, timeout=60, env={"COLUMNS": "400", "PATH": ""})
+    assert done.returncode == 0, done.stderr
+    for spec in all_methods():
+        row = next(line for line in done.stdout.splitlines() if f" {spec.name} " in line)
+        assert spec.paper.split(",")[0] in row
+        for key in spec.keys[:2]:
+            assert key in row
+
+
+# ---- training strategies -------------------------------------------------------------------
+
+def test_loraplus_gives_b_matrices_ratio_times_the_learning_rate(tmp_path, tiny_model_dir,
+                                                                 text_data):
+    from peftune.train.setup import build_training
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", model=tiny_model_dir,
+                                      data=text_data["train"], out=tmp_path / "run",
+                                      train={"loraplus_ratio": 16, "lr": 1e-3}))
+    built = build_training(recipe, quiet=True)
+    lr_of = {id(p): group["lr"] for group in built.optimizer.param_groups for p in group["params"]}
+    names = dict(built.unwrapped_model.named_parameters())
+    rates = {("lora_B" in n): lr_of[id(p)] for n, p in names.items() if p.requires_grad}
+    assert rates == {True: pytest.approx(16e-3), False: pytest.approx(1e-3)}
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+def _problems(tmp_path, tiny_model_dir, text_data, *, adapter: dict, **sections) -> list[str]:
+    path = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                        out=tmp_path / "run", adapter=adapter, **sections)
+    with pytest.raises(InputError) as err:
+        load_recipe(path)
+    return [line.split(": ", 1)[1] for line in err.value.lines]  # without the file:line
+
+
+@pytest.mark.parametrize(("adapter", "sections", "expected"), [
+    ({"method": "vera", "alpha": 8}, {}, "adapter.alpha: unknown key for adapter method vera"),
+    ({"method": "vera", "dora": True}, {},
+     "adapter.dora: unknown key for adapter method vera; dora is a key of"),
+    ({"method": "adalora", "init_r": 4, "target_r": 8}, {},
+     "adapter.target_r (8) must not exceed adapter.init_r (4)"),
+    ({"method": "prompt"}, {}, "data.packing: adapter.method prompt prepends virtual tokens"),
+    ({"method": "loftq"}, {}, "adapter.method: loftq initialises LoRA from the quantization error"),
+    ({"method": "vera"}, {"train": {"loraplus_ratio": 16}},
+     "train.loraplus_ratio: LoRA+ raises the learning rate of LoRA's B matrices"),
+    ({"method": "freeze"}, {}, "adapter.method freeze trains nothing"),
+    ({"method": "pissa"}, {"quant": {"method": "int8"}},
+     "quant.method: int8 cannot be combined with adapter.method: pissa (its init rewrites"),
+    ({"method": "lorra"}, {}, "adapter.method: unknown method 'lorra'; choose one of: adalora,"),
+    ({"method": "pissa", "dora": True}, {}, "adapter.dora: adapter.method pissa sets the adapter"),
+])
+def test_recipe_refusals(tmp_path, tiny_model_dir, text_data, adapter, sections, expected):
+    (line,) = _problems(tmp_path, tiny_model_dir, text_data, adapter=adapter, **sections)
+    assert line.startswith(expected) or expected in line, line
+
+
+@pytest.mark.parametrize(("adapter", "expected"), [
+    ({"method": "lora", "target_modules": ["qkv"]},
+     "adapter.target_modules: ['qkv'] matches no linear layer of the model; its linear layers "
+     "are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+    ({"method": "dora", "r": 24}, "adapter.r: 24 is larger than layer model.layers.0.self_attn.k_proj "
+     "(32 x 16) allows; use at most 16"),
+    ({"method": "vblora", "vector_length": 24},
+     "adapter.vector_length: 24 must divide the dimensions of every targeted layer"),
+    ({"method": "freeze", "layers": 3}, "adapter.layers: 3 is more than the model's 2 decoder layers"),
+    ({"method": "freeze", "modules": ["model.layer.*"]}, "adapter.modules: 'model.layer.*' matches no parameter"),
+])
+def test_model_dependent_refusals_exit_2_and_write_nothing(tmp_path, tiny_model_dir, text_data,
+                                                            adapter, expected):
+    import os
+    import subprocess
+    import sys
+
+    path = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                        out=tmp_path / "run", adapter=adapter)
+    done = subprocess.run([sys.executable, "-m", "peftune.cli", "train", str(path)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PEFTUNE_DEBUG": ""})
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: " + expected), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_docs_list_every_method():
+    rows = (Path(__file__).parent.parent / "docs" / "methods.md").read_text()
+    for name in method_names():
+        assert f"| `{name}` |" in rows, name
