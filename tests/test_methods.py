@@ -75,6 +75,8 @@ def _recipe(tmp_path: Path, model: Path, data: dict, method: str, quant: str = "
         quant = "nf4"  # loftq is a QLoRA init: it only exists over a 4-bit base
     if quant != "none":
         sections["quant"] = {"method": quant, "compute_dtype": "float32"}
+    if quant == "int4":
+        sections["quant"]["group_size"] = 32  # divides the tiny model's widths (32, 64)
     path = write_recipe(tmp_path / f"{method}-{quant}.yaml", model=model, data=data["train"],
                         out=tmp_path / f"run-{method}-{quant}", **sections)
     if needs_rows:  # virtual tokens need one example per row
@@ -150,14 +152,17 @@ def test_method_trains_exports_reloads_and_merges(tmp_path, tiny_model_dir, text
 
 
 NF4 = [m for m in sorted(ROWS) if "nf4" in get_method(m).quantized]
+# fp4 uses the same bitsandbytes layer as nf4; int8 and int4 (HQQ) layers are peft's others
+QUANTIZED = [(m, q) for q in ("nf4", "int8", "int4") for m in sorted(ROWS)
+             if q in get_method(m).quantized]
 
 
-@pytest.mark.parametrize("method", NF4)
-def test_method_trains_over_an_nf4_base(tmp_path, tiny_model_dir, text_data, method):
+@pytest.mark.parametrize(("method", "quant"), QUANTIZED)
+def test_method_trains_over_a_quantized_base(tmp_path, tiny_model_dir, text_data, method, quant):
     from peft import PeftModel
 
     recipe, built, _, losses, out = _train(_recipe(tmp_path, tiny_model_dir, text_data, method,
-                                                   "nf4", steps=6))
+                                                   quant, steps=6))
     assert sum(losses[-2:]) < sum(losses[:2]), losses
     loaded = PeftModel.from_pretrained(_base(recipe), out / "adapter")
     torch.testing.assert_close(_logits(loaded, **_extra(method)),

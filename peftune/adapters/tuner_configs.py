@@ -132,6 +132,12 @@ class VbloraConfig(TunerConfig):
         return dict(r=self.r, num_vectors=self.num_vectors, vector_length=self.vector_length,
                     topk=self.topk, vblora_dropout=self.dropout)
 
+    def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
+        # the shared bank, then per layer the top-k logits of each sub-vector of A and B
+        per_layer = sum(self.r * (layer.dims[0] + layer.dims[1]) // self.vector_length
+                        for layer in layers)
+        return self.num_vectors * self.vector_length + per_layer * self.num_vectors
+
     def divisor_problem(self, name: str, fan_in: int, fan_out: int) -> str | None:
         if fan_in % self.vector_length or fan_out % self.vector_length:
             return (f"adapter.vector_length: {self.vector_length} must divide the dimensions "
@@ -278,6 +284,12 @@ class OftConfig(TunerConfig):
         return dict(r=0, oft_block_size=self.block_size, module_dropout=self.dropout,
                     coft=self.coft, eps=self.eps, block_share=self.block_share)
 
+    def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
+        # each block is skew-symmetric: b(b-1)/2 free entries (the Cayley map makes it orthogonal)
+        per_block = self.block_size * (self.block_size - 1) // 2
+        return sum(per_block * (1 if self.block_share else layer.dims[0] // self.block_size)
+                   for layer in layers)
+
     def divisor_problem(self, name: str, fan_in: int, fan_out: int) -> str | None:
         if fan_in % self.block_size:
             return (f"adapter.block_size: {self.block_size} must divide the input width of "
@@ -377,6 +389,11 @@ class PolyConfig(TunerConfig):
     def peft_kwargs(self) -> dict:
         return dict(r=self.r, n_tasks=1, n_skills=self.n_skills, n_splits=self.n_splits,
                     poly_type="poly")
+
+    def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
+        # n_skills LoRA pairs per layer (split into heads, same total) + the task's routing logits
+        return sum(self.n_skills * self.r * (layer.dims[0] + layer.dims[1])
+                   + self.n_skills * self.n_splits for layer in layers)
 
 
 class MhrConfig(PolyConfig):
