@@ -54,8 +54,24 @@ ROWS: dict[str, dict] = {
     "mhr": {"r": 4, "n_skills": 2, "n_splits": 2},
     "full": {},
     "freeze": {"layers": 1},
+    # native (peftune.adapters.lowrank)
+    "sora": {"r": 4, "sparsity": 1.0},
+    "dylora": {"r": 4, "min_rank": 3, "export_rank": 3},
+    "dyrank": {"r": 6, "target_r": 3},
+    "slora": {"r": 4},
+    "nlora": {"r": 4},
+    "inttune": {"r": 4},
+    "lora-sb": {"r": 4, "calibration": {"examples": 8}},
+    "lamda": {"r": 4},
+    "svfit": {"r": 4},
+    "loldu": {"r": 4},
+    "nola": {"r": 4, "num_basis": 8},
+    "s2lora": {"r": 4},
+    "sorsa": {"r": 4},
+    "hydra": {"r": 4},
 }
-LR = {"ia3": 0.2, "prompt": 0.3, "prefix": 0.1, "ptuning": 0.05, "vera": 0.05, "full": 2e-3}
+LR = {"ia3": 0.2, "prompt": 0.3, "prefix": 0.1, "ptuning": 0.05, "vera": 0.05, "full": 2e-3,
+      "inttune": 0.1, "svfit": 0.1, "loldu": 0.1, "lora-sb": 0.1, "nola": 0.1}
 IDS = torch.tensor([[1, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79]])
 
 

@@ -166,7 +166,7 @@ def test_unknown_adapter_key_names_the_method():
 def test_switching_method_names_the_leftover_keys():
     assert problems(GOOD + "adapter:\n  r: 16\n", "adapter.method=full") == [
         "recipe.yaml:8: adapter.r: unknown key for adapter method full; r is a key of bone, "
-        "corda, dora, eva and 16 more methods (remove it when switching methods)"]
+        "corda, dora, dylora and 30 more methods (remove it when switching methods)"]
 
 
 def test_nf4_with_full_fine_tuning():

@@ -1,7 +1,8 @@
 """Registrations of the built-in adapter methods (configs only; torch-free).
 
 Importing this module registers every method: the LoRA family (`lora_configs`), peft's
-other tuners (`tuner_configs`), the virtual-token methods (`prompt_configs`) and, here,
+other tuners (`tuner_configs`), the virtual-token methods (`prompt_configs`), the native
+low-rank methods (`lowrank.configs`) and, here,
 the methods that train the base's own weights (`full`, `freeze`). Implementations live
 in sibling modules and are imported only when a model is built.
 """
@@ -15,6 +16,7 @@ from pydantic import Field, model_validator
 
 from peftune.adapters import lora_configs, prompt_configs, tuner_configs  # noqa: F401
 from peftune.adapters.lora_configs import LoraConfig
+from peftune.adapters.lowrank import configs as lowrank_configs  # noqa: F401
 from peftune.adapters.registry import MethodConfig, MethodSpec, register
 
 __all__ = ["FreezeConfig", "FullConfig", "LoraConfig"]

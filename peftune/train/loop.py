@@ -161,8 +161,9 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
             with sync, accelerator.autocast():
                 task_loss = token_loss_sum(model, batch) / max(n_targets, 1)
                 loss = task_loss
-                if hooks.extra_loss is not None:
-                    loss = loss + hooks.extra_loss(model) / len(micro_batches)
+                extra = hooks.extra_loss(model) if hooks.extra_loss is not None else None
+                if extra is not None:  # a method's penalty may be off for part of the run
+                    loss = loss + extra / len(micro_batches)
             accelerator.backward(loss)
             step_loss += task_loss.detach()
             step_tokens += count_tokens(batch)

@@ -14,9 +14,10 @@ from peftune.errors import InputError
 from peftune.recipe.schema import Recipe
 from peftune.train.checkpoint import latest_checkpoint, remove_partial_checkpoints
 
-# Keys that may change between a run and its `--resume` (they do not change what is trained).
+# Keys that may change between a run and its `--resume` (they do not change what is trained;
+# output.dir differs when a run directory was moved or copied).
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.log_every", "train.eval_every",
-                     "train.save_every", "train.keep_checkpoints"}
+                     "train.save_every", "train.keep_checkpoints", "output.dir"}
 
 
 def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:

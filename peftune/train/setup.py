@@ -126,6 +126,7 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
     )
     model, hooks = apply_adapter(
         model, recipe.adapter, tokenizer=tokenizer, total_steps=steps,
+        learning_rate=recipe.train.lr, seed=recipe.train.seed,
         model_path=resolve_model_path(recipe.model.path),
         calibration_batches=lambda calibration: calibration_batches(
             recipe, tokenizer, splits.train, calibration))

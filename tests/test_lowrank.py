@@ -1,0 +1,217 @@
+"""The native low-rank layer and the formulas of the methods on it; exact resume; refusals.
+(Training, export round trips, merging, quantized bases and parameter counts of every
+native method are rows of the method matrix in test_methods.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_recipe
+from safetensors.torch import load_file
+from torch import nn
+
+from peftune.adapters import apply_adapter
+from peftune.adapters.lowrank.configs import (
+    DyloraConfig,
+    LolduConfig,
+    NolaConfig,
+    SoraConfig,
+    SvfitConfig,
+)
+from peftune.adapters.lowrank.layer import LowRankLinear, lowrank_layers
+from peftune.errors import InputError
+from peftune.recipe import load_recipe
+
+
+class Tiny(nn.Module):
+    """Two linear layers, enough for the layer's formulas."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(12, 20, bias=True)
+        self.down = nn.Linear(20, 12, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+    def get_output_embeddings(self):
+        return None
+
+
+def _random_factors(layer: LowRankLinear) -> None:
+    with torch.no_grad():
+        for param in (layer.lora_A, layer.lora_B, layer.lora_M):
+            if param is not None:
+                param.normal_()
+
+
+def test_forward_adds_exactly_delta_weight():
+    base = nn.Linear(12, 20)
+    for core in (None, "diag", "full"):
+        layer = LowRankLinear(base, rank=4, scaling=0.5, core=core, sequential=True)
+        _random_factors(layer)
+        with torch.no_grad():
+            layer.seq_A.normal_()
+            layer.seq_B.normal_()
+        x = torch.randn(3, 12)
+        expected = base(x) + x @ layer.delta_weight().T
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        b_mat, a_mat = layer.export_factors()  # the plain LoRA carries the same change
+        torch.testing.assert_close(b_mat @ a_mat, layer.delta_weight(), rtol=1e-5, atol=1e-5)
+        layer.merge()
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dylora_trains_the_truncated_product_scaled_by_alpha_over_b():
+    layer = LowRankLinear(nn.Linear(12, 20), rank=6, scaling=12 / 6)  # alpha 12
+    _random_factors(layer)
+    layer.rank_limit = 2
+    layer.train()
+    expected = (12 / 2) * layer.lora_B[:, :2] @ layer.lora_A[:2]
+    torch.testing.assert_close(layer.delta_weight(), expected)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ expected.T)
+    layer.eval()  # evaluation uses eval_rank (the full rank unless export_rank is set)
+    torch.testing.assert_close(layer.delta_weight(), 2 * layer.lora_B @ layer.lora_A)
+
+
+def test_sora_soft_threshold_and_pruned_export():
+    model = Tiny()
+    model, hooks = apply_adapter(model, SoraConfig(r=4, sparsity=1.0, target_modules=["up"]),
+                                 learning_rate=0.1)
+    layer = lowrank_layers(model)["up"]
+    with torch.no_grad():
+        layer.lora_M.copy_(torch.tensor([0.5, -0.05, 0.01, -2.0]))
+        layer.lora_B.normal_()
+    for after_step in hooks.after_step:
+        after_step(model, 1)
+    torch.testing.assert_close(layer.lora_M.detach(), torch.tensor([0.4, 0.0, 0.0, -1.9]))
+    b_mat, a_mat = layer.export_factors()
+    assert a_mat.shape[0] == 2  # the two zeroed gates are pruned ranks
+    torch.testing.assert_close(b_mat @ a_mat, layer.delta_weight().detach())
+
+
+def test_nola_factors_are_the_seeded_combination_of_random_bases():
+    config = NolaConfig(r=3, num_basis=5, basis_seed=7, target_modules=["up"])
+    first = lowrank_layers(apply_adapter(Tiny(), config)[0])["up"]
+    again = lowrank_layers(apply_adapter(Tiny(), config)[0])["up"]
+    torch.testing.assert_close(first.nola_bases_A, again.nola_bases_A)  # regenerated, not saved
+    expected = sum(first.nola_alpha[i] * first.nola_bases_A[i] for i in range(5))
+    torch.testing.assert_close(first.factor_A(), expected)
+    assert torch.count_nonzero(first.factor_B()) == 0  # β = 0: ΔW = 0 at init
+    assert {n for n, p in first.named_parameters() if p.requires_grad} == {"nola_alpha", "nola_beta"}
+    assert "nola_bases_A" not in first.state_dict()
+
+
+def test_svfit_trains_r_values_per_layer_and_keeps_the_model_unchanged():
+    torch.manual_seed(1)
+    x = torch.randn(4, 12)
+    model = Tiny()
+    before = model(x)
+    model, _ = apply_adapter(model, SvfitConfig(r=3))
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    trained = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"up.lora_M": 3, "down.lora_M": 3}
+    u, s, vh = torch.linalg.svd(Tiny().up.weight.detach())
+    torch.testing.assert_close(lowrank_layers(model)["up"].lora_M.detach(), s[:3])
+
+
+def test_loldu_factors_reconstruct_w_as_p_l_d_u():
+    base = nn.Linear(9, 7, bias=False)
+    weight = base.weight.detach().clone()
+    model = nn.Sequential(base)
+    model.get_output_embeddings = lambda: None
+    model, _ = apply_adapter(model, LolduConfig(r=7, target_modules=["0"]))  # full rank
+    layer = lowrank_layers(model)["0"]
+    product = layer.lora_B @ torch.diag(layer.lora_M) @ layer.lora_A * layer.lora_scalar
+    torch.testing.assert_close(product.detach(), weight, rtol=1e-5, atol=1e-5)
+    assert layer.base_layer.weight.abs().max() < 1e-5  # all of W moved into the factors
+    lower = layer.lora_A.detach()
+    assert torch.allclose(torch.diagonal(lower), torch.ones(7))  # U is unit upper-triangular
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_M", "lora_scalar"}
+
+
+# ---- resume ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["dylora", "lamda", "dyrank", "sora", "nola", "s2lora"])
+def test_resume_from_a_checkpoint_ends_bitwise_equal(tmp_path, tiny_model_dir, text_data, method):
+    """A run of 6 steps, and the same run restarted from its step-3 checkpoint as if it had
+    been killed there, end with identical adapters (the hooks' schedules included)."""
+    from peftune.train.runner import run_train
+
+    adapter = {"method": method, "r": 4, **({"target_r": 2} if method == "dyrank" else {}),
+               **({"num_basis": 4} if method == "nola" else {})}
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                          out=tmp_path / "a", adapter=adapter,
+                          train={"max_steps": 6, "save_every": 3, "keep_checkpoints": 2})
+    run_train(load_recipe(recipe), quiet=True)
+    crashed = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", crashed)
+    for name in ("adapter", "checkpoints/step-6", "summary.json", "loss.png"):
+        shutil.rmtree(crashed / name) if (crashed / name).is_dir() else (crashed / name).unlink()
+    run_train(load_recipe(recipe, [f"output.dir={crashed}"]), resume=True, quiet=True)
+    first = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    second = load_file(crashed / "adapter" / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    losses = [json.loads(line) for line in (crashed / "metrics.jsonl").open()]
+    assert [r["step"] for r in losses if "loss" in r] == list(range(1, 7))
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("adapter", "expected"), [
+    ({"method": "dylora", "r": 4, "export_rank": 6},
+     "adapter.export_rank (6) must not exceed the maximum rank adapter.r (4)"),
+    ({"method": "nola", "num_basis": 0}, "NOLA needs at least one random basis per factor; got 0"),
+    ({"method": "dyrank", "r": 4, "target_r": 6}, "adapter.target_r (6) must not exceed adapter.r (4)"),
+    ({"method": "nlora", "alpha": 4}, "adapter.alpha has no effect on nlora"),
+    ({"method": "svfit", "modules_to_save": ["lm_head"]}, "native low-rank methods do not train"),
+])
+def test_native_recipe_refusals(tmp_path, tiny_model_dir, text_data, adapter, expected):
+    path = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                        out=tmp_path / "run", adapter=adapter)
+    with pytest.raises(InputError) as err:
+        load_recipe(path)
+    (line,) = err.value.lines
+    assert expected in line, line
+
+
+def test_lora_sb_with_missing_calibration_data_exits_2_before_loading(tmp_path, tiny_model_dir,
+                                                                       text_data):
+    import os
+    import subprocess
+    import sys
+
+    path = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                        out=tmp_path / "run", adapter={"method": "lora-sb", "calibration": {
+                            "data": str(tmp_path / "nowhere.jsonl")}})
+    done = subprocess.run([sys.executable, "-m", "peftune.cli", "train", str(path)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PEFTUNE_DEBUG": ""})
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: adapter.calibration.data:") and "nowhere.jsonl" in line, line
+    assert not Path(tmp_path / "run").exists()
+
+
+def test_dylora_export_rank_is_what_the_adapter_holds(tmp_path, tiny_model_dir, text_data):
+    from peftune.train.runner import run_train
+
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                          out=tmp_path / "run",
+                          adapter={"method": "dylora", "r": 6, "export_rank": 2})
+    run_train(load_recipe(recipe), quiet=True)
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert set(config["rank_pattern"].values()) == {2}
+    tensors = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert {t.shape[0] for k, t in tensors.items() if "lora_A" in k} == {2}
+    assert DyloraConfig(r=6).export_rank is None  # default: the full rank
