@@ -37,6 +37,7 @@ bench: $(STAMP)
 	@$(PIP) install --quiet --disable-pip-version-check -c .make/constraints.txt -e ".[bench]"
 	$(PYTHON) scripts/bench_train.py
 	$(PYTHON) scripts/bench_select.py
+	$(PYTHON) scripts/bench_eval.py
 
 clean:
 	rm -rf .make runs/demo build *.egg-info

@@ -135,6 +135,73 @@ def _recipe_and_overrides(args: list[str]) -> tuple[Path | None, list[str]]:
     return None, args
 
 
+@app.command("eval")
+def eval_(
+    target: Annotated[str | None, typer.Argument(
+        help="a training run directory, a model directory or a PEFT adapter directory",
+        show_default=False)] = None,
+    model: Annotated[str | None, typer.Option(help="base model directory (or hub id)",
+                                              show_default=False)] = None,
+    adapter: Annotated[str | None, typer.Option(help="PEFT adapter directory on --model",
+                                                show_default=False)] = None,
+    quant: Annotated[str | None, typer.Option(
+        help="quantize the base: none, nf4, fp4, int8 or int4 (default: the run's)",
+        show_default=False)] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="eval YAML with an eval: section (several tasks)",
+        show_default=False)] = None,
+    task: Annotated[str | None, typer.Option(help="perplexity, choice or generate",
+                                             show_default=False)] = None,
+    data: Annotated[str | None, typer.Option(help="the task's data file", show_default=False)] = None,
+    format: Annotated[str | None, typer.Option(help="text, instruction or chat",
+                                               show_default=False)] = None,
+    name: Annotated[str | None, typer.Option(help="the task's name in the report",
+                                             show_default=False)] = None,
+    max_examples: Annotated[int | None, typer.Option(help="first N rows of each task",
+                                                     show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="rows per forward (default 8)",
+                                                   show_default=False)] = None,
+    window: Annotated[int | None, typer.Option(help="perplexity: tokens per window",
+                                               show_default=False)] = None,
+    stride: Annotated[int | None, typer.Option(help="perplexity: tokens between windows",
+                                               show_default=False)] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="generate: tokens to generate",
+                                                       show_default=False)] = None,
+    temperature: Annotated[float | None, typer.Option(help="generate: 0 = greedy",
+                                                      show_default=False)] = None,
+    top_p: Annotated[float | None, typer.Option(help="generate: nucleus sampling",
+                                                show_default=False)] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="generate: stop string (repeat)",
+                                                   show_default=False)] = None,
+    metrics: Annotated[list[str] | None, typer.Option(
+        help="generate: exact_match, contains, regex_match (repeat)", show_default=False)] = None,
+    normalize: Annotated[list[str] | None, typer.Option(
+        help="generate: strip, lower, whitespace, punctuation, articles (repeat)",
+        show_default=False)] = None,
+    compare: Annotated[list[str] | None, typer.Option(
+        help="also evaluate `base` (the target without its adapter) or another run/model "
+             "directory, and report deltas (repeat)", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="output directory (default: RUN/eval, or runs/eval/NAME)", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite",
+                                            help="replace an earlier evaluation in --out")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress or table")] = False,
+    lm_eval: Annotated[str | None, typer.Option(
+        "--lm-eval", help="also run lm-evaluation-harness tasks (comma-separated names or "
+        "local task YAMLs); needs the lm-eval package", show_default=False)] = None,
+) -> None:
+    """Evaluate a run, a model or a base + adapter: perplexity, multiple choice, generation."""
+    from peftune.evaluate.command import eval_command
+
+    flags = {"task": task, "data": data, "format": format, "name": name,
+             "max_examples": max_examples, "window": window, "stride": stride,
+             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+             "stop": stop, "metrics": metrics, "normalize": normalize}
+    eval_command(target=target, model=model, adapter=adapter, quant=quant, config=config,
+                 flags=flags, batch_size=batch_size, compare=compare or [], out=out,
+                 overwrite=overwrite, quiet=quiet, lm_eval=lm_eval)
+
+
 @app.command("tiny-model")
 def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="directory to write the model into")],
@@ -176,11 +243,20 @@ def methods(
                              f"{', '.join(method_names())}{did_you_mean(name, method_names())}")
         _describe_method(console, get_method(name))
         return
-    table = Table(title="adapter methods (peftune methods NAME for one method's keys)")
+    yes = {True: "yes", False: "no"}
+    if console.width < 160:  # a table of 7 columns does not fit: one block per method
+        for spec in all_methods():
+            console.print(f"[bold]{spec.name}[/bold]  {spec.description}", highlight=False)
+            console.print(f"  {spec.paper}; mergeable {yes[spec.mergeable]}; quantized bases: "
+                          f"{' '.join(quant_names(spec)) or 'none'}; plain LoRA "
+                          f"{yes[spec.exports_plain_lora]}", markup=False, highlight=False)
+            console.print(f"  keys: {', '.join(spec.keys) or '-'}", markup=False, highlight=False)
+        console.print("peftune methods NAME: one method's paper, mechanism and key defaults")
+        return
+    table = Table(title="adapter methods (peftune methods NAME for one method's key defaults)")
     for column in ("name", "description", "paper", "mergeable", "quantized bases",
                    "plain LoRA", "keys"):
-        table.add_column(column, overflow="fold")
-    yes = {True: "yes", False: "no"}
+        table.add_column(column, no_wrap=column in ("name", "mergeable", "plain LoRA"))
     for spec in all_methods():
         table.add_row(spec.name, spec.description, spec.paper, yes[spec.mergeable],
                       " ".join(quant_names(spec)) or "none",
@@ -190,7 +266,12 @@ def methods(
 
 def quant_names(spec: Any) -> list[str]:
     """The quantized bases a method trains over, in the order `quant.method` lists them."""
-    return [q for q in ("nf4", "fp4", "int8", "int4") if q in spec.quantized]
+    from typing import get_args
+
+    from peftune.recipe.schema import QuantSection
+
+    return [q for q in get_args(QuantSection.model_fields["method"].annotation)
+            if q in spec.quantized]
 
 
 def _describe_method(console: Any, spec: Any) -> None:

@@ -140,14 +140,19 @@ def test_loldu_factors_reconstruct_w_as_p_l_d_u():
 
 # ---- resume ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["dylora", "lamda", "dyrank", "sora", "nola", "s2lora"])
+RESUMED = {"dylora": {"r": 4}, "lamda": {"r": 4}, "dyrank": {"r": 4, "target_r": 2},
+           "sora": {"r": 4}, "nola": {"r": 4, "num_basis": 4}, "s2lora": {"r": 4},
+           # peft's AdaLoRA: importance averages and the final rank pattern are hook state
+           "adalora": {"init_r": 6, "target_r": 4, "tfinal": 2}}
+
+
+@pytest.mark.parametrize("method", sorted(RESUMED))
 def test_resume_from_a_checkpoint_ends_bitwise_equal(tmp_path, tiny_model_dir, text_data, method):
     """A run of 6 steps, and the same run restarted from its step-3 checkpoint as if it had
     been killed there, end with identical adapters (the hooks' schedules included)."""
     from peftune.train.runner import run_train
 
-    adapter = {"method": method, "r": 4, **({"target_r": 2} if method == "dyrank" else {}),
-               **({"num_basis": 4} if method == "nola" else {})}
+    adapter = {"method": method, **RESUMED[method]}
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "a", adapter=adapter,
                           train={"max_steps": 6, "save_every": 3, "keep_checkpoints": 2})
@@ -215,3 +220,30 @@ def test_dylora_export_rank_is_what_the_adapter_holds(tmp_path, tiny_model_dir, 
     tensors = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert {t.shape[0] for k, t in tensors.items() if "lora_A" in k} == {2}
     assert DyloraConfig(r=6).export_rank is None  # default: the full rank
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, text_data):
+    from peftune.train.runner import run_train
+
+    losses = {}
+    for checkpointing in (False, True):
+        out = tmp_path / f"run-{checkpointing}"
+        recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                              out=out, adapter={"method": "hydra", "r": 4},
+                              train={"max_steps": 4, "gradient_checkpointing": checkpointing})
+        run_train(load_recipe(recipe), quiet=True)
+        losses[checkpointing] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()
+                                 if '"loss"' in line]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_resume_refuses_a_new_length_for_methods_that_schedule_by_it(tmp_path, tiny_model_dir,
+                                                                    text_data):
+    from peftune.train.runner import run_train
+
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                          out=tmp_path / "run", adapter={"method": "lamda", "r": 4},
+                          train={"max_steps": 2, "save_every": 2})
+    run_train(load_recipe(recipe), quiet=True)
+    with pytest.raises(InputError, match="lamda schedules by the run's length, so train.max_steps"):
+        run_train(load_recipe(recipe, ["train.max_steps=4"]), resume=True, quiet=True)

@@ -12,6 +12,7 @@ count wherever it gives one.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -237,6 +238,54 @@ def test_loraplus_gives_b_matrices_ratio_times_the_learning_rate(tmp_path, tiny_
     names = dict(built.unwrapped_model.named_parameters())
     rates = {("lora_B" in n): lr_of[id(p)] for n, p in names.items() if p.requires_grad}
     assert rates == {True: pytest.approx(16e-3), False: pytest.approx(1e-3)}
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", model=tiny_model_dir,
+                                      data=text_data["train"], out=tmp_path / "run",
+                                      train={"loraplus_ratio": 16, "weight_decay": 0.1}))
+    decays = {group["weight_decay"] for group in build_training(recipe, quiet=True).optimizer.param_groups
+              if group["params"]}
+    assert decays == {0.1}  # LoRA+ keeps train.weight_decay (peft's default would be 0)
+
+
+def test_lora_on_the_head_alone_and_prompt_tuning_from_text(tmp_path, tiny_model_dir, text_data):
+    """Explicit targets may name the head (peft's LoRA takes it); prompt tuning starts from
+    the embeddings of init_text, read with the model's own tokenizer."""
+    for adapter in ({"method": "lora", "r": 4, "target_modules": ["lm_head"]},
+                    {"method": "prompt", "init": "text", "init_text": "alpha beta"}):
+        path = write_recipe(tmp_path / f"{adapter['method']}.yaml", model=tiny_model_dir,
+                            data=text_data["train"], out=tmp_path / adapter["method"],
+                            adapter=adapter, train={"max_steps": 2})
+        if adapter["method"] == "prompt":
+            path.write_text(path.read_text().replace("max_length: 64", "max_length: 64\n  packing: false"))
+        recipe, built, _, losses, _ = _train(path)
+        assert built.trainable_params > 0 and len(losses) == 2
+    prompt = built.unwrapped_model.prompt_encoder["default"].embedding.weight
+    words = built.tokenizer("alpha beta", add_special_tokens=False)["input_ids"]
+    start = built.unwrapped_model.get_input_embeddings()(torch.tensor(words))
+    assert prompt.shape[0] == 20 and not torch.equal(prompt[: len(words)], start)  # it trained
+
+
+def test_freeze_estimate_on_a_tied_model_counts_the_shared_tensor_once(tmp_path, tiny_model_dir,
+                                                                       text_data):
+    from safetensors.torch import load_file, save_file
+
+    from peftune.adapters.common import count_parameters
+
+    tied = tmp_path / "tied"  # the tiny model with its head tied to the embeddings
+    shutil.copytree(tiny_model_dir, tied)
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    weights = load_file(tied / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, tied / "model.safetensors", metadata={"format": "pt"})
+    for adapter in ({"method": "freeze", "head": True}, {"method": "freeze", "layers": 1,
+                                                          "modules": ["lm_head.weight"]}):
+        recipe = load_recipe(write_recipe(tmp_path / "r.yaml", model=tied, data=text_data["train"],
+                                          out=tmp_path / "run", adapter=adapter))
+        total, trainable = estimate_parameters({**config, "tie_word_embeddings": True}, recipe.adapter)
+        from peftune.train.setup import build_training
+
+        built = build_training(recipe, quiet=True)
+        assert (total, trainable) == (count_parameters(_base(recipe))[1], built.trainable_params)
 
 
 # ---- bad input -----------------------------------------------------------------------------
@@ -264,6 +313,15 @@ def _problems(tmp_path, tiny_model_dir, text_data, *, adapter: dict, **sections)
      "quant.method: int8 cannot be combined with adapter.method: pissa (its init rewrites"),
     ({"method": "lorra"}, {}, "adapter.method: unknown method 'lorra'; choose one of: adalora,"),
     ({"method": "pissa", "dora": True}, {}, "adapter.dora: adapter.method pissa sets the adapter"),
+    ({"method": "pissa", "modules_to_save": ["lm_head"]}, {},
+     "adapter.modules_to_save: pissa's export is converted into a plain LoRA"),
+    ({"method": "corda", "bias": "all"}, {}, "adapter.bias: corda's export is converted"),
+    ({"method": "adalora", "tinit": 4, "tfinal": 2}, {},
+     "adapter.tfinal: adapter.tinit + adapter.tfinal (4 + 2) leave no pruning steps in a run of 6"),
+    ({"method": "ptuning", "encoder_dropout": 0.1}, {},
+     "adapter.encoder_dropout only applies to encoder_type: LSTM"),
+    ({"method": "loftq"}, {"quant": {"method": "int4"}},
+     "quant.method: int4 cannot be combined with adapter.method: loftq"),
 ])
 def test_recipe_refusals(tmp_path, tiny_model_dir, text_data, adapter, sections, expected):
     (line,) = _problems(tmp_path, tiny_model_dir, text_data, adapter=adapter, **sections)
@@ -273,13 +331,16 @@ def test_recipe_refusals(tmp_path, tiny_model_dir, text_data, adapter, sections,
 @pytest.mark.parametrize(("adapter", "expected"), [
     ({"method": "lora", "target_modules": ["qkv"]},
      "adapter.target_modules: ['qkv'] matches no linear layer of the model; its linear layers "
-     "are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+     "are: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
     ({"method": "dora", "r": 24}, "adapter.r: 24 is larger than layer model.layers.0.self_attn.k_proj "
      "(32 x 16) allows; use at most 16"),
     ({"method": "vblora", "vector_length": 24},
      "adapter.vector_length: 24 must divide the dimensions of every targeted layer"),
     ({"method": "freeze", "layers": 3}, "adapter.layers: 3 is more than the model's 2 decoder layers"),
     ({"method": "freeze", "modules": ["model.layer.*"]}, "adapter.modules: 'model.layer.*' matches no parameter"),
+    ({"method": "lora", "modules_to_save": ["nothing"]},
+     "adapter.modules_to_save: ['nothing'] matches no module of the model"),
+    ({"method": "oft", "block_size": 12}, "adapter.block_size: 12 must divide the input width"),
 ])
 def test_model_dependent_refusals_exit_2_and_write_nothing(tmp_path, tiny_model_dir, text_data,
                                                             adapter, expected):
@@ -294,7 +355,7 @@ def test_model_dependent_refusals_exit_2_and_write_nothing(tmp_path, tiny_model_
                           env={**os.environ, "PEFTUNE_DEBUG": ""})
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
-    assert line.startswith("error: " + expected), line
+    assert line.startswith("error: ") and expected in line, line
     assert not (tmp_path / "run").exists()
 
 

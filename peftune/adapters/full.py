@@ -39,13 +39,18 @@ def apply_freeze(model: Any, config: FreezeConfig, **_: Any) -> tuple[Any, Adapt
         raise InputError(f"adapter.layers: {config.layers} is more than the model's "
                          f"{len(blocks)} decoder layers")
     layer_of = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
-    names = [name for name, _ in model.named_parameters()]
+    # every name of a shared tensor (a tied head is also `lm_head.weight`)
+    named = list(model.named_parameters(remove_duplicate=False))
+    names = [name for name, _ in named]
     for pattern in config.modules or []:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise InputError(f"adapter.modules: {pattern!r} matches no parameter; names look "
                              f"like {names[len(names) // 2]}")
-    for name, param in model.named_parameters():
-        param.requires_grad_(config.trains(name, layer_of.get(id(param)), len(blocks)))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, param in named:
+        if config.trains(name, layer_of.get(id(param)), len(blocks)):
+            param.requires_grad_(True)
     if config.embeddings:
         model.get_input_embeddings().weight.requires_grad_(True)
     if config.head:

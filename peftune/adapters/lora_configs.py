@@ -40,23 +40,24 @@ class TargetedConfig(MethodConfig):
     # The recipe key holding the rank that must fit every targeted layer, if any.
     rank_key: ClassVar[str | None] = None
 
-    def layers_problem(self, layers: dict[str, tuple[int, int]]) -> str | None:
-        """Why the targeted `layers` (name -> (fan_in, fan_out)) cannot take this method:
-        a rank above the smallest layer's, or a shape the method's blocks do not fit."""
+    def layers_problem(self, layers: dict[str, tuple[int, int]]) -> tuple[str, str] | None:
+        """Why the targeted `layers` (name -> (fan_in, fan_out)) cannot take this method, as
+        (adapter key, message): a rank above the smallest layer's, or a shape the method's
+        blocks do not fit. Checked by validate (from config.json) and at train start."""
         if self.rank_key is not None:
             rank = getattr(self, self.rank_key)
             name, (fan_in, fan_out) = min(layers.items(), key=lambda item: min(item[1]))
             if rank > min(fan_in, fan_out):
-                return (f"adapter.{self.rank_key}: {rank} is larger than layer {name} "
-                        f"({fan_in} x {fan_out}) allows; use at most {min(fan_in, fan_out)}")
+                return self.rank_key, (f"{rank} is larger than layer {name} ({fan_in} x "
+                                       f"{fan_out}) allows; use at most {min(fan_in, fan_out)}")
         for name, (fan_in, fan_out) in layers.items():
             problem = self.divisor_problem(name, fan_in, fan_out)
             if problem:
                 return problem
         return None
 
-    def divisor_problem(self, name: str, fan_in: int, fan_out: int) -> str | None:
-        """Why a layer of this shape does not fit the method's block structure, or None."""
+    def divisor_problem(self, name: str, fan_in: int, fan_out: int) -> tuple[str, str] | None:
+        """(key, why) when a layer of this shape does not fit the method's blocks, or None."""
         return None
 
 
@@ -89,6 +90,7 @@ class LoraConfig(TargetedConfig):
 
     rank_key: ClassVar[str | None] = "r"
     has_lora_b: ClassVar[bool] = True  # train.loraplus_ratio applies
+    targets_embeddings: ClassVar[bool] = True  # peft's LoRA also adapts embedding layers
     # True for inits that rewrite the frozen weight (W -> W - B0·A0): their export is
     # converted by peft into a plain LoRA of rank 2r that applies to the original base.
     rewrites_base: ClassVar[bool] = False
@@ -99,11 +101,21 @@ class LoraConfig(TargetedConfig):
         return True
 
     def recipe_problems(self, recipe: Any) -> list[tuple[tuple[str, ...], str]]:
+        problems = []
         if self.dora and (self.rewrites_base or isinstance(self, LoftqConfig)):
-            return [(("adapter", "dora"), f"adapter.method {self.method} sets the adapter from "
-                     "the base weight, and DoRA's magnitude (taken from the base before that) "
-                     "would not match it; remove dora: true")]
-        return []
+            problems.append((("adapter", "dora"), f"adapter.method {self.method} sets the "
+                             "adapter from the base weight, and DoRA's magnitude (taken from the "
+                             "base before that) would not match it; remove dora: true"))
+        if self.rewrites_base:
+            # the export re-expresses the adapter on the original W, as LoRA's A and B only
+            why = (f"{self.method}'s export is converted into a plain LoRA on the original "
+                   "base, which carries only the A and B matrices")
+            if self.modules_to_save:
+                problems.append((("adapter", "modules_to_save"),
+                                 f"{why}; remove modules_to_save or use method lora"))
+            if self.bias != "none":
+                problems.append((("adapter", "bias"), f"{why}; use bias: none or method lora"))
+        return problems
 
     def peft_kwargs(self) -> dict:
         return dict(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
@@ -266,7 +278,7 @@ class LoftqConfig(LoraConfig):
 
     def recipe_problems(self, recipe: Any) -> list[tuple[tuple[str, ...], str]]:
         problems = super().recipe_problems(recipe)
-        if recipe.quant.method not in BNB_4BIT:
+        if recipe.quant.method == "none":  # another quantization is refused with its reason
             problems.append((("adapter", "method"), "loftq initialises LoRA from the "
                              "quantization error of a 4-bit base; set quant.method: nf4 or fp4 "
                              f"(got {recipe.quant.method})"))

@@ -61,10 +61,13 @@ class PromptConfig(VirtualTokenConfig):
         return dict(prompt_tuning_init="RANDOM")
 
     def peft_config(self, *, tokenizer: Any = None, **_: Any) -> Any:
-        config = super().peft_config()
-        if self.init == "text":
-            config.tokenizer_name_or_path = getattr(tokenizer, "name_or_path", None)
-        return config
+        from peft import PromptTuningConfig
+
+        text = {}
+        if self.init == "text":  # peft tokenizes init_text with the model's own tokenizer
+            text = dict(tokenizer_name_or_path=getattr(tokenizer, "name_or_path", None))
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.num_virtual_tokens,
+                                  **self.peft_kwargs(), **text)
 
     def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
         return self.num_virtual_tokens * model["hidden"]
@@ -106,6 +109,15 @@ class PtuningConfig(VirtualTokenConfig):
     encoder_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
     peft_class: ClassVar[str] = "PromptEncoderConfig"
+
+    @model_validator(mode="after")
+    def _lstm_only(self) -> PtuningConfig:
+        if self.encoder_type == "MLP":
+            unused = [k for k in ("encoder_num_layers", "encoder_dropout") if k in self.model_fields_set]
+            if unused:
+                raise ValueError(f"adapter.{unused[0]} only applies to encoder_type: LSTM (peft's "
+                                 "MLP encoder always has 3 layers and no dropout)")
+        return self
 
     def peft_kwargs(self) -> dict:
         kwargs: dict = dict(encoder_reparameterization_type=self.encoder_type,

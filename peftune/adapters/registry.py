@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -25,6 +25,10 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     method: str
+
+    # True when the method schedules by the run's length (AdaLoRA's budget, LaMDA's freeze):
+    # `--resume` then refuses a changed train.max_steps / train.epochs.
+    schedules_by_length: ClassVar[bool] = False
 
     def recipe_problems(self, recipe: Any) -> list[tuple[tuple[str, ...], str]]:
         """Checks of this method against the rest of the recipe: (key path, message) each."""

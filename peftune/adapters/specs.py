@@ -1,7 +1,7 @@
 """Registrations of the built-in adapter methods (configs only; torch-free).
 
 Importing this module registers every method: the LoRA family (`lora_configs`), peft's
-other tuners (`tuner_configs`), the virtual-token methods (`prompt_configs`), the native
+other tuners (`tuner_configs`, `product_configs`), the virtual-token methods (`prompt_configs`), the native
 low-rank methods (`lowrank.configs`) and, here,
 the methods that train the base's own weights (`full`, `freeze`). Implementations live
 in sibling modules and are imported only when a model is built.
@@ -14,7 +14,12 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from peftune.adapters import lora_configs, prompt_configs, tuner_configs  # noqa: F401
+from peftune.adapters import (  # noqa: F401
+    lora_configs,
+    product_configs,
+    prompt_configs,
+    tuner_configs,
+)
 from peftune.adapters.lora_configs import LoraConfig
 from peftune.adapters.lowrank import configs as lowrank_configs  # noqa: F401
 from peftune.adapters.registry import MethodConfig, MethodSpec, register
@@ -60,16 +65,16 @@ class FreezeConfig(MethodConfig):
     def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
         if self.layers is not None and self.layers > model["layers"]:
             return None
-        count = 0
+        trained: set[str] = set()
+        embedding = next(m.name for m in model["modules"] if m.name.endswith("embed_tokens"))
         for module in model["modules"]:
             index = model["layer_of"](module.name)
-            if module.tied:
-                continue
             if (self.trains(f"{module.name}.weight", index, model["layers"])
-                    or (self.embeddings and module.name.endswith("embed_tokens"))
+                    or (self.embeddings and module.name == embedding)
                     or (self.head and module.name == "lm_head")):
-                count += module.weight + module.bias
-        return count
+                # a tied head is the embedding's tensor: it trains, and counts, once
+                trained.add(embedding if module.tied else module.name)
+        return sum(m.weight + m.bias for m in model["modules"] if m.name in trained)
 
 
 register(MethodSpec(

@@ -1,9 +1,10 @@
-"""Which linear layers a method's `target_modules` names, checked before peft sees them.
+"""Which layers a method's `target_modules` names, checked before peft sees them.
 
 peft's own errors for a target that matches nothing, or a rank no layer can hold, come
 late and name peft's internals; these checks name the recipe key and the model's layers.
 Matching follows peft: `all-linear` is every linear layer but the output head, and a
-list entry matches a module whose name is the entry or ends with `.` + the entry.
+list entry matches a module whose name is the entry or ends with `.` + the entry (the head
+and, for LoRA, embedding layers may be listed by name).
 """
 
 from __future__ import annotations
@@ -13,46 +14,61 @@ from typing import Any
 from peftune.errors import InputError
 
 
-def linear_layers(model: Any) -> dict[str, tuple[int, int]]:
-    """name -> (in_features, out_features) of every linear layer, quantized ones included."""
+def linear_layers(model: Any, *, embeddings: bool = False) -> dict[str, tuple[int, int]]:
+    """name -> (in, out) of every linear layer (quantized ones included, the head too), and
+    of the embedding layers (vocabulary, width) when `embeddings`."""
     import torch
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     layers = {}
     for name, module in model.named_modules():
-        if module is head:
-            continue
-        if isinstance(module, torch.nn.Linear) or (
+        if isinstance(module, torch.nn.Embedding):
+            if embeddings:
+                layers[name] = (int(module.num_embeddings), int(module.embedding_dim))
+        elif isinstance(module, torch.nn.Linear) or (
                 hasattr(module, "in_features") and hasattr(module, "out_features")
                 and type(module).__name__.endswith("Linear")):
             layers[name] = (int(module.in_features), int(module.out_features))
     return layers
 
 
-def targeted_layers(model: Any, targets: str | list[str]) -> dict[str, tuple[int, int]]:
-    layers = linear_layers(model)
+def targeted_layers(model: Any, targets: str | list[str], *,
+                    embeddings: bool = False) -> dict[str, tuple[int, int]]:
     if targets == "all-linear":
-        return layers
-    return {name: dims for name, dims in layers.items()
-            if any(name == t or name.endswith("." + t) for t in targets)}
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return {name: dims for name, dims in linear_layers(model).items()
+                if head is None or model.get_submodule(name) is not head}
+    return {name: dims for name, dims in linear_layers(model, embeddings=embeddings).items()
+            if _matches(name, targets)}
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def peft_targets(model: Any, config: Any) -> str | list[str] | None:
-    """The `target_modules` to hand peft, after refusing targets that match no linear layer
-    and layers the method cannot fit. `all-linear` becomes the names of those layers: peft
-    expands it to `nn.Linear` only (missing quantized linears such as HQQ's), and its
-    calibration passes (CorDA, LoRA-GA) run before it expands it at all."""
+    """The `target_modules` to hand peft, after refusing targets that match no layer,
+    `modules_to_save` that match no module, and layers the method cannot fit. `all-linear`
+    becomes the names of those layers: peft expands it to `nn.Linear` only (missing
+    quantized linears such as HQQ's), and its calibration passes (CorDA, LoRA-GA) run
+    before it expands it at all."""
+    saved = getattr(config, "modules_to_save", None)
+    if saved:
+        names = [name for name, _ in model.named_modules()]
+        missing = [m for m in saved if not any(n == m or n.endswith("." + m) for n in names)]
+        if missing:
+            raise InputError(f"adapter.modules_to_save: {missing} matches no module of the "
+                             "model; name modules such as lm_head or embed_tokens")
     targets = config.targets
     if targets is None:
         return None
-    chosen = targeted_layers(model, targets)
+    chosen = targeted_layers(model, targets, embeddings=getattr(config, "targets_embeddings", False))
     if not chosen:
         kinds = sorted({name.rsplit(".", 1)[-1] for name in linear_layers(model)})
         raise InputError(f"adapter.target_modules: {targets} matches no linear layer of the "
                          f"model; its linear layers are: {', '.join(kinds)}")
     problem = config.layers_problem(chosen)
     if problem:
-        raise InputError(problem)
+        raise InputError(f"adapter.{problem[0]}: {problem[1]}")
     if targets == "all-linear":
         return sorted({name.rsplit(".", 1)[-1] for name in chosen})
     return targets

@@ -1,5 +1,5 @@
 """Recipe configs of peft's other weight-space tuners (torch-free): AdaLoRA, VeRA, VB-LoRA,
-RandLoRA, MiSS / Bone, SHiRA, LoKr, LoHa, OFT, BOFT, HRA, (IA)³ and Poly / MHR.
+RandLoRA, MiSS / Bone, SHiRA and (IA)³ (`product_configs.py` has the rest).
 
 Each config names its paper, its keys with the defaults used here, and builds its peft
 config in `peft_config()`; all are applied by `peftune.adapters.tuners:apply_tuner`.
@@ -59,6 +59,17 @@ class AdaLoraConfig(TunerConfig):
     peft_class: ClassVar[str] = "AdaLoraConfig"
     rank_key: ClassVar[str | None] = "init_r"
     has_lora_b: ClassVar[bool] = True
+    schedules_by_length: ClassVar[bool] = True
+
+    def recipe_problems(self, recipe: Any) -> list[tuple[tuple[str, ...], str]]:
+        problem = self._no_pruning_steps(recipe.train.max_steps)
+        return [(("adapter", "tfinal"), problem)] if problem else []
+
+    def _no_pruning_steps(self, steps: int | None) -> str | None:
+        if steps is not None and steps - self.tinit - self.tfinal <= 0:
+            return (f"adapter.tinit + adapter.tfinal ({self.tinit} + {self.tfinal}) leave no "
+                    f"pruning steps in a run of {steps} steps; lower them or train longer")
+        return None
 
     @model_validator(mode="after")
     def _budget(self) -> AdaLoraConfig:
@@ -72,10 +83,9 @@ class AdaLoraConfig(TunerConfig):
 
         from peftune.errors import InputError
 
-        if total_steps is not None and total_steps - self.tinit - self.tfinal <= 0:
-            raise InputError(f"adapter.tinit + adapter.tfinal ({self.tinit} + {self.tfinal}) "
-                             f"leave no pruning steps in a run of {total_steps} steps; lower "
-                             "them or train longer")
+        problem = self._no_pruning_steps(total_steps)  # a run counted in epochs
+        if problem:
+            raise InputError(f"adapter.tfinal: {problem}")
         return PeftAdaLora(task_type="CAUSAL_LM", target_modules=self.target_modules,
                            modules_to_save=self.modules_to_save, init_r=self.init_r,
                            target_r=self.target_r, lora_alpha=self.alpha,
@@ -138,9 +148,9 @@ class VbloraConfig(TunerConfig):
                         for layer in layers)
         return self.num_vectors * self.vector_length + per_layer * self.num_vectors
 
-    def divisor_problem(self, name: str, fan_in: int, fan_out: int) -> str | None:
+    def divisor_problem(self, name: str, fan_in: int, fan_out: int) -> tuple[str, str] | None:
         if fan_in % self.vector_length or fan_out % self.vector_length:
-            return (f"adapter.vector_length: {self.vector_length} must divide the dimensions "
+            return ("vector_length", f"{self.vector_length} must divide the dimensions "
                     f"of every targeted layer; {name} is {fan_in} x {fan_out}")
         return None
 
@@ -183,9 +193,9 @@ class MissConfig(TunerConfig):
     def peft_kwargs(self) -> dict:
         return dict(r=self.r, miss_dropout=self.dropout, init_weights=self.init_weights)
 
-    def divisor_problem(self, name: str, fan_in: int, fan_out: int) -> str | None:
+    def divisor_problem(self, name: str, fan_in: int, fan_out: int) -> tuple[str, str] | None:
         if fan_in % self.r or fan_out % self.r:
-            return (f"adapter.r: {self.method} splits each layer into blocks of r; {self.r} "
+            return ("r", f"{self.method} splits each layer into blocks of r; {self.r} "
                     f"must divide the dimensions of {name} ({fan_in} x {fan_out})")
         return None
 
@@ -221,126 +231,6 @@ class ShiraConfig(TunerConfig):
         return sum(self.r * (layer.dims[0] + layer.dims[1]) for layer in layers)
 
 
-class LokrConfig(TunerConfig):
-    """LoKr (Yeh et al. 2024, "Navigating Text-To-Image Customization: From LyCORIS
-    Fine-Tuning to Model Evaluation", arXiv:2309.14859; covers DiffuseKronA's Kronecker
-    update): ΔW = C ⊗ (B·A), a Kronecker product with a low-rank factor. r 8, alpha 16,
-    `decompose_both` also factors C, `decompose_factor` -1 (automatic split)."""
-
-    method: Literal["lokr"] = "lokr"
-    r: int = Field(default=8, gt=0)
-    alpha: float = Field(default=16, gt=0)
-    rank_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    module_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    decompose_both: bool = False
-    decompose_factor: int = -1
-
-    peft_class: ClassVar[str] = "LoKrConfig"
-
-    def peft_kwargs(self) -> dict:
-        return dict(r=self.r, alpha=self.alpha, rank_dropout=self.rank_dropout,
-                    module_dropout=self.module_dropout, decompose_both=self.decompose_both,
-                    decompose_factor=self.decompose_factor)
-
-
-class LohaConfig(TunerConfig):
-    """LoHa (Hyeon-Woo et al. 2022, "FedPara: Low-Rank Hadamard Product for
-    Communication-Efficient Federated Learning", arXiv:2108.06098): ΔW = (B1·A1) ⊙
-    (B2·A2), rank up to r² with 2r(in+out) parameters. r 8, alpha 16."""
-
-    method: Literal["loha"] = "loha"
-    r: int = Field(default=8, gt=0)
-    alpha: float = Field(default=16, gt=0)
-    rank_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    module_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-
-    peft_class: ClassVar[str] = "LoHaConfig"
-    rank_key: ClassVar[str | None] = "r"
-
-    def peft_kwargs(self) -> dict:
-        return dict(r=self.r, alpha=self.alpha, rank_dropout=self.rank_dropout,
-                    module_dropout=self.module_dropout)
-
-    def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
-        return sum(2 * self.r * (layer.dims[0] + layer.dims[1]) for layer in layers)
-
-
-class OftConfig(TunerConfig):
-    """OFT (Qiu et al. 2023, "Controlling Text-to-Image Diffusion by Orthogonal
-    Finetuning", arXiv:2306.07280): W' = R·W with R block-diagonal orthogonal (Cayley
-    parametrisation); `block_size` 8 (must divide every targeted layer's input width),
-    `coft` constrains R near I by `eps`, `block_share` shares one block per layer."""
-
-    method: Literal["oft"] = "oft"
-    block_size: int = Field(default=8, gt=0)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    coft: bool = False
-    eps: float = Field(default=6e-5, gt=0.0)
-    block_share: bool = False
-
-    peft_class: ClassVar[str] = "OFTConfig"
-
-    def peft_kwargs(self) -> dict:
-        return dict(r=0, oft_block_size=self.block_size, module_dropout=self.dropout,
-                    coft=self.coft, eps=self.eps, block_share=self.block_share)
-
-    def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
-        # each block is skew-symmetric: b(b-1)/2 free entries (the Cayley map makes it orthogonal)
-        per_block = self.block_size * (self.block_size - 1) // 2
-        return sum(per_block * (1 if self.block_share else layer.dims[0] // self.block_size)
-                   for layer in layers)
-
-    def divisor_problem(self, name: str, fan_in: int, fan_out: int) -> str | None:
-        if fan_in % self.block_size:
-            return (f"adapter.block_size: {self.block_size} must divide the input width of "
-                    f"every targeted layer; {name} has {fan_in}")
-        return None
-
-
-class BoftConfig(TunerConfig):
-    """BOFT (Liu et al. 2024, "Parameter-Efficient Orthogonal Finetuning via Butterfly
-    Factorization", arXiv:2311.06243): the orthogonal R of OFT as a product of
-    `n_butterfly_factor` + 1 sparse butterfly factors of blocks of `block_size` (4)."""
-
-    method: Literal["boft"] = "boft"
-    block_size: int = Field(default=4, gt=0)
-    n_butterfly_factor: int = Field(default=1, ge=0)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-
-    peft_class: ClassVar[str] = "BOFTConfig"
-
-    def peft_kwargs(self) -> dict:
-        return dict(boft_block_size=self.block_size, boft_block_num=0,
-                    boft_n_butterfly_factor=self.n_butterfly_factor,
-                    boft_dropout=self.dropout)
-
-    def divisor_problem(self, name: str, fan_in: int, fan_out: int) -> str | None:
-        if fan_in % self.block_size:
-            return (f"adapter.block_size: {self.block_size} must divide the input width of "
-                    f"every targeted layer; {name} has {fan_in}")
-        return None
-
-
-class HraConfig(TunerConfig):
-    """HRA (Yuan et al. 2024, "Bridging The Gap between Low-rank and Orthogonal Adaptation
-    via Householder Reflection Adaptation", arXiv:2405.17484; the nearest to ETHER's
-    hyperplane reflections): W' = W·Π_i (I - 2 u_i u_iᵀ) with r (8, even) trained
-    reflections per layer; `apply_gs` orthogonalises them (Gram-Schmidt)."""
-
-    method: Literal["hra"] = "hra"
-    r: int = Field(default=8, gt=0)
-    apply_gs: bool = False
-
-    peft_class: ClassVar[str] = "HRAConfig"
-    rank_key: ClassVar[str | None] = "r"
-
-    def peft_kwargs(self) -> dict:
-        return dict(r=self.r, apply_GS=self.apply_gs)
-
-    def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
-        return sum(self.r * layer.dims[0] for layer in layers)
-
-
 class Ia3Config(TunerConfig):
     """(IA)³ (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and
     Cheaper than In-Context Learning", arXiv:2205.05638): learned vectors rescale the keys,
@@ -372,40 +262,7 @@ class Ia3Config(TunerConfig):
                    else layer.dims[1] for layer in layers)
 
 
-class PolyConfig(TunerConfig):
-    """Polytropon (Ponti et al. 2023, "Combining Parameter-efficient Modules for Task-level
-    Generalisation", arXiv:2202.13914): an inventory of `n_skills` LoRA modules (rank r)
-    per layer, mixed by a learned routing. One task (every row has task id 0): peftune's
-    data rows carry no task ids yet. `mhr` splits each module into `n_splits` heads."""
-
-    method: Literal["poly"] = "poly"
-    r: int = Field(default=8, gt=0)
-    n_skills: int = Field(default=4, gt=0)
-    n_splits: int = Field(default=1, gt=0)
-
-    peft_class: ClassVar[str] = "PolyConfig"
-    rank_key: ClassVar[str | None] = "r"
-
-    def peft_kwargs(self) -> dict:
-        return dict(r=self.r, n_tasks=1, n_skills=self.n_skills, n_splits=self.n_splits,
-                    poly_type="poly")
-
-    def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
-        # n_skills LoRA pairs per layer (split into heads, same total) + the task's routing logits
-        return sum(self.n_skills * self.r * (layer.dims[0] + layer.dims[1])
-                   + self.n_skills * self.n_splits for layer in layers)
-
-
-class MhrConfig(PolyConfig):
-    """Multi-Head Routing (Caccia et al. 2023, "Multi-Head Adapter Routing for Cross-Task
-    Generalization", arXiv:2211.03831): Polytropon whose modules are split into `n_splits`
-    (4) heads, each routed on its own; peft's Poly with `n_splits > 1`."""
-
-    method: Literal["mhr"] = "mhr"  # type: ignore[assignment]
-    n_splits: int = Field(default=4, gt=1)
-
-
-def _register(name: str, config: type[TunerConfig], description: str, paper: str, *,
+def register_tuner(name: str, config: type[TunerConfig], description: str, paper: str, *,
               mergeable: bool = True, quantized: frozenset[str], because: str) -> None:
     register(MethodSpec(
         name=name, config=config, apply="peftune.adapters.tuners:apply_tuner",
@@ -414,38 +271,21 @@ def _register(name: str, config: type[TunerConfig], description: str, paper: str
     ))
 
 
-_NO_4BIT = "peft has no bitsandbytes 4-bit layer for it: training fails on a 4-bit base"
-_NO_INT8 = "peft's 8-bit layer for it fails to train"
-_NO_INT4 = "peft has no HQQ layer for it"
-_register("adalora", AdaLoraConfig, "SVD-form LoRA whose rank budget is pruned by importance",
-          "Zhang et al. 2023, arXiv:2303.10512", quantized=BNB_4BIT | INT8, because=_NO_INT4)
-_register("vera", VeraConfig, "shared frozen random A, B; trained scaling vectors",
-          "Kopiczko et al. 2024, arXiv:2310.11454", quantized=BNB_4BIT | INT8, because=_NO_INT4)
-_register("vblora", VbloraConfig, "A, B assembled from a shared trained vector bank",
-          "Li et al. 2024, arXiv:2405.15179", quantized=BNB_4BIT | INT8, because=_NO_INT4)
-_register("randlora", RandloraConfig, "full-rank sum of fixed random bases; diagonal scalings train",
-          "Albert et al. 2025, arXiv:2502.00987", quantized=BNB_4BIT | INT8, because=_NO_INT4)
-_register("miss", MissConfig, "one trained shard shared across W's blocks (MiSS)",
-          "Kang et al. 2024, arXiv:2409.15371", quantized=BNB_4BIT | INT8, because=_NO_INT4)
-_register("bone", BoneConfig, "block-affine update guided by W's own blocks (MiSS 'bat')",
-          "Kang 2024, arXiv:2409.15371v1", quantized=BNB_4BIT | INT8, because=_NO_INT4)
-_register("shira", ShiraConfig, "train a fixed sparse subset (~r(in+out)) of W's entries",
-          "Bhardwaj et al. 2024, arXiv:2406.13175", quantized=BNB_4BIT | INT8, because=_NO_INT4)
-_register("lokr", LokrConfig, "Kronecker-product update C ⊗ (B·A)",
-          "Yeh et al. 2024, arXiv:2309.14859", quantized=INT8, because=_NO_4BIT)
-_register("loha", LohaConfig, "Hadamard product of two low-rank updates",
-          "Hyeon-Woo et al. 2022, arXiv:2108.06098", quantized=INT8, because=_NO_4BIT)
-_register("oft", OftConfig, "block-diagonal orthogonal rotation of W (Cayley)",
-          "Qiu et al. 2023, arXiv:2306.07280", quantized=BNB_4BIT | INT8, because=_NO_INT4)
-_register("boft", BoftConfig, "orthogonal rotation of W from butterfly factors",
-          "Liu et al. 2024, arXiv:2311.06243", quantized=BNB_4BIT | INT8, because=_NO_INT4)
-_register("hra", HraConfig, "chain of r trained Householder reflections of W",
-          "Yuan et al. 2024, arXiv:2405.17484", quantized=INT8, because=_NO_4BIT)
-_register("ia3", Ia3Config, "learned rescaling vectors on keys, values and FFN",
-          "Liu et al. 2022, arXiv:2205.05638", quantized=BNB_4BIT | INT8, because=_NO_INT4)
-_register("poly", PolyConfig, "routed inventory of LoRA skills (one task)",
-          "Ponti et al. 2023, arXiv:2202.13914", mergeable=False, quantized=BNB_4BIT,
-          because="peft's Poly layer fails to train over 8-bit and has no HQQ layer")
-_register("mhr", MhrConfig, "Poly with per-head routing (multi-head routing)",
-          "Caccia et al. 2023, arXiv:2211.03831", mergeable=False, quantized=BNB_4BIT,
-          because="peft's Poly layer fails to train over 8-bit and has no HQQ layer")
+NO_4BIT = "peft has no 4-bit layer for it (bitsandbytes or HQQ): training fails on a 4-bit base"
+NO_INT4 = "peft has no HQQ layer for it"
+register_tuner("adalora", AdaLoraConfig, "SVD-form LoRA whose rank budget is pruned by importance",
+          "Zhang et al. 2023, arXiv:2303.10512", quantized=BNB_4BIT | INT8, because=NO_INT4)
+register_tuner("vera", VeraConfig, "shared frozen random A, B; trained scaling vectors",
+          "Kopiczko et al. 2024, arXiv:2310.11454", quantized=BNB_4BIT | INT8, because=NO_INT4)
+register_tuner("vblora", VbloraConfig, "A, B assembled from a shared trained vector bank",
+          "Li et al. 2024, arXiv:2405.15179", quantized=BNB_4BIT | INT8, because=NO_INT4)
+register_tuner("randlora", RandloraConfig, "full-rank sum of fixed random bases; diagonal scalings train",
+          "Albert et al. 2025, arXiv:2502.00987", quantized=BNB_4BIT | INT8, because=NO_INT4)
+register_tuner("miss", MissConfig, "one trained shard shared across W's blocks (MiSS)",
+          "Kang et al. 2024, arXiv:2409.15371", quantized=BNB_4BIT | INT8, because=NO_INT4)
+register_tuner("bone", BoneConfig, "block-affine update guided by W's own blocks (MiSS 'bat')",
+          "Kang 2024, arXiv:2409.15371v1", quantized=BNB_4BIT | INT8, because=NO_INT4)
+register_tuner("shira", ShiraConfig, "train a fixed sparse subset (~r(in+out)) of W's entries",
+          "Bhardwaj et al. 2024, arXiv:2406.13175", quantized=BNB_4BIT | INT8, because=NO_INT4)
+register_tuner("ia3", Ia3Config, "learned rescaling vectors on keys, values and FFN",
+          "Liu et al. 2022, arXiv:2205.05638", quantized=BNB_4BIT | INT8, because=NO_INT4)

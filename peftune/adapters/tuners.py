@@ -11,8 +11,9 @@ from typing import Any
 
 from peftune.adapters.common import load_trainable_state, save_with_tokenizer, trainable_state
 from peftune.adapters.hooks import AdapterHooks
+from peftune.adapters.product_configs import PolyConfig
 from peftune.adapters.targets import peft_targets
-from peftune.adapters.tuner_configs import AdaLoraConfig, PolyConfig
+from peftune.adapters.tuner_configs import AdaLoraConfig
 from peftune.errors import InputError
 
 
@@ -27,9 +28,10 @@ def apply_tuner(model: Any, config: Any, *, tokenizer: Any = None,
         peft_model = get_peft_model(model, peft_config)
     except ValueError as err:  # peft's own shape checks, e.g. a block size that does not fit
         raise InputError(f"adapter: {config.method}: {str(err).splitlines()[0]}") from err
-    hooks = AdapterHooks(export=export_peft_adapter, trainable_state=trainable_state,
+    hooks = AdapterHooks(export=save_with_tokenizer, trainable_state=trainable_state,
                          load_trainable_state=load_trainable_state)
     if isinstance(config, AdaLoraConfig):
+        hooks.trainable_state, hooks.load_trainable_state = adalora_state, load_adalora_state
         hooks.after_step.append(adalora_allocate)
         if config.orth_reg_weight > 0:
             hooks.extra_loss = adalora_orthogonality(config.orth_reg_weight)
@@ -38,14 +40,41 @@ def apply_tuner(model: Any, config: Any, *, tokenizer: Any = None,
     return peft_model, hooks
 
 
-def export_peft_adapter(model: Any, out_dir: Any, tokenizer: Any = None) -> None:
-    """Write `out_dir` as a PEFT adapter directory (config + safetensors, tokenizer beside)."""
-    save_with_tokenizer(model, out_dir, tokenizer)
-
-
 def adalora_allocate(model: Any, step: int) -> None:
     """AdaLoRA's importance update and budget masking; needs this step's gradients."""
     getattr(model, "module", model).base_model.update_and_allocate(step)
+
+
+_ALLOCATOR = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # the RankAllocator's importance EMAs
+
+
+def adalora_state(model: Any) -> dict:
+    """The trained tensors plus what AdaLoRA's allocation carries from step to step: the
+    importance averages and, once set, the final rank pattern."""
+    import torch
+
+    state = trainable_state(model)
+    tuner = model.base_model
+    for attr in _ALLOCATOR:
+        for name, tensor in getattr(tuner.rankallocator, attr).items():
+            state[f"adalora.{attr}.{name}"] = tensor.detach().to("cpu", copy=True)
+    for name, mask in (tuner.peft_config[tuner.trainable_adapter_name].rank_pattern or {}).items():
+        state[f"adalora.rank_pattern.{name}"] = torch.tensor(mask)
+    return state
+
+
+def load_adalora_state(model: Any, state: dict) -> None:
+    tuner = model.base_model
+    device = next(model.parameters()).device
+    ours = {k: v for k, v in state.items() if k.startswith("adalora.")}
+    load_trainable_state(model, {k: v for k, v in state.items() if k not in ours})
+    for attr in _ALLOCATOR:
+        prefix = f"adalora.{attr}."
+        setattr(tuner.rankallocator, attr, {k[len(prefix):]: v.to(device) for k, v in ours.items()
+                                            if k.startswith(prefix)})
+    pattern = {k[len("adalora.rank_pattern."):]: v.tolist() for k, v in ours.items()
+               if k.startswith("adalora.rank_pattern.")}
+    tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = pattern or None
 
 
 def adalora_orthogonality(weight: float) -> Any:

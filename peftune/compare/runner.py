@@ -71,7 +71,10 @@ def run_compare(*, recipe_path: str | Path, methods: str | Sequence[str],
     shared = runs[0].recipe
     out = Path(out) if out is not None else Path(os.path.normpath(shared.output.dir) + "-compare")
     check_compare_dir(out, overwrite=overwrite)
-    _check_data_paths(shared)
+    from peftune.train.runner import check_data_paths
+
+    for run in runs:  # each method's own paths too (adapter.calibration.data)
+        check_data_paths(run.recipe)
 
     if out.exists():
         shutil.rmtree(out)
@@ -229,14 +232,6 @@ def check_compare_dir(out: Path, *, overwrite: bool) -> None:
         if not (out / MARKER).is_file():
             raise InputError(f"--overwrite: {out} is not a peftune compare directory (no "
                              f"{MARKER}); refusing to delete it. Choose another --out")
-
-
-def _check_data_paths(recipe: Recipe) -> None:
-    from peftune.data.sources import resolve_source
-
-    for key, path in (("data.train", recipe.data.train), ("data.val", recipe.data.val)):
-        if path is not None:
-            resolve_source(path, key=key)
 
 
 def _row(run: MethodRun, out: Path) -> dict[str, Any]:

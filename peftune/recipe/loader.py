@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from peftune.adapters.registry import get_method, method_names
 from peftune.errors import InputError
+from peftune.recipe.architecture import model_problems
 from peftune.recipe.errors import (
     Locations,
     Problem,
@@ -416,6 +417,9 @@ def _validate(data: dict, where: Locations) -> tuple[Recipe | None, list[Problem
     recipe = recipe.model_copy(update={"adapter": method_config})
     for path, message in cross_field_problems(recipe):
         problems.append(Problem(locate(tuple(path), where), tuple(path), message))
+    if not problems:  # the adapter against the model's layers, when config.json is at hand
+        for path, message in model_problems(recipe):
+            problems.append(Problem(locate(tuple(path), where), tuple(path), message))
     return (None if problems else recipe), problems
 
 

@@ -17,6 +17,7 @@ from pydantic import (
     SerializeAsAny,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -137,6 +138,125 @@ class OutputSection(Section):
     dir: str = "runs/my-run"
 
 
+# The keys each eval task reads besides the shared ones (a key of another task is an error).
+EVAL_TASK_KEYS = {
+    "perplexity": frozenset({"format", "text_field", "prompt_field", "input_field",
+                             "response_field", "messages_field", "prompt_template", "add_eos",
+                             "window", "stride"}),
+    "choice": frozenset({"prompt_field", "prompt_template", "choices_field", "answer_field"}),
+    "generate": frozenset({"format", "prompt_field", "input_field", "response_field",
+                           "messages_field", "prompt_template", "max_new_tokens", "temperature",
+                           "top_p", "seed", "stop", "metrics", "normalize", "answer_regex"}),
+}
+
+
+_EVAL_SHARED_KEYS = frozenset({"task", "name", "data", "max_examples", "batch_size",
+                               "on_bad_row"})
+
+
+class EvalTask(Section):
+    """One evaluation task of `peftune eval` or a recipe's `eval:` block (peftune.evaluate).
+
+    Shared keys first; each task's own keys follow and are accepted only with that task.
+    The data keys have the data section's names and defaults (a test keeps them in step)."""
+
+    task: Literal["perplexity", "choice", "generate"]
+    name: str | None = Field(default=None, description="the task's name in the report")
+    data: str | None = Field(default=None, description="jsonl | json | parquet | csv | saved "
+                             "datasets dir (a recipe's eval: block defaults to data.val)")
+    max_examples: int | None = Field(default=None, gt=0)
+    batch_size: int | None = Field(default=None, gt=0)
+    on_bad_row: Literal["error", "skip"] = "error"
+    format: Literal["text", "instruction", "chat"] = "text"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    input_field: str | None = None
+    response_field: str = "response"
+    messages_field: str = "messages"
+    prompt_template: str = "{prompt}\n"
+    add_eos: bool = True
+    # perplexity: tokens per forward pass (default: the model's context, at most 1024) and
+    # the step between windows of a longer text (default: half a window)
+    window: int | None = Field(default=None, gt=1)
+    stride: int | None = Field(default=None, gt=0)
+    # choice
+    choices_field: str = "choices"
+    answer_field: str = "answer"
+    # generate
+    max_new_tokens: int = Field(default=32, gt=0)
+    temperature: float = Field(default=0.0, ge=0.0)  # 0: greedy
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    stop: list[str] = Field(default_factory=list)
+    metrics: list[Literal["exact_match", "contains", "regex_match"]] = ["exact_match"]
+    normalize: list[Literal["strip", "lower", "whitespace", "punctuation", "articles"]] = ["strip"]
+    # regex_match: the last match in prediction and reference (group 1 if the pattern has
+    # one) is compared; the default finds the final number (GSM8K-style answers)
+    answer_regex: str = r"-?\d[\d,]*(?:\.\d+)?"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _generate_reads_pairs(cls, data: Any) -> Any:
+        # generation needs a prompt and a reference: instruction rows unless told otherwise
+        if isinstance(data, dict) and data.get("task") == "generate" and "format" not in data:
+            data = {**data, "format": "instruction"}
+        return data
+
+    @field_validator(*sorted(set().union(*EVAL_TASK_KEYS.values())))
+    @classmethod
+    def _own_task(cls, value: Any, info: ValidationInfo) -> Any:
+        task = info.data.get("task")
+        if task is not None and info.field_name not in EVAL_TASK_KEYS[task]:
+            owners = [t for t, keys in EVAL_TASK_KEYS.items() if info.field_name in keys]
+            raise ValueError(f"task {task} has no such key; only task {' and '.join(owners)} "
+                             "reads it")
+        return value
+
+    @model_validator(mode="after")
+    def _task_checks(self) -> EvalTask:
+        if self.task == "generate" and self.format == "text":
+            raise ValueError("task generate needs prompt -> reference pairs: set format: "
+                             "instruction (prompt_field, response_field) or chat")
+        if self.window is not None and self.stride is not None and self.stride >= self.window:
+            raise ValueError(f"stride {self.stride} must be less than window {self.window} "
+                             "(each window keeps window - stride tokens of context)")
+        if "regex_match" in self.metrics:
+            import re
+
+            try:
+                re.compile(self.answer_regex)
+            except re.error as err:
+                raise ValueError(f"answer_regex is not a valid regular expression: {err}") from None
+        return self
+
+    @model_serializer(mode="wrap")
+    def _own_keys_only(self, handler: Any) -> dict:
+        # A dump (a run's recipe.yaml, a report) holds the task's own keys only, so that it
+        # loads back: another task's key is an error.
+        own = EVAL_TASK_KEYS[self.task] | _EVAL_SHARED_KEYS
+        return {key: value for key, value in handler(self).items() if key in own}
+
+    @property
+    def label(self) -> str:
+        return self.name or self.task
+
+
+class EvalSection(Section):
+    """Evaluation tasks: `peftune eval --config FILE` reads a file with this section, and a
+    training recipe's `eval:` block runs them on the trained model at the end of the run."""
+
+    tasks: list[EvalTask] = Field(default_factory=list)
+    batch_size: int = Field(default=8, gt=0)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EvalSection:
+        labels = [task.label for task in self.tasks]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"two tasks are named {twice[0]!r}; give each a distinct name")
+        return self
+
+
 class Recipe(Section):
     """A fully resolved recipe. `extends:` has been applied before validation."""
 
@@ -148,6 +268,8 @@ class Recipe(Section):
     data: DataSection
     train: TrainSection = TrainSection()
     output: OutputSection = OutputSection()
+    # Run on the trained model at the end of training; left out of a dump while empty.
+    eval: EvalSection = Field(default_factory=EvalSection, exclude_if=lambda e: not e.tasks)
 
     @field_validator("model", mode="before")
     @classmethod

@@ -186,8 +186,8 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
         optimizer.step()
         if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips inf steps
             scheduler.step()
-        for after_step in hooks.after_step:  # before zero_grad: some read this step's grads
-            after_step(model, state.step + 1)
+            for after_step in hooks.after_step:  # before zero_grad: some read the gradients
+                after_step(model, state.step + 1)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         loop.on_step(state.step)

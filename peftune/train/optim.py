@@ -32,7 +32,9 @@ def optimizer_class(name: str) -> Any:
 def build_optimizer(model: Any, cfg: TrainSection) -> Any:
     """`train.optimizer` over the trainable parameters. With `train.loraplus_ratio`, LoRA+
     (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models",
-    arXiv:2402.12354) through peft: LoRA's B matrices learn at ratio x lr, A at lr."""
+    arXiv:2402.12354) through peft: LoRA's B matrices, and as peft groups them every 1-D
+    trained tensor (DoRA magnitudes, biases), learn at ratio x lr; A and LoRA embeddings at
+    lr. `train.weight_decay` applies as without LoRA+."""
     cls = optimizer_class(cfg.optimizer)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas))
     if cfg.loraplus_ratio is not None:
@@ -40,7 +42,8 @@ def build_optimizer(model: Any, cfg: TrainSection) -> Any:
 
         return create_loraplus_optimizer(model=model, optimizer_cls=cls,
                                          loraplus_lr_ratio=cfg.loraplus_ratio,
-                                         weight_decay=cfg.weight_decay, **kwargs)
+                                         loraplus_weight_decay=cfg.weight_decay,
+                                         loraplus_lr_embedding=cfg.lr, **kwargs)
     return cls(parameter_groups(model, cfg.weight_decay), **kwargs)
 
 

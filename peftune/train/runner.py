@@ -50,7 +50,7 @@ def run_train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     checkpoint = check_output_dir(out, resume=resume, overwrite=overwrite)
     if checkpoint is not None:
         _check_same_recipe(recipe, out)
-    _check_data_paths(recipe)
+    check_data_paths(recipe)
 
     from peftune.train.session import run_session
     from peftune.train.setup import build_training
@@ -66,13 +66,15 @@ def run_train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     return run_session(built, out, checkpoint)
 
 
-def _check_data_paths(recipe: Recipe) -> None:
+def check_data_paths(recipe: Recipe) -> None:
     """The data files exist and are of a kind we read: checked before any model loads."""
     from peftune.data.sources import resolve_source
 
     calibration = getattr(recipe.adapter, "calibration", None)
-    for key, path in (("data.train", recipe.data.train), ("data.val", recipe.data.val),
-                      ("adapter.calibration.data", getattr(calibration, "data", None))):
+    paths = [("data.train", recipe.data.train), ("data.val", recipe.data.val),
+             ("adapter.calibration.data", getattr(calibration, "data", None))]
+    paths += [(f"eval.tasks[{i}].data", task.data) for i, task in enumerate(recipe.eval.tasks)]
+    for key, path in paths:
         if path is not None:
             resolve_source(path, key=key)
 
@@ -84,8 +86,12 @@ def _check_same_recipe(recipe: Recipe, out: Path) -> None:
     if not saved_path.is_file():
         raise InputError(f"--resume: {saved_path} is missing; this is not a peftune run directory")
     saved = load_recipe(saved_path).model_dump()
-    changed = sorted(key for key in _flat_diff(saved, recipe.model_dump())
-                     if key not in RESUMABLE_CHANGES)
+    diff = _flat_diff(saved, recipe.model_dump())
+    changed = sorted(key for key in diff if key not in RESUMABLE_CHANGES)
+    length = sorted(diff & {"train.max_steps", "train.epochs"})
+    if length and recipe.adapter.schedules_by_length:
+        raise InputError(f"--resume: adapter.method {recipe.adapter.method} schedules by the "
+                         f"run's length, so {length[0]} must stay as the run's recipe.yaml has it")
     if changed:
         raise InputError(f"--resume: the recipe differs from the run's recipe.yaml in "
                          f"{', '.join(changed)}; resume with the same recipe or use --overwrite")

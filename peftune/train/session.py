@@ -27,9 +27,11 @@ from peftune.train.reporting import (
 
 
 def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
+    from peftune.evaluate.command import eval_after_training, prepare_recipe_eval
     from peftune.recipe import recipe_to_yaml
 
     recipe = built.recipe
+    eval_tasks = prepare_recipe_eval(recipe, built.tokenizer, out)  # bad eval data: stop now
     (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     state = restore(built, checkpoint) if checkpoint is not None else TrainerState()
     metrics = MetricsLog(out / "metrics.jsonl",
@@ -75,6 +77,9 @@ def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
     records = metrics.read()
     plot = plot_losses(records, out / "loss.png")
     summary = _summary(built, state, records, artifact, plot, train_seconds, peak)
+    if eval_tasks:  # the recipe's eval: block, on the trained model, into out/eval
+        summary["eval"] = eval_after_training(recipe, eval_tasks, out=out, quiet=built.quiet,
+                                              model=built.unwrapped_model, tokenizer=built.tokenizer)
     write_summary(out / "summary.json", summary)
     _print_footer(display, out, summary)
     return summary

@@ -101,6 +101,7 @@ class DyrankConfig(LowRankConfig):
     prune_start: float = Field(default=0.1, ge=0.0, lt=1.0)
     prune_end: float = Field(default=0.8, gt=0.0, le=1.0)
     regularizer: float = Field(default=1e-4, ge=0.0)
+    schedules_by_length: ClassVar[bool] = True
     core: ClassVar[str | None] = "diag"
     trainable: ClassVar[tuple[str, ...]] = ("A", "M", "B")
 
@@ -183,6 +184,7 @@ class LamdaConfig(LowRankConfig):
 
     method: Literal["lamda"] = "lamda"
     train_b_for: float = Field(default=0.3, ge=0.0, le=1.0)
+    schedules_by_length: ClassVar[bool] = True
     core: ClassVar[str | None] = "full"
     trainable: ClassVar[tuple[str, ...]] = ("M", "B")
 
