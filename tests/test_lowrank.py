@@ -178,7 +178,7 @@ def test_resume_from_a_checkpoint_ends_bitwise_equal(tmp_path, tiny_model_dir, t
      "adapter.export_rank (6) must not exceed the maximum rank adapter.r (4)"),
     ({"method": "nola", "num_basis": 0}, "NOLA needs at least one random basis per factor; got 0"),
     ({"method": "dyrank", "r": 4, "target_r": 6}, "adapter.target_r (6) must not exceed adapter.r (4)"),
-    ({"method": "nlora", "alpha": 4}, "adapter.alpha has no effect on nlora"),
+    ({"method": "nlora", "alpha": 4}, "adapter.alpha: unknown key for adapter method nlora"),
     ({"method": "svfit", "modules_to_save": ["lm_head"]}, "native low-rank methods do not train"),
 ])
 def test_native_recipe_refusals(tmp_path, tiny_model_dir, text_data, adapter, expected):

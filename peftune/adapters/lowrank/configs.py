@@ -17,8 +17,10 @@ from peftune.adapters.registry import BNB_4BIT, INT8, MethodSpec, register
 
 
 class LowRankConfig(TargetedConfig):
+    """Keys every native method shares; methods whose factors come from W itself (its SVD,
+    LU or Nyström sketch) use them unscaled and have no `alpha`."""
+
     r: int = Field(default=8, gt=0)
-    alpha: float = Field(default=16, gt=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
     rank_key: ClassVar[str | None] = "r"
@@ -37,7 +39,7 @@ class LowRankConfig(TargetedConfig):
         return value
 
     def scaling(self) -> float:
-        return self.alpha / self.r
+        return 1.0
 
     def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
         count = 0
@@ -50,7 +52,16 @@ class LowRankConfig(TargetedConfig):
         return count
 
 
-class SoraConfig(LowRankConfig):
+class ScaledConfig(LowRankConfig):
+    """A native method with LoRA's scaling: the update is multiplied by alpha / r."""
+
+    alpha: float = Field(default=16, gt=0)
+
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class SoraConfig(ScaledConfig):
     """SoRA (Ding et al. 2023, "Sparse Low-rank Adaptation of Pre-trained Language Models",
     arXiv:2311.11696): B·diag(g)·A with a gate g (ones at init) between A and B. After each
     optimizer step a proximal L1 step soft-thresholds the gates,
@@ -63,7 +74,7 @@ class SoraConfig(LowRankConfig):
     trainable: ClassVar[tuple[str, ...]] = ("A", "M", "B")
 
 
-class DyloraConfig(LowRankConfig):
+class DyloraConfig(ScaledConfig):
     """DyLoRA (Valipour et al. 2023, "DyLoRA: Parameter-Efficient Tuning of Pre-trained
     Models using Dynamic Search-Free Low-Rank Adaptation", arXiv:2210.07558): every step
     samples b in [min_rank, r] and trains with the truncated product B[:, :b]·A[:b, :]
@@ -84,7 +95,7 @@ class DyloraConfig(LowRankConfig):
         return self
 
 
-class DyrankConfig(LowRankConfig):
+class DyrankConfig(ScaledConfig):
     """Dynamic-rank DoRA (Mao et al. 2024, "DoRA: Enhancing Parameter-Efficient Fine-Tuning
     with Dynamic Rank Distribution", ) -- NOT the weight-decomposed `dora`
     of Liu et al. ΔW = Σ_i c_i·B[:, i]·A[i, :] with c = 0 at init. The importance of
@@ -115,7 +126,7 @@ class DyrankConfig(LowRankConfig):
         return self
 
 
-class SloraConfig(LowRankConfig):
+class SloraConfig(ScaledConfig):
     """SLoRA (Guo et al. 2025, "NLoRA: Nyström-Initiated Low-Rank Adaptation for Large
     Language Models", its baseline): ΔW = B·M·A with a trained r x r core
     M (identity at init), A Kaiming, B zero."""
@@ -126,28 +137,17 @@ class SloraConfig(LowRankConfig):
 
 
 class NloraConfig(LowRankConfig):
-    """NLoRA (Guo et al. 2025, "NLoRA: Nyström-Initiated Low-Rank Adaptation"): B·M·A initialised from a Nyström
-    approximation of W: r sampled columns C = W[:, J] give B, r sampled rows R = W[I, :]
-    give A, and M = pinv(W[I, J]), so B·M·A ≈ W without a full SVD; W is replaced by the
-    residual W - B·M·A (scaling 1). `seed` chooses the rows and columns. The paper reports
-    GSM8K 57.70% against SLoRA's 56.48%."""
+    """NLoRA (Guo et al. 2025, "NLoRA: Nyström-Initiated Low-Rank Adaptation"): B·M·A
+    initialised from a Nyström approximation of W: r sampled columns C = W[:, J] give B,
+    r sampled rows R = W[I, :] give A, and M = pinv(W[I, J]), so B·M·A ≈ W without a full
+    SVD; W is replaced by the residual W - B·M·A (unscaled: no alpha). `seed` chooses the
+    rows and columns. The paper reports GSM8K 57.70% against SLoRA's 56.48%."""
 
     method: Literal["nlora"] = "nlora"
-    alpha: float = Field(default=8, gt=0)
     seed: int = 0
     core: ClassVar[str | None] = "full"
     trainable: ClassVar[tuple[str, ...]] = ("A", "M", "B")
     residual: ClassVar[bool] = True
-
-    def scaling(self) -> float:
-        return 1.0  # the factors are W's own Nyström sketch
-
-    @model_validator(mode="after")
-    def _alpha_unused(self) -> NloraConfig:
-        if "alpha" in self.model_fields_set:
-            raise ValueError(f"adapter.alpha has no effect on {self.method}: its factors are "
-                             "W's own sketch (scaling 1); remove it")
-        return self
 
 
 class InttuneConfig(NloraConfig):
@@ -159,7 +159,7 @@ class InttuneConfig(NloraConfig):
     trainable: ClassVar[tuple[str, ...]] = ("M",)
 
 
-class LoraSbConfig(LowRankConfig):
+class LoraSbConfig(ScaledConfig):
     """LoRA-SB (Ponkshe et al. 2024, "Initialization using Update Approximation is a Silver
     Bullet for Extreme Efficient Low-Rank Fine-Tuning"), on LoRA-XS's
     structure: W + s·B·R·A with A, B frozen and only the r x r R trained. The full-weight
@@ -175,7 +175,7 @@ class LoraSbConfig(LowRankConfig):
     calibrated: ClassVar[bool] = True
 
 
-class LamdaConfig(LowRankConfig):
+class LamdaConfig(ScaledConfig):
     """LaMDA (Azizi et al. 2024, "LaMDA: Large Model Fine-Tuning via Spectrally Decomposed
     Low-Dimensional Adaptation"): the path B·S·A with A frozen (Kaiming),
     an r x r S trained (identity at init), and B trained (zero at init) for the first
@@ -200,9 +200,6 @@ class SvfitConfig(LowRankConfig):
     trainable: ClassVar[tuple[str, ...]] = ("M",)
     residual: ClassVar[bool] = True
 
-    def scaling(self) -> float:
-        return 1.0
-
 
 class LolduConfig(SvfitConfig):
     """LoLDU (Shi et al. 2024, "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper
@@ -215,7 +212,7 @@ class LolduConfig(SvfitConfig):
     trainable: ClassVar[tuple[str, ...]] = ("M", "scalar")
 
 
-class NolaConfig(LowRankConfig):
+class NolaConfig(ScaledConfig):
     """NOLA (Koohpayegani et al. 2024, "NOLA: Compressing LoRA using Linear Combination of
     Random Basis", arXiv:2310.02556): A = Σ_i α_i·A_i and B = Σ_j β_j·B_j over
     `num_basis` frozen random bases per factor and layer, regenerated from `basis_seed`;
@@ -237,7 +234,7 @@ class NolaConfig(LowRankConfig):
         return 2 * self.num_basis * len(layers)
 
 
-class S2loraConfig(LowRankConfig):
+class S2loraConfig(ScaledConfig):
     """Sparsely shared LoRA (Liu et al. 2023, "Sparsely Shared LoRA on Whisper for Child
     Speech Recognition"): one A, B pair shared by all targeted modules
     of the same shape, and per-module rank coefficients c_m (ΔW_m = B·diag(c_m)·A) pushed
@@ -267,11 +264,8 @@ class SorsaConfig(LowRankConfig):
     trainable: ClassVar[tuple[str, ...]] = ("A", "M", "B")
     residual: ClassVar[bool] = True
 
-    def scaling(self) -> float:
-        return 1.0
 
-
-class HydraConfig(LowRankConfig):
+class HydraConfig(ScaledConfig):
     """Hydra (Kim et al. 2024, "Hydra: Multi-head Low-rank Adaptation for Parameter
     Efficient Fine-tuning"): a parallel branch B_p·A_p·x plus a
     sequential branch B_s·A_s·(W·x), both LoRA-initialised (B zero); it merges as
