@@ -202,6 +202,40 @@ def eval_(
                  overwrite=overwrite, quiet=quiet, lm_eval=lm_eval)
 
 
+@app.command()
+def merge(
+    target: Annotated[str | None, typer.Argument(
+        help="a training run directory, or a merge.yaml combining several LoRAs",
+        show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="output directory (default: RUN/merged; merge.yaml: its merge.out)",
+        show_default=False)] = None,
+    base: Annotated[str | None, typer.Option(help="base model directory (with --adapter)",
+                                             show_default=False)] = None,
+    adapter: Annotated[str | None, typer.Option(help="PEFT adapter directory to fold into --base",
+                                                show_default=False)] = None,
+    shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB, 500MB")] = "5GB",
+    dtype: Annotated[str, typer.Option(
+        help="auto (the base's), float32, bfloat16 or float16")] = "auto",
+    out_rank: Annotated[int | None, typer.Option(
+        min=1, help="merge.yaml: write a LoRA of this rank (SVD of the merged ΔW) instead of "
+        "a full model", show_default=False)] = None,
+    allow_noop: Annotated[bool, typer.Option(
+        "--allow-noop", help="write even when the adapter changes nothing")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite",
+                                            help="replace an earlier merge in --out")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress lines")] = False,
+) -> None:
+    """Fold an adapter into its base (verified), or combine several LoRAs (merge.yaml)."""
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise InputError(f"--dtype {dtype}: choose auto, float32, bfloat16 or float16")
+    from peftune.merge.runner import run_merge
+
+    run_merge(target=target, base=base, adapter=adapter, out=out, shard_size=shard_size,
+              dtype=dtype, overwrite=overwrite, allow_noop=allow_noop, out_rank=out_rank,
+              quiet=quiet)
+
+
 @app.command("tiny-model")
 def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="directory to write the model into")],

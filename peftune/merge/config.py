@@ -1,0 +1,118 @@
+"""merge.yaml: several LoRA adapters of one base combined by a merge method. A `merge:`
+section, validated through the recipe loader's YAML reading and error machinery, so every
+problem is reported at once as `merge.yaml:LINE: merge.key: message`. Torch-free.
+
+    merge:
+      method: ties                 # `peftune merge --help` / docs/merging.md list them
+      adapters:
+        - {path: runs/math, weight: 1.0, density: 0.3}
+        - {path: runs/code}        # weight 1, merge.density
+      density: 0.5                 # kept fraction per adapter (trim / DARE), in (0, 1]
+      lambda: 1.0                  # scales the merged delta
+      seed: 0                      # DARE's drop masks
+      out: runs/merged
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from peftune.errors import InputError
+from peftune.merge.registry import MERGE_METHODS, merge_method_names
+from peftune.recipe.errors import Locations, Problem, did_you_mean, locate, pydantic_problems, show
+
+Density = Field(default=None, gt=0, le=1)
+
+
+class MergeAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    path: str = Field(description="a training run directory or a PEFT LoRA adapter directory")
+    weight: float = 1.0
+    density: float | None = Density
+
+
+class MergeSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+    method: str = Field(description="linear, task_arithmetic, ties, dare_linear, ...")
+    adapters: list[MergeAdapter] = Field(min_length=1)
+    base: str | None = None
+    density: float | None = Density
+    lambda_: float = Field(default=1.0, alias="lambda")
+    q: float | None = Field(default=None, gt=0, le=1)
+    seed: int = 0
+    out: str | None = None
+    out_rank: int | None = Field(default=None, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    shard_size: str = "5GB"
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method; choose one of: "
+                             f"{', '.join(merge_method_names())}{did_you_mean(value, merge_method_names())}")
+        return value
+
+    def density_of(self, i: int) -> float:
+        own = self.adapters[i].density
+        return own if own is not None else (self.density if self.density is not None else 1.0)
+
+
+def load_merge_config(path: Path) -> tuple[MergeSection, Locations]:
+    """The validated merge section and where each key was written (for later path errors)."""
+    from peftune.recipe.loader import _apply_extends, _read_yaml, _unique_lines
+
+    shown = str(path)
+    data, where, problems = _read_yaml(path, shown, order=0)
+    data, where, problems = _apply_extends(data, where, problems, path, shown)
+    extra = sorted(set(data) - {"merge"})
+    if extra:
+        problems.append(Problem(locate((extra[0],), where), (extra[0],),
+                                "a merge file has only a merge: section (method:, adapters:, ...)"))
+    section = data.get("merge")
+    if not isinstance(section, dict):
+        raise InputError(f"{locate(('merge',), where).text}: merge: expected a mapping (method:, "
+                         f"adapters:, ...), got {show(section)}")
+    config = None
+    try:
+        config = MergeSection.model_validate(section)
+    except ValidationError as err:
+        problems += pydantic_problems(err.errors(include_url=False), data, where,
+                                      root=MergeSection, prefix=("merge",))
+    if config is not None:
+        problems += _method_problems(config, where)
+    if problems or config is None:
+        raise InputError(*_unique_lines(problems))
+    return config, where
+
+
+def _method_problems(config: MergeSection, where: Locations) -> list[Problem]:
+    """Keys that the chosen method needs, or does not read (a key it ignores is an error)."""
+    method = MERGE_METHODS[config.method]
+    problems = []
+
+    def problem(path: tuple, message: str) -> None:
+        problems.append(Problem(locate(("merge", *path), where), ("merge", *path), message))
+
+    if method.uses_q and config.q is None:
+        problem(("q",), f"required by {config.method}: survivors are rescaled by 1/q, q in (0, 1]")
+    if not method.uses_q and config.q is not None:
+        problem(("q",), f"{config.method} does not use q (only darex_q does); remove it")
+    if not method.uses_density:
+        hint = ("density does not apply: use ties, dare_linear, dare_ties, darex_q or "
+                "magnitude_prune, or remove it")
+        if config.density is not None:
+            problem(("density",), f"{config.method} keeps every entry, so {hint}")
+        for i, adapter in enumerate(config.adapters):
+            if adapter.density is not None:
+                problem(("adapters", i, "density"), f"{config.method} keeps every entry, so {hint}")
+    return problems
+
+
+def where_text(where: Locations, *path: object) -> str:
+    return locate(("merge", *path), where).text

@@ -1,0 +1,222 @@
+"""Writing a merged model directory, one base shard at a time (streaming).
+
+Each tensor of each base shard is read alone (safetensors `safe_open`), its delta (if any)
+is added in fp32, and it is cast to the output dtype and buffered until the output shard
+reaches `--shard-size`; the buffer is then written and dropped. Peak memory: about one
+output shard plus the adapter, whatever the model's size. The output is a Hugging Face
+model directory: `model.safetensors` or `model-0000i-of-0000n.safetensors` with
+`model.safetensors.index.json`, config.json (its dtype updated), generation config and the
+tokenizer with its chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from peftune.errors import InputError
+
+INDEX = "model.safetensors.index.json"
+REPORT = "merge_report.json"
+_WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|msgpack|h5)$|.*\.index\.json$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json",
+                    "merges.txt", "added_tokens.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '200KB', '1000' (bytes) -> bytes (decimal units, like transformers)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise InputError(f"--shard-size {text}: expected a size such as 5GB, 500MB or 200KB")
+    unit = (match[2] or "B").upper()
+    factor = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    size = int(float(match[1]) * factor)
+    if size <= 0:
+        raise InputError(f"--shard-size {text}: must be more than 0 bytes")
+    return size
+
+
+def base_shards(base: Path) -> list[Path]:
+    """The base's safetensors files in order; one InputError line when it has none."""
+    index = base / INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [base / name for name in dict.fromkeys(sorted(weight_map.values()))]
+    if (base / "model.safetensors").is_file():
+        return [base / "model.safetensors"]
+    raise InputError(f"--base {base}: no model.safetensors or {INDEX}; merging reads "
+                     "safetensors weights (re-save the base with safe_serialization=True)")
+
+
+def base_tensor_shapes(base: Path) -> dict[str, tuple[int, ...]]:
+    """Every base tensor's shape, read from the file headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for shard in base_shards(base):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+@dataclass
+class MergeStats:
+    """What the deltas changed: modules, and ‖ΔW‖ against ‖W‖ over the changed tensors."""
+
+    modules_changed: int = 0
+    tensors_replaced: int = 0
+    delta_sq: float = 0.0
+    weight_sq: float = 0.0
+    max_relative: float = 0.0
+    largest: list[tuple[str, float]] = field(default_factory=list)
+
+    def add(self, name: str, weight: torch.Tensor, delta: torch.Tensor) -> None:
+        d, w = float(delta.double().pow(2).sum()), float(weight.double().pow(2).sum())
+        if d > 0:
+            self.modules_changed += 1
+        self.delta_sq += d
+        self.weight_sq += w
+        relative = (d / w) ** 0.5 if w > 0 else float("inf")
+        self.max_relative = max(self.max_relative, relative)
+        self.largest = sorted([*self.largest, (name, relative)], key=lambda x: -x[1])[:5]
+
+    @property
+    def relative_delta_norm(self) -> float:
+        return (self.delta_sq / self.weight_sq) ** 0.5 if self.weight_sq > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"modules_changed": self.modules_changed, "tensors_replaced": self.tensors_replaced,
+                "relative_delta_norm": self.relative_delta_norm,
+                "max_module_relative_delta_norm": self.max_relative,
+                "largest_relative_deltas": dict(self.largest)}
+
+
+class ShardWriter:
+    """Buffers tensors and writes a safetensors shard whenever `max_bytes` is reached."""
+
+    def __init__(self, out: Path, max_bytes: int):
+        self.out, self.max_bytes = out, max_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffered = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.buffer and self.buffered + size > self.max_bytes:
+            self.flush()
+        self.buffer[name] = tensor.contiguous()
+        self.buffered += size
+        self.total += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buffer:
+            return
+        path = self.out / f".shard-{len(self.files):05d}.safetensors"
+        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.buffer)))
+        self.buffer, self.buffered = {}, 0
+
+    def close(self) -> list[str]:
+        """Name the shards as transformers does; write the index when there are several."""
+        self.flush()
+        count = len(self.files)
+        if count == 1:
+            self.files[0][0].rename(self.out / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map, names = {}, []
+        for i, (path, tensors) in enumerate(self.files, start=1):
+            name = f"model-{i:05d}-of-{count:05d}.safetensors"
+            path.rename(self.out / name)
+            names.append(name)
+            weight_map.update(dict.fromkeys(tensors, name))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def iter_base_tensors(base: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every base tensor, one at a time, shard after shard (one open shard)."""
+    from safetensors import safe_open
+
+    for shard in base_shards(base):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def write_merged(*, base: Path, out: Path, delta_of: Callable[[str], torch.Tensor | None],
+                 replaced: dict[str, torch.Tensor], dtype: str, shard_bytes: int,
+                 tokenizer_from: Path | None) -> tuple[MergeStats, list[str]]:
+    """Stream the base into `out` with every delta added; returns the stats and the shards."""
+    stats = MergeStats()
+    writer = ShardWriter(out, shard_bytes)
+    for name, tensor in iter_base_tensors(base):
+        target = DTYPES.get(dtype, tensor.dtype) if tensor.is_floating_point() else tensor.dtype
+        delta = delta_of(name)
+        if name in replaced:
+            stats.tensors_replaced += 1
+            tensor = replaced[name]
+        elif delta is not None:
+            stats.add(name, tensor, delta)
+            tensor = tensor.float() + delta
+        writer.add(name, tensor.to(target))
+        del tensor, delta
+    files = writer.close()
+    copy_model_files(base, out, dtype=dtype if dtype in DTYPES else None,
+                     tokenizer_from=tokenizer_from)
+    return stats, files
+
+
+def copy_model_files(base: Path, out: Path, *, dtype: str | None,
+                     tokenizer_from: Path | None) -> None:
+    """config.json (with the output dtype), generation config, tokenizer and chat template:
+    every non-weight file of the base, then the adapter's tokenizer files where it has them
+    (a run saves its tokenizer, chat template included, beside the adapter)."""
+    for item in base.iterdir():
+        if item.is_file() and not _WEIGHT_FILES.fullmatch(item.name) and item.name != REPORT:
+            shutil.copy2(item, out / item.name)
+    if tokenizer_from is not None and (tokenizer_from / "tokenizer_config.json").is_file():
+        for name in _TOKENIZER_FILES:
+            if (tokenizer_from / name).is_file():
+                shutil.copy2(tokenizer_from / name, out / name)
+    config_path = out / "config.json"
+    if dtype is not None and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config.pop("torch_dtype", None)
+        config["dtype"] = dtype
+        config.pop("quantization_config", None)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def check_out_dir(out: Path, *, overwrite: bool) -> None:
+    """A new or empty directory, or (with --overwrite) an earlier merge's output."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is a file; choose a directory path")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"--out {out}: is not empty; pass --overwrite to replace an "
+                             "earlier merge, or choose another --out")
+        if not (out / REPORT).is_file():
+            raise InputError(f"--out {out}: not a merge output (no {REPORT}); --overwrite "
+                             "only replaces earlier merges, choose another --out")
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move the finished, verified merge from its temp dir to `out` (replacing a previous merge)."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
