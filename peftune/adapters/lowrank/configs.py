@@ -138,10 +138,11 @@ class SloraConfig(ScaledConfig):
 
 class NloraConfig(LowRankConfig):
     """NLoRA (Guo et al. 2025, "NLoRA: Nyström-Initiated Low-Rank Adaptation"): B·M·A
-    initialised from a Nyström approximation of W: r sampled columns C = W[:, J] give B,
-    r sampled rows R = W[I, :] give A, and M = pinv(W[I, J]), so B·M·A ≈ W without a full
-    SVD; W is replaced by the residual W - B·M·A (unscaled: no alpha). `seed` chooses the
-    rows and columns. The paper reports GSM8K 57.70% against SLoRA's 56.48%."""
+    initialised from a Nyström approximation of W, C·pinv(W[I, J])·R from r sampled
+    columns C = W[:, J] and rows R = W[I, :], without a full SVD (set as a balanced B, M = I,
+    A; see inits.nystrom_init); W is replaced by the residual W - B·M·A (unscaled: no
+    alpha). `seed` chooses the rows and columns. The paper reports GSM8K 57.70% against
+    SLoRA's 56.48%."""
 
     method: Literal["nlora"] = "nlora"
     seed: int = 0

@@ -76,8 +76,12 @@ def ldu_init(layers: Layers, config: Any, context: dict) -> None:
 
 
 def nystrom_init(layers: Layers, config: Any, context: dict) -> None:
-    """r random columns C = W[:, J] and rows R = W[I, :] of W: B = C, A = R,
-    M = pinv(W[I, J]), so B·M·A is W's Nyström approximation (NLoRA, IntTune)."""
+    """r random columns C = W[:, J] and rows R = W[I, :] of W give W's Nyström
+    approximation C·pinv(W[I, J])·R (NLoRA, IntTune). With W[I, J] = U·S·Vᵀ it is set as
+    B = C·V·S^-1/2, M = I, A = S^-1/2·Uᵀ·R: the same product, but balanced, where the
+    literal B = C, M = pinv(W[I, J]), A = R puts 1/σ_min into M and makes training
+    ill-conditioned. Singular values below 1e-4 of the largest are dropped, as pinv does
+    for a rank-deficient W[I, J]."""
     with torch.no_grad():
         for index, layer in enumerate(layers.values()):
             weight = layer.base_weight()
@@ -85,9 +89,12 @@ def nystrom_init(layers: Layers, config: Any, context: dict) -> None:
             rows = torch.randperm(layer.out_features, generator=generator)[:layer.rank]
             cols = torch.randperm(layer.in_features, generator=generator)[:layer.rank]
             rows, cols = rows.to(weight.device), cols.to(weight.device)
-            layer.lora_B.copy_(weight[:, cols])
-            layer.lora_M.copy_(torch.linalg.pinv(weight[rows][:, cols]))
-            layer.lora_A.copy_(weight[rows])
+            u, s, vh = torch.linalg.svd(weight[rows][:, cols])
+            inv_root = torch.where(s > s.max() * 1e-4, s.clamp_min(1e-30).rsqrt(),
+                                   torch.zeros_like(s))
+            layer.lora_B.copy_(weight[:, cols] @ vh.T * inv_root)
+            layer.lora_M.copy_(torch.eye(layer.rank, device=weight.device))
+            layer.lora_A.copy_(inv_root[:, None] * (u.T @ weight[rows]))
 
 
 def nola_init(layers: Layers, config: Any, context: dict) -> None:
