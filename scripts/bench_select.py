@@ -33,8 +33,8 @@ Every run is a child process; peak RSS is the sum over its process tree (sampled
                                    [--workdir DIR] [--out FILE] [--no-scale-test]
                                    [--repeats R] [--ref-pool N] [--ref-default-min-length]
 
-Each compared system runs --repeats times (2; 1 with --quick), interleaved, and its fastest
-run counts. The full run takes ~4 minutes on 2 idle cores, ~100 s of it the scale test.
+Each compared system runs --repeats times (2; 1 with --quick), interleaved in alternating
+order (A B, then B A), and its fastest run counts. The full run takes ~4 minutes on 2 idle cores, ~100 s of it the scale test.
 
 Exits 0 whenever the measurement completes, also when a target is missed (FAIL lines);
 non-zero on errors. Installs nothing: a missing reference package skips its comparison.
@@ -282,12 +282,14 @@ def interleaved(runs: dict[str, tuple[Callable[[str], dict], Callable[[dict], fl
                 repeats: int) -> dict[str, dict]:
     """Run each of `runs` (name: (run given a tag for its line, its seconds)) `repeats`
     times, interleaved, and keep each one's fastest run: on a shared machine, noise only
-    ever slows a run down. Every run's seconds are kept beside it; peak RSS is the highest
-    of all runs."""
+    ever slows a run down. Every other round runs them in reverse order (A B, B A, ...), so
+    that a change in the machine's load during the rounds favours none of them. Every run's
+    seconds are kept beside it; peak RSS is the highest of all runs."""
     attempts: dict[str, list[dict]] = {name: [] for name in runs}
     for round_ in range(1, repeats + 1):
         tag = f" [{round_}/{repeats}]" if repeats > 1 else ""
-        for name, (run, _) in runs.items():
+        order = list(runs.items())
+        for name, (run, _) in (order if round_ % 2 else order[::-1]):
             attempts[name].append(run(tag))
     best = {}
     for name, (_, seconds) in runs.items():
@@ -1044,8 +1046,8 @@ def main(argv: list[str] | None = None) -> int:
         notes += [f"peftune output {problem}" for problem in run["output_problems"]]
 
     if cfg["repeats"] > 1:
-        print(f"\n(each compared system ran {cfg['repeats']} times, interleaved; the tables "
-              "show each one's fastest run, every run's time is in the JSON)")
+        print(f"\n(each compared system ran {cfg['repeats']} times, interleaved in alternating "
+              "order; the tables show each one's fastest run, every run's time is in the JSON)")
     if dsir:
         print_dsir(dsir, args.target_label)
     if zipfit:

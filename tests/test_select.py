@@ -98,6 +98,99 @@ def test_features_equal_the_reference_package_on_real_text():
         assert np.array_equal(hasher.counts([text]), expected)
 
 
+def _plain_features(texts: list[str], ngrams: int = 2, hash: str = "sha256") -> list[int]:
+    """The definition, one text and one n-gram at a time: regex tokens, strings, hashes."""
+    from peftune.select.ngrams import HASHES, ngram_strings
+
+    bucket = HASHES[hash]
+    return [bucket(gram, 10_000) for text in texts
+            for gram in ngram_strings(word_punct(text), ngrams)]
+
+
+def test_character_classes_are_the_regex_classes_on_every_code_point():
+    import re
+
+    from peftune.select.wordpunct import OTHER, SPACE, WORD, char_class
+
+    chars = [chr(c) for c in range(0x110000)]
+    words = set(re.findall(r"\w", "".join(chars)))
+    spaces = set(re.findall(r"\s", "".join(chars)))
+    expected = [WORD if c in words else SPACE if c in spaces else OTHER for c in chars]
+    assert [char_class(c) for c in chars] == expected
+
+
+def test_vectorised_features_equal_the_definition_on_awkward_text():
+    """Tokens of a chunk found at once with numpy equal the regex's per text: every length
+    class of token key (1-8, 9-16 ASCII characters, longer, not ASCII), case changes that
+    change lengths, spaces of every kind, NULs, lone surrogates, empty texts."""
+    rng = random.Random(0)
+    alphabet = list("aZ_09 .,;(\t\n\x00\x1c\u3000éΣςİß😀\ud800") + ["abcdefgh", "ijklmnopq"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
+             for _ in range(600)]
+    texts += ["", "   ", "Σ ΣΑΣ ΟΔΟΣ", "x" * 40, "12345678 123456789 1234567890123456 " * 3]
+    prose, code = _prose_and_code()
+    texts += prose[:100] + code[:100]
+    for ngrams, hash in ((2, "sha256"), (1, "sha256"), (2, "crc32")):
+        hasher = NgramHasher(ngrams=ngrams, hash=hash)
+        for size in (1, 7, 256):  # chunks of texts, each seeing the tables the last ones left
+            for start in range(0, len(texts), size):
+                chunk = texts[start:start + size]
+                ids, sizes, words = hasher.featurize(chunk)
+                assert ids.tolist() == _plain_features(chunk, ngrams, hash)
+                assert words.tolist() == [len(word_punct(t)) for t in chunk]
+                assert sizes.tolist() == [len(_plain_features([t], ngrams, hash)) for t in chunk]
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_int_table_matches_a_dict(width):
+    from peftune.select.hashtable import IntTable
+
+    rng = np.random.default_rng(width)
+    table, reference = IntTable(4, width=width), {}
+    for _ in range(30):  # grows from 16 slots to thousands
+        keys = rng.integers(1, 1 << 20, size=(rng.integers(1, 400), width), dtype=np.uint64)
+        keys = keys.reshape(-1) if width == 1 else keys
+        values, slots = table.find(keys)
+        expected = [reference.get(tuple(np.atleast_1d(k).tolist()), -1) for k in keys]
+        assert values.tolist() == expected
+        missing = values < 0
+        new, first = np.unique(keys[missing], return_index=True, axis=0)
+        fresh = rng.integers(0, 1 << 40, size=len(new))
+        table.add(new, fresh, slots[missing][first])
+        reference.update(zip([tuple(np.atleast_1d(k).tolist()) for k in new], fresh.tolist(),
+                             strict=True))
+        assert len(table) == len(reference)
+
+
+def test_parse_lines_reads_good_lines_and_leaves_the_rest_to_the_careful_path():
+    from peftune.select.pool import parse_lines
+
+    good = [b'{"text": "a", "n": 1}', b'{"text": "caf\xc3\xa9 \\ud800"}', b'{"a": NaN}\r',
+            b'{"b": [1, {"c": null}]}  ']
+    assert parse_lines(good) == [json.loads(line) for line in good]
+    for bad in (b'\xef\xbb\xbf{"text": "bom"}', b'{"text": "caf\xe9"}', b' {"text": "x"}',
+                b'{"text": "x"} y', b'[1, 2]', b'{"text": ', b'{"a": 1}{"b": 2}'):
+        assert parse_lines([good[0], bad]) is None, bad
+
+
+def test_chunk_spans_skip_blank_lines_across_read_blocks(tmp_path, monkeypatch):
+    import peftune.select.pool as pool
+
+    rng = random.Random(3)
+    lines = [rng.choice([b"", b" \t", b"\r", b' {"i": %d}' % i, b'{"i": %d}' % i])
+             for i in range(300)]
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n  ")  # and a last line that is blank, unended
+    monkeypatch.setattr(pool, "CHUNK_ROWS", 7)
+    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    for block in (1, 5, 64, 1 << 22):
+        monkeypatch.setattr(pool, "_SPAN_BLOCK", block)
+        chunks = list(pool.iter_chunks([path], ["p.jsonl"], key="k", lazy=True))
+        assert [(n, line) for c in chunks for n, line in zip(c.load().places, c.payloads,
+                                                          strict=True)] == numbered
+        assert all(len(c.payloads) == 7 for c in chunks[:-1])
+
+
 # --- DSIR selection -------------------------------------------------------------------
 
 def test_dsir_selects_the_target_domain(mixture, tmp_path):
@@ -313,6 +406,32 @@ def test_a_bad_row_on_one_rank_stops_every_rank_with_its_line(mixture, tmp_path)
     assert launched.stderr.count(expected) >= 1, launched.stderr[-2000:]
     assert "exitcode  : 2" in launched.stderr or "exitcode: 2" in launched.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_pool_workers_do_not_keep_the_parents_sigterm_handler(monkeypatch):
+    """The clean-up handler, inherited by forked workers, made a worker ignore the pool's
+    SIGTERM at shutdown now and then, and the run hang."""
+    import signal
+
+    from peftune.select import scoring
+    from peftune.select.output import cleanup_on_sigterm
+
+    monkeypatch.setattr(scoring, "score_chunk",
+                        lambda scorer, chunk: signal.getsignal(signal.SIGTERM))
+    with cleanup_on_sigterm():
+        handlers = list(scoring.score_chunks(object(), [0, 1, 2], processes=2))
+    assert handlers == [signal.SIG_DFL] * 3
+
+
+def test_a_plot_that_fails_on_its_thread_is_reported(tmp_path):
+    from peftune.select.report import PlotThread
+
+    plotter = PlotThread()
+    plotter.warm()
+    plotter.draw(tmp_path / "no-such-dir" / "scores.png", np.arange(5.0), np.array([4]),
+                 SelectConfig(method="dsir", pool=["p"], target=["t"], k=1))
+    with pytest.raises(FileNotFoundError):
+        plotter.wait()
 
 
 def test_text_keys_mirror_the_data_section():

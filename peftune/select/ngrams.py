@@ -10,7 +10,8 @@ words, then every pair of neighbouring words joined by one space (and triples, f
 The default hash reproduces the reference exactly: `int(sha256(s).hexdigest(), 16) %
 buckets`, so `'alice'` lands in bucket 6720 of 10,000 and `'alice went'` in 114. sha256 is
 the reference's main cost, yet real text repeats its n-grams, so each distinct n-gram is
-hashed about once per process (see NgramHasher).
+hashed about once per process (see NgramHasher), and the tokens of a whole chunk of texts
+are found and looked up at once with numpy (`peftune.select.wordpunct`).
 `hash: crc32` is a faster hash for users who do not need the reference's buckets; it is
 never used unless asked for.
 """
@@ -21,16 +22,28 @@ import hashlib
 import re
 import zlib
 from collections.abc import Callable, Sequence
-from itertools import chain
-from operator import methodcaller
 
 import numpy as np
 
+from peftune.select.hashtable import IntTable
+
+try:  # CPython's own sha256 (3.12+: _sha2): on strings this short it is ~25% faster than
+    # OpenSSL's through hashlib, whose per-call setup dominates; the digests are the same.
+    from _sha2 import sha256 as _sha256
+except ImportError:
+    try:
+        from _sha256 import sha256 as _sha256
+    except ImportError:
+        _sha256 = hashlib.sha256
+from peftune.select.wordpunct import Vocabulary, WordPunct
+
 WORD_PUNCT = re.compile(r"\w+|[^\w\s]+")
-# The tables are cleared when the vocabulary passes this many words (or the pair table 8x
-# that), so memory stays bounded on any pool; clearing changes no result, only how often a
-# hash is recomputed.
+# The tables are cleared when the vocabulary passes this many words, or the pair table this
+# many pairs (it then has about 2**23 slots of 16 bytes, 128 MiB), so memory stays bounded on
+# any pool; clearing changes no result, only how often a hash is recomputed.
 MEMO_LIMIT = 1 << 21
+PAIR_LIMIT = 3 << 20
+BATCH_CHARS = 1 << 18  # texts are featurized in batches of about this many characters
 
 
 def word_punct(text: str) -> list[str]:
@@ -59,16 +72,16 @@ def crc32_bucket(gram: str, buckets: int) -> int:
 HASHES: dict[str, Callable[[str, int], int]] = {"sha256": sha256_bucket, "crc32": crc32_bucket}
 
 
-def sha256_buckets(grams: list[str], buckets: int) -> np.ndarray:
-    """`sha256_bucket` of many strings at once: the digests are computed by C-level maps and
-    reduced modulo `buckets` in numpy, as four big-endian 64-bit limbs (Horner's rule)."""
+def sha256_buckets(grams: list[bytes], buckets: int) -> np.ndarray:
+    """`sha256_bucket` of many UTF-8 strings at once: the digests are computed by C-level maps
+    and reduced modulo `buckets` in numpy, as four big-endian 64-bit limbs (Horner's rule)."""
     if not grams:
         return np.zeros(0, dtype=np.int64)
-    digests = b"".join(map(methodcaller("digest"),
-                           map(hashlib.sha256, map(methodcaller("encode", "utf-8", "surrogatepass"), grams))))
-    limbs = np.frombuffer(digests, dtype=">u8").reshape(-1, 4).astype(np.uint64)
     if buckets > 1 << 32:
-        return np.array([sha256_bucket(g, buckets) for g in grams], dtype=np.int64)
+        return np.array([int.from_bytes(hashlib.sha256(g).digest(), "big") % buckets
+                         for g in grams], dtype=np.int64)
+    digests = b"".join(map(_DIGEST, map(_sha256, grams)))
+    limbs = np.frombuffer(digests, dtype=">u8").reshape(-1, 4).astype(np.uint64)
     base = np.uint64(pow(2, 64, buckets))
     modulus = np.uint64(buckets)
     rest = limbs[:, 0] % modulus
@@ -77,13 +90,13 @@ def sha256_buckets(grams: list[str], buckets: int) -> np.ndarray:
     return rest.astype(np.int64)
 
 
-def crc32_buckets(grams: list[str], buckets: int) -> np.ndarray:
-    crcs = np.fromiter(map(zlib.crc32, map(methodcaller("encode", "utf-8", "surrogatepass"), grams)),
-                       dtype=np.int64, count=len(grams))
+def crc32_buckets(grams: list[bytes], buckets: int) -> np.ndarray:
+    crcs = np.fromiter(map(zlib.crc32, grams), dtype=np.int64, count=len(grams))
     return crcs % buckets
 
 
-MANY_HASHES: dict[str, Callable[[list[str], int], np.ndarray]] = {
+_DIGEST = type(_sha256(b"")).digest
+MANY_HASHES: dict[str, Callable[[list[bytes], int], np.ndarray]] = {
     "sha256": sha256_buckets, "crc32": crc32_buckets}
 
 
@@ -94,13 +107,12 @@ def bucket_dtype(buckets: int) -> type:
 class NgramHasher:
     """Turns texts into hashed n-gram ids, hashing each distinct n-gram about once.
 
-    Unigrams and bigrams (the default) take a vectorised path: every word gets an integer
-    id (one dict lookup per word), a bigram is the pair of ids packed in one int64, and the
-    bigrams of a whole chunk of texts are looked up at once in a sorted table of the pairs
-    seen so far (numpy `unique` + `searchsorted`); only pairs never seen before are joined
-    into `'a b'` and hashed. Per token that is one dict lookup plus numpy work, instead of
-    a string join and a lookup in a table of millions of strings. Trigrams (`ngrams: 3`)
-    take a plain memo of n-gram string -> bucket.
+    Unigrams and bigrams (the default) take a vectorised path: the tokens of a whole chunk
+    of texts are found at once and get word ids (`peftune.select.wordpunct`); a bigram is
+    the pair of ids packed in one uint64, and the bigrams of the chunk are looked up at once
+    in a table of the pairs seen so far (`IntTable`); only pairs never seen before are joined
+    into `'a b'` and hashed. Per token that is a few numpy passes, with no Python object per
+    token. Trigrams (`ngrams: 3`) take a plain memo of n-gram string -> bucket.
     """
 
     def __init__(self, *, buckets: int = 10_000, ngrams: int = 2, hash: str = "sha256"):
@@ -109,96 +121,75 @@ class NgramHasher:
         self.dtype = bucket_dtype(buckets)
         self._hash = HASHES[hash]
         self._hash_many = MANY_HASHES[hash]
+        self._splitter = WordPunct()
         self._reset()
 
     def _reset(self) -> None:
-        self._vocab: dict[str, int] = {}  # word -> id
-        self._words: list[str] = []  # id -> word
-        self._word_buckets = np.zeros(0, dtype=np.int64)  # id -> bucket
-        self._pair_keys = np.zeros(0, dtype=np.int64)  # sorted packed (id, id) pairs
-        self._pair_buckets = np.zeros(0, dtype=np.int64)
-        self._new_keys = np.zeros(0, dtype=np.int64)  # recently added pairs, sorted
-        self._new_buckets = np.zeros(0, dtype=np.int64)
+        self._vocab = Vocabulary(self._hash_many, self.buckets)
+        self._pairs = IntTable(20)  # packed (id, id) + 1 -> bucket
         self._memo: dict[str, int] = {}  # trigram path only
 
     def featurize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(bucket ids of every text back to back, each text's unigrams then its higher
         n-grams; n-grams per text; words per text)."""
-        if len(self._vocab) > MEMO_LIMIT or len(self._pair_keys) > 8 * MEMO_LIMIT \
+        if len(self._vocab) > MEMO_LIMIT or len(self._pairs) > PAIR_LIMIT \
                 or len(self._memo) > MEMO_LIMIT:
             self._reset()  # bounded memory; results do not change, only hashing work
-        findall = WORD_PUNCT.findall
-        per_text = [findall(text.lower()) for text in texts]
-        words = np.fromiter(map(len, per_text), dtype=np.int64, count=len(per_text))
         if self.ngrams > 2:
+            per_text = [WORD_PUNCT.findall(text.lower()) for text in texts]
+            words = np.fromiter(map(len, per_text), dtype=np.int64, count=len(per_text))
             return self._featurize_memo(per_text, words)
-        flat = list(chain.from_iterable(per_text))
-        word_ids = self._word_ids(flat)
-        unigrams = self._word_buckets[word_ids]
-        if self.ngrams == 1 or len(flat) < 2:
+        lengths = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))
+        if len(texts) > 1 and lengths[-1] > BATCH_CHARS:
+            # Long texts: a few batches whose arrays stay in cache; each text's features
+            # are its own, so the batches change nothing.
+            cuts = np.unique(np.searchsorted(lengths, np.arange(BATCH_CHARS, lengths[-1],
+                                                                BATCH_CHARS)))
+            parts = [self._featurize_pairs(texts[a:b])
+                     for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(texts)],
+                                     strict=True) if b > a]
+            return tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+        return self._featurize_pairs(texts)
+
+    def _featurize_pairs(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray,
+                                                               np.ndarray]:
+        tokens = self._splitter.tokens(texts)
+        words = tokens.words
+        word_ids = self._vocab.ids(tokens)
+        unigrams = self._vocab.buckets[word_ids]
+        if self.ngrams == 1 or len(word_ids) < 2:
             pairs = np.zeros(0, dtype=np.int64)
         else:
-            inside = np.ones(len(flat) - 1, dtype=bool)  # pairs that do not cross texts
+            inside = np.ones(len(word_ids) - 1, dtype=bool)  # pairs that do not cross texts
             ends = np.cumsum(words)[:-1]
-            inside[ends[(ends > 0) & (ends < len(flat))] - 1] = False
-            keys = (word_ids[:-1][inside] << 31) | word_ids[1:][inside]
-            pairs = self._pair_buckets_of(keys)
+            inside[ends[(ends > 0) & (ends < len(word_ids))] - 1] = False
+            keys = (word_ids[:-1][inside] << 32 | word_ids[1:][inside]) + 1
+            pairs = self._pair_buckets(keys.view(np.uint64))
         n_pairs = np.maximum(words - 1, 0) if self.ngrams == 2 else np.zeros_like(words)
         sizes = words + n_pairs
         # Lay each text's unigrams, then its bigrams, into its own segment.
         starts = np.cumsum(sizes) - sizes
         out = np.empty(int(sizes.sum()), dtype=self.dtype)
-        out[_positions(starts, words)] = unigrams
-        out[_positions(starts + words, n_pairs)] = pairs
+        out[segment_positions(starts, words)] = unigrams
+        out[segment_positions(starts + words, n_pairs)] = pairs
         return out, sizes, words
 
-    def _word_ids(self, flat: list[str]) -> np.ndarray:
-        vocab = self._vocab
-        try:  # most chunks bring no new word: straight into an array, no list in between
-            return np.fromiter(map(vocab.__getitem__, flat), dtype=np.int64, count=len(flat))
-        except KeyError:
-            pass
-        new = [w for w in dict.fromkeys(flat) if w not in vocab]
-        start = len(self._words)
-        vocab.update(zip(new, range(start, start + len(new)), strict=True))
-        self._words += new
-        self._word_buckets = np.concatenate([self._word_buckets,
-                                             self._hash_many(new, self.buckets)])
-        return np.fromiter(map(vocab.__getitem__, flat), dtype=np.int64, count=len(flat))
-
-    def _pair_buckets_of(self, keys: np.ndarray) -> np.ndarray:
-        """Buckets of packed word pairs. Known pairs live in a large sorted table plus a
-        small sorted one that takes new pairs; the small one is merged into the large one
-        when it reaches 1/8 of it, so inserting costs amortised O(1) copies per pair."""
-        unique, inverse = np.unique(keys, return_inverse=True)
-        buckets = np.full(len(unique), -1, dtype=np.int64)
-        for table, values in ((self._pair_keys, self._pair_buckets),
-                              (self._new_keys, self._new_buckets)):
-            if len(table):
-                at = np.minimum(np.searchsorted(table, unique), len(table) - 1)
-                hit = table[at] == unique
-                buckets[hit] = values[at[hit]]
-        missing = np.flatnonzero(buckets < 0)
-        if len(missing):
-            pairs = unique[missing]
-            word = self._words.__getitem__
-            left = map(word, (pairs >> 31).tolist())
-            right = map(word, (pairs & ((1 << 31) - 1)).tolist())
-            fresh = self._hash_many(list(map(" ".join, zip(left, right, strict=True))),
+    def _pair_buckets(self, keys: np.ndarray) -> np.ndarray:
+        """Buckets of packed word pairs; pairs not seen before are joined and hashed."""
+        found, slots = self._pairs.find(keys)
+        missing = found < 0
+        if missing.any():
+            new, first, inverse = np.unique(keys[missing], return_index=True,
+                                            return_inverse=True)
+            pairs = new - np.uint64(1)
+            word = self._vocab.words.__getitem__
+            left = map(word, (pairs >> np.uint64(32)).tolist())
+            right = map(word, (pairs & np.uint64(0xFFFFFFFF)).tolist())
+            fresh = self._hash_many(list(map(b" ".join, zip(left, right, strict=True))),
                                     self.buckets)
-            buckets[missing] = fresh
-            where = np.searchsorted(self._new_keys, pairs)
-            self._new_keys = np.insert(self._new_keys, where, pairs)
-            self._new_buckets = np.insert(self._new_buckets, where, fresh)
-            if len(self._new_keys) * 8 > len(self._pair_keys):
-                merged = np.concatenate([self._pair_keys, self._new_keys])
-                order = np.argsort(merged, kind="stable")
-                self._pair_keys = merged[order]
-                self._pair_buckets = np.concatenate([self._pair_buckets,
-                                                     self._new_buckets])[order]
-                self._new_keys = np.zeros(0, dtype=np.int64)
-                self._new_buckets = np.zeros(0, dtype=np.int64)
-        return buckets[inverse]
+            self._pairs.add(new, fresh, slots[missing][first])
+            found[missing] = fresh[inverse]
+        return found
 
     def _featurize_memo(self, per_text: list[list[str]],
                         words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -227,7 +218,7 @@ class NgramHasher:
         return np.bincount(ids, minlength=self.buckets).astype(np.int64)
 
 
-def _positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def segment_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenated ranges [start, start + length) for each (start, length)."""
     total = int(lengths.sum())
     if total == 0:

@@ -1,6 +1,7 @@
 """Where a selection goes: the output directory's checks, a temporary directory beside it
 that becomes the output only when everything is written, the second pass over the pool that
-writes the chosen rows unchanged, and clean-up when the run is stopped."""
+writes the chosen rows unchanged, the selection's measurements (from the spilled n-grams),
+and clean-up when the run is stopped."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import numpy as np
 
 from peftune.errors import InputError
 from peftune.select.config import SelectConfig
-from peftune.select.ngrams import NgramHasher
-from peftune.select.pool import TextRule, iter_chunks, output_line, parse_payload
+from peftune.select.ngrams import bucket_dtype, segment_positions
+from peftune.select.pool import iter_chunks, output_line, parse_lines, parse_payload
 from peftune.select.report import LENGTH_CAP
 from peftune.select.scoring import first_scores, label_of
 
@@ -104,50 +105,55 @@ def random_rows(scores: np.ndarray, count: int, seed: int) -> np.ndarray:
 
 
 def write_selection(cfg: SelectConfig, files: list[Path], work: Path, selected: np.ndarray,
-                     random_rows: np.ndarray, hasher: NgramHasher) -> dict:
-    """Second pass: the chosen rows unchanged, in pool order, and what the selection and the
-    random baseline look like (n-gram counts, labels, lengths)."""
-    rule = TextRule.for_pool(cfg)
-    selected_counts = np.zeros(hasher.buckets, np.int64)
-    random_counts = np.zeros(hasher.buckets, np.int64)
-    length_hist = np.zeros(LENGTH_CAP + 1, np.int64)
+                    spans: dict | None = None) -> Counter:
+    """Second pass: the chosen rows unchanged, in pool order; returns their label counts.
+    `spans` are the JSONL files' chunk spans found by the scoring pass."""
     labels: Counter = Counter()
-    batches: dict[str, list[str]] = {"selected": [], "random": []}
-
-    def measure(final: bool = False) -> None:
-        for name, counts in (("selected", selected_counts), ("random", random_counts)):
-            texts = batches[name]
-            if texts and (final or len(texts) >= 4096):
-                ids, _, words = hasher.featurize(texts)
-                counts += np.bincount(ids, minlength=hasher.buckets)
-                if name == "selected":
-                    length_hist[:] += np.bincount(np.minimum(words, LENGTH_CAP),
-                                                  minlength=LENGTH_CAP + 1)
-                texts.clear()
-
     with (work / "selected.jsonl").open("wb") as sink:
-        for chunk in iter_chunks(files, list(cfg.pool), key="select.pool"):
-            end = chunk.first_row + len(chunk.payloads)
-            chosen = rows_in(selected, chunk.first_row, end)
-            baseline = rows_in(random_rows, chunk.first_row, end)
-            for position in sorted(chosen | baseline):
-                payload = chunk.payloads[position]
-                row = parse_payload(payload)
-                text = rule.text(row)
-                if position in baseline:
-                    batches["random"].append(text)
-                if position in chosen:
-                    sink.write(output_line(payload))
-                    batches["selected"].append(text)
-                    if cfg.label_field is not None:
-                        labels[label_of(row, cfg.label_field)] += 1
-            measure()
-    measure(final=True)
-    return {"selected_counts": selected_counts, "random_counts": random_counts,
-            "labels": labels, "length_hist": length_hist}
+        for chunk in iter_chunks(files, list(cfg.pool), key="select.pool", lazy=True,
+                                 spans=spans):
+            chunk.load()
+            lo, hi = np.searchsorted(selected, [chunk.first_row,
+                                                chunk.first_row + len(chunk.payloads)])
+            chosen = [chunk.payloads[i] for i in (selected[lo:hi] - chunk.first_row).tolist()]
+            sink.write(b"".join(map(output_line, chosen)))
+            if cfg.label_field is not None:
+                rows = parse_lines(chosen) if chosen and isinstance(chosen[0], bytes) else None
+                rows = rows if rows is not None else list(map(parse_payload, chosen))
+                labels.update(label_of(row, cfg.label_field) for row in rows)
+    return labels
 
 
-def rows_in(rows: np.ndarray, start: int, end: int) -> set[int]:
+def measure_spilled(work: Path, chunks: list[tuple[int, int, int]],
+                    spill: dict[int, tuple[int, int, int]], selections: list[np.ndarray], *,
+                    buckets: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each sorted array of global rows, (summed n-gram counts, histogram of lengths) of
+    those rows that are in this rank's `chunks`, read back from the scoring pass's spill of
+    every row's n-gram ids: the selection is measured without tokenising it again."""
+    dtype = np.dtype(bucket_dtype(buckets))
+    counts = [np.zeros(buckets, np.int64) for _ in selections]
+    lengths: list[list[np.ndarray]] = [[] for _ in selections]
+    for chunk, first_row, rows in chunks:
+        wanted = [rows_in(chosen, first_row, first_row + rows) for chosen in selections]
+        if not any(len(positions) for positions in wanted):
+            continue
+        first_gram, grams, spill_row = spill[chunk]
+        ids = np.fromfile(work / "spill.ids", dtype=dtype, count=grams,
+                          offset=first_gram * dtype.itemsize)
+        per_row = np.fromfile(work / "spill.rows", dtype=np.int64, count=2 * rows,
+                              offset=spill_row * 16).reshape(rows, 2)
+        sizes, words = per_row[:, 0], per_row[:, 1]
+        starts = np.cumsum(sizes) - sizes
+        for total, found, positions in zip(counts, lengths, wanted, strict=True):
+            total += np.bincount(ids[segment_positions(starts[positions], sizes[positions])],
+                                 minlength=buckets)
+            found.append(words[positions])
+    return [(total, np.bincount(np.minimum(np.concatenate([np.zeros(0, np.int64), *found]),
+                                           LENGTH_CAP), minlength=LENGTH_CAP + 1))
+            for total, found in zip(counts, lengths, strict=True)]
+
+
+def rows_in(rows: np.ndarray, start: int, end: int) -> np.ndarray:
     """Positions within [start, end) of the sorted global `rows`."""
     lo, hi = np.searchsorted(rows, [start, end])
-    return set((rows[lo:hi] - start).tolist())
+    return rows[lo:hi] - start

@@ -13,8 +13,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from peftune.data.formats import RowError, chat_messages, instruction_format, string_field
 from peftune.data.sources import iter_rows, json_type, resolve_source
@@ -22,8 +26,13 @@ from peftune.errors import InputError
 from peftune.select.config import SelectConfig
 
 _decode = json.JSONDecoder().decode
+_scan = json.JSONDecoder().scan_once  # what `decode` runs, without its whitespace handling
+_JSON_SPACE = " \t\n\r"
 _BOM = b"\xef\xbb\xbf"
 CHUNK_ROWS = 1024  # fixed, so chunk boundaries (and every result) never depend on num_proc
+_SPAN_BLOCK = 1 << 22  # bytes read at a time to find chunk boundaries
+_SPACE_BYTES = np.zeros(256, dtype=bool)  # what bytes.strip() removes
+_SPACE_BYTES[list(b" \t\n\r\x0b\x0c")] = True
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,17 @@ class TextRule:
             return "".join(part for part, _ in instruction_format(row, keys, None).parts)
         messages = chat_messages(row, keys.messages_field)
         return "\n".join(f"{turn['role']}: {turn['content']}" for turn in messages)
+
+    def texts(self, rows: list[dict[str, Any]]) -> list[str] | None:
+        """The scored texts of many rows at once when every row has a string field (format
+        text), else None: then `text` row by row says what is wrong, or renders them."""
+        if self.keys.format != "text":
+            return None
+        try:
+            texts = list(map(itemgetter(self.keys.text_field), rows))
+        except KeyError:
+            return None
+        return texts if set(map(type, texts)) <= {str} else None
 
 
 @dataclass
@@ -90,7 +110,13 @@ class Chunk:
         with self.path.open("rb") as handle:
             handle.seek(offset)
             data = handle.read(length)
-        for number, line in enumerate(data.split(b"\n"), start=first_line):
+        lines = data.split(b"\n")
+        body = lines if lines[-1].strip() else lines[:-1]  # after the last newline: nothing
+        if b"" not in map(bytes.strip, body):  # no blank line: the usual case, at C speed
+            self.payloads += body
+            self.places += range(first_line, first_line + len(body))
+            return self
+        for number, line in enumerate(lines, start=first_line):
             if line.strip():
                 self.payloads.append(line)
                 self.places.append(number)
@@ -104,16 +130,23 @@ def resolve_files(paths: list[str], key: str) -> list[Path]:
 
 
 def iter_chunks(files: list[Path], displays: list[str], *, key: str,
-                owner: tuple[int, int] = (0, 1), lazy: bool = False) -> Iterator[Chunk]:
+                owner: tuple[int, int] = (0, 1), lazy: bool = False,
+                spans: dict[Path, list] | None = None) -> Iterator[Chunk]:
     """The pool in chunks of CHUNK_ROWS rows, in pool order. With `owner=(rank, world)` only
     chunks whose number is rank modulo world are yielded (rows of other chunks are counted
     and skipped), so ranks take disjoint shards that together cover the pool. With `lazy`,
-    JSONL chunks come as byte spans for the worker to read (`Chunk.load`)."""
+    JSONL chunks come as byte spans for the worker to read (`Chunk.load`); `spans` keeps each
+    JSONL file's spans once found, so a second pass does not read the file line by line."""
     rank, world = owner
     number, first_row = 0, 0
     for path, display in zip(files, displays, strict=True):
         if lazy and path.is_file() and path.suffix.lower() == ".jsonl":
-            for span, rows in _line_spans(path):
+            found = spans.get(path) if spans is not None else None
+            if found is None:
+                found = _line_spans(path)
+                if spans is not None:
+                    found = spans[path] = list(found)
+            for span, rows in found:
                 if number % world == rank:
                     yield Chunk(number, display, first_row, [], [], True, path, span)
                 number, first_row = number + 1, first_row + rows
@@ -137,19 +170,33 @@ def iter_chunks(files: list[Path], displays: list[str], *, key: str,
 
 def _line_spans(path: Path) -> Iterator[tuple[tuple[int, int, int], int]]:
     """((byte offset, byte length, first line number), rows) of each CHUNK_ROWS non-blank
-    lines of a JSONL file: the same chunks `_payloads` would make."""
-    offset = start = 0
-    first_line, rows = 1, 0
+    lines of a JSONL file: the same chunks `_payloads` would make. The file is read in
+    blocks whose newlines numpy finds; only lines that start with a space are looked at in
+    Python, to tell blank ones (`bytes.strip()` empty) from the rest."""
+    start, first_line, rows = 0, 1, 0  # the chunk being filled
+    offset, lines, carry = 0, 0, b""  # where `block` starts; lines before it; partial line
     with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            offset += len(line)
-            if line.strip():
-                rows += 1
-                if rows == CHUNK_ROWS:
-                    yield (start, offset - start, first_line), rows
-                    start, first_line, rows = offset, number + 1, 0
+        while data := handle.read(_SPAN_BLOCK):
+            block = carry + data
+            cut = block.rfind(b"\n") + 1  # block[:cut] is whole lines
+            carry = block[cut:]
+            if not cut:
+                continue
+            ends = np.flatnonzero(np.frombuffer(block, dtype=np.uint8, count=cut) == 10) + 1
+            begins = np.append(0, ends[:-1])
+            blank = _SPACE_BYTES[np.frombuffer(block, dtype=np.uint8)[begins]]
+            for i in np.flatnonzero(blank).tolist():
+                blank[i] = not block[begins[i]:ends[i]].strip()
+            filled = np.flatnonzero(~blank)  # lines of this block with a row
+            for last in filled[CHUNK_ROWS - rows - 1::CHUNK_ROWS].tolist():
+                yield (start, offset + int(ends[last]) - start, first_line), CHUNK_ROWS
+                start, first_line = offset + int(ends[last]), lines + last + 2
+            rows = (rows + len(filled)) % CHUNK_ROWS
+            offset, lines = offset + cut, lines + len(ends)
+    if carry.strip():  # a last line without a newline
+        rows += 1
     if rows:
-        yield (start, offset - start, first_line), rows
+        yield (start, offset + len(carry) - start, first_line), rows
 
 
 def _payloads(path: Path, display: str, key: str) -> Iterator[tuple[Any, int]]:
@@ -182,6 +229,29 @@ def parse_payload(payload: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise RowError(f"expected a JSON object, got {json_type(value)}")
     return value
+
+
+def parse_lines(lines: list[bytes]) -> list[dict[str, Any]] | None:
+    """The rows of many JSONL lines, parsed at once: decoded as one string and scanned by
+    C-level maps. None when any line needs `parse_payload`'s reading, which then gives the
+    same rows or the first line's error: a byte-order mark, bytes that are not UTF-8, space
+    before the value, anything but space after it, a value that is not an object, bad JSON."""
+    try:
+        text = b"\n".join(lines).decode("utf-8")
+        if "\ufeff" in text:
+            return None
+        strings = text.split("\n")  # a line holds no newline, and UTF-8 never splits one
+        parsed = list(map(_scan, strings, repeat(0)))
+    except Exception:  # noqa: BLE001 - parse_payload reads the lines again and says why
+        return None
+    if len(parsed) != len(strings):  # a StopIteration (no value at column 1) ended the map
+        return None
+    ends = list(map(itemgetter(1), parsed))
+    if ends != list(map(len, strings)) and any(
+            string[end:].strip(_JSON_SPACE) for string, end in zip(strings, ends, strict=True)):
+        return None
+    rows = list(map(itemgetter(0), parsed))
+    return rows if set(map(type, rows)) <= {dict} else None
 
 
 def output_line(payload: Any) -> bytes:

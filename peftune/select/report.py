@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -107,6 +108,7 @@ def plot_scores(path: Path, scores: np.ndarray, selected: np.ndarray, cfg: Selec
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     first = first_scores(scores)
     finite = first[np.isfinite(first)]
@@ -117,16 +119,20 @@ def plot_scores(path: Path, scores: np.ndarray, selected: np.ndarray, cfg: Selec
         low = min(low, float(np.nanmin(chosen)))
     hidden = int((finite < low).sum())
     finite = finite[finite >= low]
-    bins = np.histogram_bin_edges(finite, bins=60) if len(finite) else 10
-    ax.hist(finite, bins=bins, color="tab:gray", alpha=0.6, label=f"pool ({len(finite):,} rows)")
-    ax.hist(chosen[np.isfinite(chosen)], bins=bins, color="tab:blue", alpha=0.8,
-            label=f"selected ({len(chosen):,})")
+    bins = np.histogram_bin_edges(finite, bins=60) if len(finite) else np.linspace(0, 1, 11)
+    # Filled steps over np.histogram draw what ax.hist draws, as one shape instead of a
+    # patch per bin (half the plot's time).
+    ax.stairs(np.histogram(finite, bins)[0], bins, fill=True, color="tab:gray", alpha=0.6,
+              label=f"pool ({len(finite):,} rows)")
+    ax.stairs(np.histogram(chosen[np.isfinite(chosen)], bins)[0], bins, fill=True,
+              color="tab:blue", alpha=0.8, label=f"selected ({len(chosen):,})")
     if len(chosen):
         hard = cfg.method == "zipfit" or cfg.sampling == "top_k"
         what = "threshold" if hard else "lowest selected"
         ax.axvline(np.nanmin(chosen), color="tab:red", linestyle="--",
                    label=f"{what} {np.nanmin(chosen):.4g}")
     ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(NullLocator())  # a tick per decade reads as well, and draws faster
     what = "log importance weight" if cfg.method == "dsir" else "1 - mean NCD"
     ax.set_xlabel(f"{cfg.method} score ({what})")
     ax.set_ylabel("rows")
@@ -138,9 +144,62 @@ def plot_scores(path: Path, scores: np.ndarray, selected: np.ndarray, cfg: Selec
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    # Fixed margins (room for a two-line title): tight_layout would draw the figure twice.
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.12, top=0.84 if hidden else 0.9)
     fig.savefig(path)
     plt.close(fig)
+
+
+class PlotThread:
+    """scores.png drawn on a thread of this process, off the run's critical path:
+    matplotlib's import (~0.3 s of CPU) runs while the pool is scored (`warm`, once the
+    worker processes exist, so that no fork copies a running thread), and the drawing while
+    the selection is written (`draw`); `wait` returns once the file is written, or raises
+    what went wrong."""
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+        self._error: BaseException | None = None
+
+    def warm(self) -> None:
+        if not self._threads:
+            self._start(_import_pyplot)
+
+    def draw(self, path: Path, scores: np.ndarray, selected: np.ndarray,
+             cfg: SelectConfig) -> None:
+        self.warm()
+        self._start(plot_scores, path, scores, selected, cfg)
+
+    def wait(self) -> None:
+        for thread in self._threads:
+            thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _start(self, work: Any, *args: Any) -> None:
+        before = self._threads[-1] if self._threads else None
+
+        def run() -> None:
+            if before is not None:
+                before.join()
+            try:
+                work(*args)
+            except BaseException as err:  # noqa: BLE001 - raised again by wait()
+                self._error = err
+
+        thread = threading.Thread(target=run, name="peftune-plot", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+
+def _import_pyplot() -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401 - the import is what this warms up
+    except Exception:  # noqa: BLE001, S110 - plot_scores raises it again, reported then
+        pass
 
 
 class Reporter:

@@ -1,11 +1,12 @@
 """`run_select`: stream the pool once to score it, choose k rows, stream it again to write them.
 
     targets  read the target files; fit DSIR's target model / compress ZIP-FIT's targets
-    score    one pass over the pool in fixed chunks (worker processes, ranks): DSIR spills
-             each row's hashed n-gram ids to disk, ZIP-FIT keeps one score per row
+    score    one pass over the pool in fixed chunks (worker processes, ranks): each row's
+             hashed n-gram ids are spilled to disk, ZIP-FIT keeps one score per row
     select   DSIR weighs the spilled rows against the raw model; Gumbel or plain top-k
-    write    a second pass writes the chosen rows unchanged, in pool order, and measures
-             the selection (KL reduction, labels, lengths) against a random one of equal size
+    write    the selection and a random one of equal size are measured from the spill (KL
+             reduction, lengths), and a second pass writes the chosen rows unchanged, in pool
+             order (and counts their labels); scores.png is drawn on a thread meanwhile
 
 Memory is one float64 per pool row plus a chunk per worker. Everything is written into a
 temporary directory beside `out`, renamed into place at the end: a failed run leaves nothing.
@@ -21,6 +22,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from peftune.select.output import (
     check_out_dir,
     cleanup_on_sigterm,
     make_work_dir,
+    measure_spilled,
     publish,
     random_rows,
     write_selection,
@@ -48,10 +51,10 @@ from peftune.select.pool import (
 )
 from peftune.select.report import (
     LENGTH_CAP,
+    PlotThread,
     Reporter,
     build_report,
     length_summary,
-    plot_scores,
     select_yaml,
 )
 from peftune.select.scoring import (
@@ -68,7 +71,7 @@ from peftune.select.zipfit import ZipFitScorer
 @dataclass
 class PoolPass:
     """What the scoring pass leaves on one rank: per-row scores (ZIP-FIT at once, DSIR after
-    the raw model is known), pool-wide counts, and DSIR's spilled features."""
+    the raw model is known), pool-wide counts, and the spilled features of its rows."""
 
     raw_counts: np.ndarray
     rows: int = 0
@@ -76,7 +79,7 @@ class PoolPass:
     labels: Counter = field(default_factory=Counter)
     chunks: list[tuple[int, int, int]] = field(default_factory=list)  # (chunk, first row, rows)
     scores: dict[int, np.ndarray] = field(default_factory=dict)  # chunk -> scores
-    # DSIR: chunk -> (first n-gram, n-grams, first row) in the spill files
+    # chunk -> (first n-gram, n-grams, first row) in the spill files
     spill: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     spilled: tuple[int, int] = (0, 0)  # n-grams and rows written so far
     skipped: int = 0
@@ -160,13 +163,16 @@ def _run(cfg: SelectConfig, out: Path, keys: _Keys, pool_files: list[Path],
 
     work, created = make_work_dir(out, key=f"{keys.prefix}.out")
     finished = False
+    plotter = PlotThread() if ranks.rank == 0 else None
     try:
         processes = worker_count(cfg.num_proc)
         scorer = Scorer(TextRule.for_pool(cfg), hasher, cfg.label_field, cfg.shortest, zipfit,
                         skip_bad_rows=cfg.on_bad_row == "skip")
         reporter.start_pass(pool_files, processes=processes, world=ranks.world)
+        spans: dict = {}  # the JSONL files' chunks, found once for both passes
         scored = _score_pool(cfg, scorer, pool_files, work, ranks, reporter, keys,
-                             processes=processes)
+                             processes=processes, spans=spans,
+                             started=plotter.warm if plotter is not None else None)
         timings["score"] = scored.seconds
 
         tick = time.perf_counter()
@@ -182,38 +188,46 @@ def _run(cfg: SelectConfig, out: Path, keys: _Keys, pool_files: list[Path],
         pool_rows = sum(g[1] for g in gathered)
         scores = _assemble([g[4] for g in gathered])
         _check_k(cfg, scores, pool_rows, keys)
+        selected = _merge([g[0] for g in gathered], shares)  # on every rank, the same
+        baseline = random_rows(scores, len(selected), cfg.seed)
+        timings["select"] = time.perf_counter() - tick
+        if plotter is not None:
+            plotter.draw(work / "scores.png", scores, selected, cfg)
+
+        tick = time.perf_counter()
+        # Each rank measures the selection and the random baseline in its own chunks.
+        measured = ranks.gather(measure_spilled(work, scored.chunks, scored.spill,
+                                                [selected, baseline], buckets=cfg.buckets))
         if ranks.rank != 0:
             finished = True  # rank 0 writes the output, possibly into parents this rank made
             return {}
-        selected = _merge([g[0] for g in gathered], shares)
-        timings["select"] = time.perf_counter() - tick
-
-        tick = time.perf_counter()
-        baseline = random_rows(scores, len(selected), cfg.seed)
-        written = write_selection(cfg, pool_files, work, selected, baseline, hasher)
+        (selected_counts, selected_lengths), (random_counts, _) = [
+            (sum(rank[i][0] for rank in measured), sum(rank[i][1] for rank in measured))
+            for i in range(2)]
+        selected_labels = write_selection(cfg, pool_files, work, selected, spans)
         timings["write"] = time.perf_counter() - tick
 
         target_mix = _target_mixture(cfg, target_counts)
         kl = {"target_vs_raw": kl_divergence(target_mix, raw_counts),
-              "target_vs_selected": kl_divergence(target_mix, written["selected_counts"]),
-              "target_vs_random": kl_divergence(target_mix, written["random_counts"])}
+              "target_vs_selected": kl_divergence(target_mix, selected_counts),
+              "target_vs_random": kl_divergence(target_mix, random_counts)}
         kl["reduction"] = kl["target_vs_raw"] - kl["target_vs_selected"]
         kl["random_reduction"] = kl["target_vs_raw"] - kl["target_vs_random"]
         tick = time.perf_counter()
         for spill in work.glob("spill.*"):
             spill.unlink()
         np.save(work / "scores.npy", scores)
-        plot_scores(work / "scores.png", scores, selected, cfg)
         (work / "select.yaml").write_text(select_yaml(cfg))
+        plotter.wait()
         timings["outputs"] = time.perf_counter() - tick
         timings["total"] = time.perf_counter() - started  # everything but report.json itself
         report = build_report(
             cfg, pool_rows=pool_rows, target_rows=[len(t) for t in target_texts],
             zipfit_targets=len(zipfit.targets) if zipfit else None, timings=timings, kl=kl,
             pool_labels=sum((g[2] for g in gathered), Counter()),
-            selected_labels=written["labels"],
+            selected_labels=selected_labels,
             pool_lengths=length_summary(sum(g[3] for g in gathered)),
-            selected_lengths=length_summary(written["length_hist"]),
+            selected_lengths=length_summary(selected_lengths),
             skipped_rows=sum(g[5] for g in gathered),
             scores=scores, selected=selected, processes=processes, world=ranks.world)
         (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -239,20 +253,25 @@ def _zipfit_scorer(cfg: SelectConfig, target_texts: list[list[str]]) -> ZipFitSc
 
 
 def _score_pool(cfg: SelectConfig, scorer: Scorer, files: list[Path], work: Path,
-                ranks: Ranks, reporter: Reporter, keys: _Keys, *, processes: int) -> PoolPass:
-    """The scoring pass over this rank's chunks; a bad row on any rank stops every rank."""
+                ranks: Ranks, reporter: Reporter, keys: _Keys, *, processes: int,
+                spans: dict, started: Callable[[], None] | None = None) -> PoolPass:
+    """The scoring pass over this rank's chunks; a bad row on any rank stops every rank.
+    `started` is called with the first scored chunk, when the worker processes exist."""
     scored = PoolPass(raw_counts=np.zeros(scorer.hasher.buckets, dtype=np.int64))
     tick = time.perf_counter()
     problem = None
     try:
         chunks = iter_chunks(files, list(cfg.pool), key=keys.pool,
-                             owner=(ranks.rank, ranks.world), lazy=True)
+                             owner=(ranks.rank, ranks.world), lazy=True, spans=spans)
         for result in score_chunks(scorer, chunks, processes=processes):
             if result.error is not None:
                 problem = f"{keys.pool}: {result.error}"
                 break
             _absorb(cfg, scored, result, work)
             reporter.advance(result.rows, result.nbytes)
+            if started is not None:
+                started()
+                started = None
     except InputError as err:
         problem = err.lines[0]
     problems = [p for p in ranks.gather(problem) if p is not None]
@@ -266,16 +285,16 @@ def _score_pool(cfg: SelectConfig, scorer: Scorer, files: list[Path], work: Path
 def _absorb(cfg: SelectConfig, scored: PoolPass, result: ChunkScores, work: Path) -> None:
     scored.rows += result.rows
     scored.raw_counts += np.bincount(result.ids, minlength=len(scored.raw_counts))
-    scored.length_hist += np.bincount(np.minimum(result.words, LENGTH_CAP),
-                                      minlength=LENGTH_CAP + 1)
+    lengths = np.bincount(np.minimum(result.words, LENGTH_CAP))
+    scored.length_hist[:len(lengths)] += lengths
     scored.labels.update(result.labels)
     scored.skipped += result.skipped
     scored.chunks.append((result.chunk, result.first_row, result.rows))
     if cfg.method == "zipfit":
         scored.scores[result.chunk] = result.scores
-        return
-    # DSIR: a row's weight needs the whole pool's n-gram model, so its features wait on disk,
-    # appended to two files (n-gram ids; per row, n-grams and words).
+    # Every row's features wait on disk, appended to two files (n-gram ids; per row, n-grams
+    # and words): DSIR's weights need the whole pool's n-gram model first, and the selection
+    # is measured from them without tokenising it again.
     with (work / "spill.ids").open("ab") as sink:
         result.ids.tofile(sink)
     with (work / "spill.rows").open("ab") as sink:

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 
 from peftune.data.formats import RowError
 from peftune.select.ngrams import NgramHasher
-from peftune.select.pool import Chunk, TextRule, parse_payload
+from peftune.select.pool import Chunk, TextRule, parse_lines, parse_payload
 from peftune.select.zipfit import ZipFitScorer
 
 
@@ -51,6 +53,46 @@ class ChunkScores:
 
 def score_chunk(scorer: Scorer, chunk: Chunk) -> ChunkScores:
     chunk.load()
+    read = _read_at_once(scorer, chunk) or _read_row_by_row(scorer, chunk)
+    if isinstance(read, str):
+        empty = np.zeros(0, dtype=np.int64)
+        return ChunkScores(chunk.index, chunk.first_row, len(chunk.payloads), empty, empty,
+                           empty, error=read)
+    texts, labels, skipped = read
+    ids, sizes, words = scorer.hasher.featurize(texts)
+    out = ChunkScores(chunk.index, chunk.first_row, len(texts), words, ids, sizes,
+                      labels=labels, skipped=skipped, nbytes=chunk.nbytes)
+    if scorer.zipfit is not None:
+        keep = words >= scorer.shortest
+        out.scores = np.full(len(texts), np.nan)
+        docs = [encode_text(text) for text, ok in zip(texts, keep, strict=True) if ok]
+        out.scores[keep] = scorer.zipfit.scores(docs)
+    return out
+
+
+def _read_at_once(scorer: Scorer, chunk: Chunk) -> tuple[list[str], Counter, int] | None:
+    """(texts, labels, 0) of a chunk whose rows are all good, found with C-level maps over
+    the whole chunk; None when a row needs reading one by one (which then tells why)."""
+    rows = chunk.payloads
+    if rows and isinstance(rows[0], bytes):
+        rows = parse_lines(rows)
+        if rows is None:
+            return None
+    texts = scorer.rule.texts(rows)
+    if texts is None:
+        return None
+    labels: Counter = Counter()
+    if scorer.label_field is not None:
+        try:
+            labels.update(map(str, map(itemgetter(scorer.label_field), rows)))
+        except KeyError:
+            return None
+    return texts, labels, 0
+
+
+def _read_row_by_row(scorer: Scorer, chunk: Chunk) -> tuple[list[str], Counter, int] | str:
+    """(texts, labels, rows skipped) of a chunk, or "file:line: problem" of its first bad row
+    (bad rows score as empty texts with `on_bad_row: skip`)."""
     texts: list[str] = []
     labels: Counter = Counter()
     skipped = 0
@@ -64,21 +106,11 @@ def score_chunk(scorer: Scorer, chunk: Chunk) -> ChunkScores:
                 texts.append("")  # no words: never selected, never written
                 skipped += 1
                 continue
-            empty = np.zeros(0, dtype=np.int64)
-            return ChunkScores(chunk.index, chunk.first_row, len(chunk.payloads), empty,
-                               empty, empty, error=f"{chunk.location(position)}: {err.message}")
+            return f"{chunk.location(position)}: {err.message}"
         texts.append(text)
         if label is not None:
             labels[label] += 1
-    ids, sizes, words = scorer.hasher.featurize(texts)
-    out = ChunkScores(chunk.index, chunk.first_row, len(texts), words, ids, sizes,
-                      labels=labels, skipped=skipped, nbytes=chunk.nbytes)
-    if scorer.zipfit is not None:
-        keep = words >= scorer.shortest
-        out.scores = np.full(len(texts), np.nan)
-        docs = [encode_text(text) for text, ok in zip(texts, keep, strict=True) if ok]
-        out.scores[keep] = scorer.zipfit.scores(docs)
-    return out
+    return texts, labels, skipped
 
 
 def encode_text(text: str) -> bytes:
@@ -106,6 +138,14 @@ def _work(chunk: Chunk) -> ChunkScores:
     return score_chunk(_WORKER, chunk)
 
 
+def _worker_start() -> None:
+    # The parent's SIGTERM handler (clean-up: `cleanup_on_sigterm`) is inherited by the
+    # fork; in a worker it would turn the pool's own SIGTERM at shutdown into a SystemExit
+    # that can leave the worker blocked on the task queue's lock, and the parent waiting
+    # for it forever. A worker has nothing to clean up: it just ends.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def worker_count(num_proc: int) -> int:
     """`num_proc`, with 0 meaning every core this process may use."""
     if num_proc > 0:
@@ -125,7 +165,7 @@ def score_chunks(scorer: Scorer, chunks: Iterable[Chunk], *, processes: int) -> 
     global _WORKER
     _WORKER = scorer
     context = multiprocessing.get_context("fork")
-    with context.Pool(processes) as pool:
+    with context.Pool(processes, initializer=_worker_start) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_work, (chunk,)))
