@@ -55,6 +55,9 @@ ROWS: dict[str, dict] = {
     "mhr": {"r": 4, "n_skills": 2, "n_splits": 2},
     "full": {},
     "freeze": {"layers": 1},
+    # native bottleneck adapters (peftune.adapters.bottleneck)
+    "bottleneck": {"sublayers": ["attn", "mlp"], "bottleneck_size": 8},
+    "compacter": {"sublayers": ["attn", "mlp"], "bottleneck_size": 8, "phm_dim": 4},
     # native (peftune.adapters.lowrank)
     "sora": {"r": 4, "sparsity": 1.0},
     "dylora": {"r": 4, "min_rank": 3, "export_rank": 3},
@@ -70,6 +73,10 @@ ROWS: dict[str, dict] = {
     "s2lora": {"r": 4},
     "sorsa": {"r": 4},
     "hydra": {"r": 4},
+    "mos": {"r": 4},
+    "lora-sp": {"r": 4},
+    "increlora": {"init_r": 2, "max_r": 4, "target_r": 3, "alpha": 8, "warmup_steps": 1,
+                  "add_interval": 2},
 }
 LR = {"ia3": 0.2, "prompt": 0.3, "prefix": 0.1, "ptuning": 0.05, "vera": 0.05, "full": 2e-3,
       "inttune": 0.1, "svfit": 0.1, "loldu": 0.1, "lora-sb": 0.1, "nola": 0.1}
@@ -129,13 +136,25 @@ def _base(recipe):
     return load_model(recipe.model, recipe.quant, device=torch.device("cpu"))
 
 
+def _reload(recipe, adapter_dir: Path):
+    """The exported adapter on a fresh base: by peft, or (native bottleneck / Compacter
+    adapters, which are not PEFT's) by peftune's own loader."""
+    from peft import PeftModel
+
+    from peftune.adapters.bottleneck import load_bottleneck
+    from peftune.adapters.bottleneck_configs import NATIVE_CONFIG
+
+    if (adapter_dir / NATIVE_CONFIG).is_file():
+        return load_bottleneck(_base(recipe), adapter_dir)
+    return PeftModel.from_pretrained(_base(recipe), adapter_dir)
+
+
 def _extra(method: str) -> dict:
     return {"task_ids": torch.zeros(1, dtype=torch.long)} if method in ("poly", "mhr") else {}
 
 
 @pytest.mark.parametrize("method", sorted(ROWS))
 def test_method_trains_exports_reloads_and_merges(tmp_path, tiny_model_dir, text_data, method):
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     spec = get_method(method)
@@ -151,7 +170,7 @@ def test_method_trains_exports_reloads_and_merges(tmp_path, tiny_model_dir, text
         torch.testing.assert_close(_logits(loaded), trained, rtol=0, atol=1e-5)
         return
     # peft alone, on the base as it was before the method touched it
-    loaded = PeftModel.from_pretrained(_base(recipe), out / "adapter")
+    loaded = _reload(recipe, out / "adapter")
     # residual inits are re-expressed on the original W: equal up to float rounding
     atol = 1e-4 if getattr(recipe.adapter, "rewrites_base", False) else 1e-5
     unmerged = _logits(loaded, **_extra(method))
@@ -159,8 +178,8 @@ def test_method_trains_exports_reloads_and_merges(tmp_path, tiny_model_dir, text
     # and training changed the model (virtual-token methods return their positions first)
     assert (unmerged[:, -IDS.shape[1]:] - _logits(_base(recipe))).abs().max() > 1e-4
 
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     if spec.exports_plain_lora:
+        config = json.loads((out / "adapter" / "adapter_config.json").read_text())
         assert config["peft_type"] == "LORA" and config["init_lora_weights"] is True
         assert not config.get("use_dora")
     if spec.mergeable and quant == "none":
@@ -176,12 +195,10 @@ QUANTIZED = [(m, q) for q in ("nf4", "int8", "int4") for m in sorted(ROWS)
 
 @pytest.mark.parametrize(("method", "quant"), QUANTIZED)
 def test_method_trains_over_a_quantized_base(tmp_path, tiny_model_dir, text_data, method, quant):
-    from peft import PeftModel
-
     recipe, built, _, losses, out = _train(_recipe(tmp_path, tiny_model_dir, text_data, method,
                                                    quant, steps=6))
     assert sum(losses[-2:]) < sum(losses[:2]), losses
-    loaded = PeftModel.from_pretrained(_base(recipe), out / "adapter")
+    loaded = _reload(recipe, out / "adapter")
     torch.testing.assert_close(_logits(loaded, **_extra(method)),
                                _logits(built.unwrapped_model, **_extra(method)), rtol=0, atol=1e-5)
 

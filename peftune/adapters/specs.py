@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from peftune.adapters import (  # noqa: F401
+    bottleneck_configs,
     lora_configs,
     product_configs,
     prompt_configs,

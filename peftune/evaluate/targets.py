@@ -76,7 +76,7 @@ def _from_path(target: str, *, flag: str) -> Target:
         return _from_run(path, target)
     if (path / "config.json").is_file():
         return Target(label=_name(target), model=ModelSection(path=str(path)))
-    if (path / "adapter_config.json").is_file():
+    if _is_adapter(path):
         base = _adapter_base(path)
         if base is None:
             raise InputError(f"{flag} {target}: the adapter does not name its base model "
@@ -91,7 +91,7 @@ def _from_run(path: Path, shown: str) -> Target:
 
     recipe = load_recipe(path / "recipe.yaml")
     method = recipe.adapter.method
-    if (path / "adapter" / "adapter_config.json").is_file():
+    if _is_adapter(path / "adapter"):
         if not Path(recipe.model.path).expanduser().exists() and _looks_local(recipe.model.path):
             raise InputError(f"{shown}: the run's base model {recipe.model.path} (model.path in "
                              f"{path / 'recipe.yaml'}) does not exist from here; run peftune "
@@ -139,7 +139,7 @@ def _adapter_dir(adapter: str, flag: str) -> Path:
     if not path.is_dir():
         raise InputError(f"{flag} {adapter}: no such directory; point it at a PEFT adapter "
                          "directory (a run's adapter/)")
-    if not (path / "adapter_config.json").is_file():
+    if not _is_adapter(path):
         hint = (f"; it is a run directory: pass it as the target, or use {adapter}/adapter"
                 if (path / "recipe.yaml").is_file() else "")
         raise InputError(f"{flag} {adapter}: no adapter_config.json, so not a PEFT adapter "
@@ -147,7 +147,19 @@ def _adapter_dir(adapter: str, flag: str) -> Path:
     return path
 
 
+def _is_adapter(path: Path) -> bool:
+    """A PEFT adapter directory, or a native one (bottleneck / Compacter)."""
+    from peftune.adapters.bottleneck_configs import NATIVE_CONFIG
+
+    return (path / "adapter_config.json").is_file() or (path / NATIVE_CONFIG).is_file()
+
+
 def _adapter_base(path: Path) -> str | None:
+    from peftune.adapters.bottleneck_configs import read_native_config
+
+    native = read_native_config(path)
+    if native is not None:
+        return native.get("base_model_name_or_path")
     try:
         config = json.loads((path / "adapter_config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -215,8 +227,14 @@ def load_target(target: Target, *, device: Any) -> Loaded:
 def _attach_adapter(model: Any, target: Target) -> Any:
     from peft import PeftModel
 
+    from peftune.adapters.bottleneck_configs import NATIVE_CONFIG
+
     trained_on = _adapter_base(target.adapter)
     try:
+        if (target.adapter / NATIVE_CONFIG).is_file():  # not peft's: peftune's own loader
+            from peftune.adapters.bottleneck import load_bottleneck
+
+            return load_bottleneck(model, target.adapter)
         return PeftModel.from_pretrained(model, str(target.adapter), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()

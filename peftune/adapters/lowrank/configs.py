@@ -314,3 +314,6 @@ for _name, _config, _description, _paper, _quantized, _because in (
         description=_description, paper=_paper, mergeable=True, exports_plain_lora=True,
         quantized=_quantized, **({"unquantized_because": _because} if _because else {}),
     ))
+
+# MoS, LoRA-SP and IncreLoRA register themselves (they build on the configs above).
+from peftune.adapters.lowrank import budget_configs  # noqa: E402, F401

@@ -63,6 +63,8 @@ def _tensors(layer: LowRankLinear) -> dict[str, torch.Tensor]:
     found = {name: param for name, param in layer.named_parameters(remove_duplicate=False)
              if not name.startswith("base_layer.")}
     found.update({name: getattr(layer, name) for name in _BUFFERS if hasattr(layer, name)})
+    # a method's own running state (IncreLoRA's importance averages)
+    found.update({name: getattr(layer, name) for name in getattr(layer, "state_buffers", ())})
     return found
 
 

@@ -183,6 +183,104 @@ def gradient_svd_init(layers: Layers, config: Any, context: dict) -> dict:
             "init_seconds": round(time.perf_counter() - started, 3)}
 
 
+def lora_uniform(rows: int, cols: int, fan_in: int, generator: torch.Generator) -> torch.Tensor:
+    """LoRA's A init (Kaiming-uniform with a = √5: uniform ±1/√fan_in) from `generator`."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return (torch.rand(rows, cols, generator=generator) * 2 - 1) * bound
+
+
+def mos_init(layers: Layers, config: Any, context: dict) -> dict:
+    """MoS: global pools of A and B shards per shard width (A uniform ±1/√in, B zero),
+    each layer's own private shards, and fixed routing indices (from `config.seed`) that
+    pick every slot's shard. A = bank_A[index_A] cut back into r rows of width in, and
+    B = (bank_B[index_B] as r columns of height out): generated each forward, so the shared
+    shards are one tensor and its gradient sums over the layers using it. The pools are
+    registered on the first layer that uses them only (counted and saved once)."""
+    shards = config.shards_per_vector
+    private, public = config.slots()
+    sizes = config.pool_sizes([(layer.in_features, layer.out_features)
+                               for layer in layers.values()])
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + 17)
+    pools: dict[tuple[str, int], nn.Parameter] = {}
+    report = {"private_shards_per_factor": private, "public_shards_per_factor": public,
+              "pool_shards": sum(sizes.values())}
+    for index, layer in enumerate(layers.values()):
+        device = layer.lora_A.device
+        layer_gen = torch.Generator().manual_seed(config.seed * 100_003 + index)
+        params: dict[str, list[nn.Parameter]] = {"A": [], "B": []}
+        for factor, length in (("A", layer.in_features), ("B", layer.out_features)):
+            width = length // shards
+            key = (factor, width)
+            if key not in pools:
+                values = (lora_uniform(sizes[key], width, layer.in_features, generator)
+                          if factor == "A" else torch.zeros(sizes[key], width))
+                pools[key] = nn.Parameter(values.to(device))
+                setattr(layer, f"mos_pool_{factor}", pools[key])  # the owner registers it
+                params[factor].append(pools[key])
+            own = (lora_uniform(private, width, layer.in_features, layer_gen)
+                   if factor == "A" else torch.zeros(private, width))
+            setattr(layer, f"mos_private_{factor}", nn.Parameter(own.to(device)))
+            params[factor].append(getattr(layer, f"mos_private_{factor}"))
+            chosen = torch.randperm(sizes[key], generator=layer_gen)[:public]
+            slots = torch.cat([chosen, sizes[key] + torch.arange(private)])
+            order = torch.randperm(public + private, generator=layer_gen)
+            layer.register_buffer(f"mos_index_{factor}", slots[order].to(device), persistent=False)
+        layer.mos_pools = [pools[("A", layer.in_features // shards)],
+                           pools[("B", layer.out_features // shards)]]  # a list: not registered
+        layer.make_A = _routed(layer, "A", layer.rank, layer.in_features)
+        layer.make_B = _routed(layer, "B", layer.rank, layer.out_features, columns=True)
+        layer.factor_params = params
+        del layer.lora_A, layer.lora_B
+        layer.lora_A = layer.lora_B = None
+    return report
+
+
+def _routed(layer: LowRankLinear, factor: str, rank: int, length: int,
+            columns: bool = False) -> Callable[[], torch.Tensor]:
+    pool = layer.mos_pools[0 if factor == "A" else 1]
+
+    def build() -> torch.Tensor:
+        bank = torch.cat([pool, getattr(layer, f"mos_private_{factor}")])
+        vectors = bank[getattr(layer, f"mos_index_{factor}")].reshape(rank, length)
+        return vectors.T if columns else vectors
+
+    return build
+
+
+def sparse_init(layers: Layers, config: Any, context: dict) -> None:
+    """LoRA-SP: A (uniform ±1/√in) and B (zero) drawn from `config.seed`; a seeded random
+    `frozen_fraction` of each factor's entries is fixed at those values (buffers,
+    regenerated from the seed, not saved) and only the free entries are parameters,
+    scattered into the factor each forward."""
+    for index, layer in enumerate(layers.values()):
+        device = layer.lora_A.device
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
+        params: dict[str, list[nn.Parameter]] = {}
+        initial = {"A": lora_uniform(layer.rank, layer.in_features, layer.in_features, generator),
+                   "B": torch.zeros(layer.out_features, layer.rank)}
+        for factor, values in initial.items():
+            numel = values.numel()
+            free = torch.randperm(numel, generator=generator)[config.frozen(numel):].sort().values
+            layer.register_buffer(f"sp_init_{factor}", values.to(device), persistent=False)
+            layer.register_buffer(f"sp_free_index_{factor}", free.to(device), persistent=False)
+            setattr(layer, f"sp_free_{factor}", nn.Parameter(values.flatten()[free].to(device)))
+            params[factor] = [getattr(layer, f"sp_free_{factor}")]
+        layer.make_A, layer.make_B = _scattered(layer, "A"), _scattered(layer, "B")
+        layer.factor_params = params
+        del layer.lora_A, layer.lora_B
+        layer.lora_A = layer.lora_B = None
+
+
+def _scattered(layer: LowRankLinear, factor: str) -> Callable[[], torch.Tensor]:
+    def build() -> torch.Tensor:
+        initial = getattr(layer, f"sp_init_{factor}")
+        flat = initial.flatten().scatter(0, getattr(layer, f"sp_free_index_{factor}"),
+                                         getattr(layer, f"sp_free_{factor}"))
+        return flat.view_as(initial)
+
+    return build
+
+
 def _timed(rule: Callable[[Layers, Any, dict], Any]) -> Callable[[Layers, Any, dict], dict]:
     def run(layers: Layers, config: Any, context: dict) -> dict:
         started = time.perf_counter()
@@ -197,5 +295,5 @@ INITS: dict[str, Callable[[Layers, Any, dict], Any]] = {
     "hydra": lora_init, "dyrank": dyrank_init, "s2lora": shared_init, "nola": nola_init,
     "svfit": _timed(svd_init), "sorsa": _timed(svd_init), "loldu": _timed(ldu_init),
     "nlora": _timed(nystrom_init), "inttune": _timed(nystrom_init),
-    "lora-sb": gradient_svd_init,
+    "lora-sb": gradient_svd_init, "mos": mos_init, "lora-sp": sparse_init,
 }

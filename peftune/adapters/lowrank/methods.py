@@ -78,7 +78,12 @@ def _wrap(model: nn.Module, config: LowRankConfig) -> dict[str, LowRankLinear]:
 
 
 def _factors(layer: LowRankLinear, name: str) -> list[nn.Parameter]:
-    """The parameters behind factor `name` (NOLA's coefficients stand for A and B)."""
+    """The parameters behind factor `name` (NOLA's coefficients stand for A and B; a
+    layer whose factors are generated from other parameters lists them in
+    `factor_params`: MoS's shards, LoRA-SP's free entries, IncreLoRA's components)."""
+    listed = getattr(layer, "factor_params", None)
+    if listed is not None and name in listed:
+        return listed[name]
     nola_a, nola_b = getattr(layer, "nola_alpha", None), getattr(layer, "nola_beta", None)
     return {
         "A": [nola_a if nola_a is not None else layer.lora_A],
