@@ -32,26 +32,69 @@ OverridesArg = Annotated[
 
 @app.command()
 def train(
+    ctx: typer.Context,
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output dir")] = False,
+    nproc: Annotated[str | None, typer.Option(
+        "--nproc", help="train with N processes on this machine (one per GPU; gloo on CPU)",
+        show_default=False)] = None,
+    accelerate_config: Annotated[Path | None, typer.Option(
+        "--accelerate-config", help="launch through `accelerate launch` with this config "
+        "(configs/ has DDP, FSDP, DeepSpeed ones)", show_default=False)] = None,
 ) -> None:
     """Train an adapter (or the full model) as the recipe says."""
+    from peftune.models import warn_remote_code
     from peftune.recipe import load_recipe
+    from peftune.train.launch import check_config, launched, parse_nproc
 
-    resolved = load_recipe(recipe, overrides or [])
+    processes, config = parse_nproc(nproc), check_config(accelerate_config)
+    # Rank 0 alone judges output.dir: other ranks may start after it has begun to write there.
+    resolved = load_recipe(recipe, overrides or [],
+                           check_output=os.environ.get("RANK", "0") == "0")
+    if config is not None or (processes or 1) > 1:  # re-launch with several processes
+        if launched():
+            raise InputError("--nproc/--accelerate-config: this process was already started by a "
+                             "launcher (torchrun, accelerate launch); drop the flag")
+        from peftune.train.launch import command_argv, relaunch
+        from peftune.train.runner import check_output_dir
+
+        warn_remote_code(resolved.model)
+        check_output_dir(Path(resolved.output.dir), resume=resume, overwrite=overwrite)
+        argv = command_argv(ctx, drop={"nproc", "accelerate_config"})
+        code = relaunch(argv, nproc=processes, config=config)
+        if code:
+            raise typer.Exit(code)
+        return
+    if os.environ.get("RANK", "0") == "0":
+        warn_remote_code(resolved.model)
+    from peftune.train.checkpoint import RunInterrupted
     from peftune.train.runner import run_train
 
-    run_train(resolved, resume=resume, overwrite=overwrite)
+    try:
+        run_train(resolved, resume=resume, overwrite=overwrite)
+    except RunInterrupted as stop:  # SIGINT/SIGTERM: a checkpoint at a step boundary
+        import shlex
+
+        again = " ".join(shlex.quote(a) for a in ["peftune", "train", str(recipe),
+                                                   *(overrides or []), "--resume"])
+        print(f"{stop}; resume with {again}", file=sys.stderr)
+        raise typer.Exit(stop.exit_code) from None
+    if launched():  # one of several processes: leave without the interpreter's teardown
+        from peftune.train.launch import exit_process
+
+        exit_process(0)
 
 
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Validate a recipe and print it resolved, with the numbers it implies. Trains nothing."""
+    from peftune.models import warn_remote_code
     from peftune.recipe import describe_recipe, load_recipe
 
-    resolved = load_recipe(recipe, overrides or [])
+    resolved = load_recipe(recipe, overrides or [], check_output=True)
+    warn_remote_code(resolved.model)
     describe_recipe(resolved)
 
 
@@ -337,24 +380,44 @@ def main() -> None:
     """
     debug = os.environ.get("PEFTUNE_DEBUG") == "1"
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="peftune")
     except InputError as err:
         if debug:
             raise
-        for line in err.lines:
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(2)
+        from peftune.train.launch import exit_process, quiet_on_this_rank, rank_prefix
+
+        if not quiet_on_this_rank(err):  # several processes: rank 0 prints a shared error
+            for line in err.lines:
+                print(f"error: {rank_prefix()}{line}", file=sys.stderr)
+        exit_process(2)
+    except _CLICK_ERROR as err:  # a bad flag or argument: one line, as for a bad recipe key
+        command = err.ctx.command_path if getattr(err, "ctx", None) else "peftune"
+        message = " ".join(err.format_message().split())
+        if message:  # empty: no arguments at all, and the help has been printed
+            print(f"error: {command}: {message} (see {command} --help)", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(1)
     except TrainingError as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        from peftune.train.launch import exit_process, rank_prefix
+
+        print(f"error: {rank_prefix()}{err}", file=sys.stderr)
+        exit_process(1)
     except Exception as err:  # noqa: BLE001 - the top-level boundary of the CLI
         if debug:
             raise
         print(f"error: {type(err).__name__}: {err} (set PEFTUNE_DEBUG=1 for the traceback)",
               file=sys.stderr)
         sys.exit(1)
+    if isinstance(code, int) and code:  # typer.Exit(code) from a verb
+        sys.exit(code)
+
+
+# click's base exception (Typer 0.29 vendors click and exports only BadParameter, a subclass)
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,15 @@
 """Base models and tokenizers: loading (local dir or hub id, offline-friendly errors) and the
-tiny-model builder used by tests and the demo (`peftune tiny-model`)."""
+tiny-model builder used by tests and the demo (`peftune tiny-model`).
+
+Safety defaults, applied to every load (train, eval, merge): `trust_remote_code` comes from
+the recipe and is off unless it says so (a warning is printed when on); weights load from
+safetensors only (`use_safetensors=True`), and a model or adapter directory with only
+pickle weights (`*.bin`, `*.pt`) is refused unless `model.allow_pickle: true`.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +110,49 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_WARNED_REMOTE_CODE: set[str] = set()
+
+
+def warn_remote_code(model_cfg: Any) -> None:
+    """One warning line (once per model path) when the recipe lets a model run its own code."""
+    if model_cfg.trust_remote_code and model_cfg.path not in _WARNED_REMOTE_CODE:
+        _WARNED_REMOTE_CODE.add(model_cfg.path)
+        print(f"warning: model.trust_remote_code is true: loading {model_cfg.path} runs the "
+              "Python code shipped with it; set it only for a model you trust", file=sys.stderr)
+
+
+def check_weights_format(directory: str | Path, *, allow_pickle: bool, key: str = "model.path",
+                         weights: str = "model") -> None:
+    """Refuse a local model or adapter directory whose only weights are pickle files (which
+    can run code when unpickled), unless `allow_pickle`. A hub id is not checked here:
+    `use_safetensors=True` makes transformers refuse pickle weights from the hub."""
+    problem = pickle_weights_problem(directory, allow_pickle=allow_pickle, weights=weights)
+    if problem:
+        raise InputError(f"{key}: {problem}")
+
+
+def pickle_weights_problem(directory: str | Path, *, allow_pickle: bool,
+                           weights: str = "model") -> str | None:
+    """`check_weights_format`'s message without the key, or None (the recipe loader uses it
+    to report the line of model.path before anything loads)."""
+    local = Path(directory).expanduser()
+    if allow_pickle or not local.is_dir():
+        return None
+    try:
+        names = [f.name for f in local.iterdir() if f.is_file()]
+    except OSError:
+        return None  # an unreadable directory: the load itself reports it
+    if any(name.endswith(".safetensors") for name in names):
+        return None
+    pickles = sorted(name for name in names if name.endswith(_PICKLE_SUFFIXES))
+    if not pickles:
+        return None
+    return (f"{directory} has {weights} weights only as pickle ({', '.join(pickles[:3])}), "
+            "which can run code when loaded; convert them to safetensors, or set "
+            "model.allow_pickle: true for files you trust")
+
+
 def check_model_loadable(path: str, *, trust_remote_code: bool) -> None:
     """Fail with one line when the model's config cannot be found (offline hub id, typo)."""
     from transformers import AutoConfig
@@ -166,27 +216,34 @@ def load_model(model_cfg: Any, quant_cfg: Any, *, device: Any,
     """Load the base model onto `device`, quantized if the recipe asks.
 
     `trust_remote_code` is passed through from the recipe and is off by default; weights load
-    from safetensors only. A hub id that is not in the local cache fails with one line.
+    from safetensors only unless `model.allow_pickle`. A hub id that is not in the local
+    cache fails with one line.
     """
     from transformers import AutoModelForCausalLM
 
     from peftune.quant import prepare_quantized_model, quantization_config
 
     path = resolve_model_path(model_cfg.path)
+    allow_pickle = getattr(model_cfg, "allow_pickle", False)
+    check_weights_format(path, allow_pickle=allow_pickle)
+    warn_remote_code(model_cfg)
     check_model_loadable(path, trust_remote_code=model_cfg.trust_remote_code)
     quiet_libraries()
 
     quant = quantization_config(quant_cfg)
     dtype = _model_dtype(model_cfg.dtype, device=device, trains_base_weights=trains_base_weights)
     kwargs: dict[str, Any] = dict(
-        dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
+        dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
         attn_implementation=model_cfg.attn_implementation or "sdpa",
     )
     if quant is not None:
         kwargs["quantization_config"] = quant
         if device.type == "cuda":
             kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    # use_safetensors None: safetensors when the model has them, else its pickle files
+    # (allowed above); True refuses pickle weights, from a local directory or the hub.
+    model = AutoModelForCausalLM.from_pretrained(
+        path, use_safetensors=None if allow_pickle else True, **kwargs)
     if quant_cfg.method != "none":  # int4 loads unquantized and is quantized here
         model = prepare_quantized_model(model, quant_cfg, device=device,
                                         gradient_checkpointing=gradient_checkpointing)

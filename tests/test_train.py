@@ -251,6 +251,11 @@ def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path, tiny_model_dir
     (tmp_path / "run" / "keep.txt").write_text("mine")
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "run")
+    # a directory that is not a run is never a run's output (with or without --overwrite)
+    _assert_clean_failure(_cli("train", str(recipe)), "is an existing directory that is not a "
+                                                      "peftune run (no recipe.yaml)")
+    # a previous run's directory needs --resume or --overwrite
+    (tmp_path / "run" / "recipe.yaml").write_text(recipe.read_text())
     _assert_clean_failure(_cli("train", str(recipe)), "is not empty; pass --resume")
     assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
 
@@ -260,7 +265,7 @@ def test_overwrite_only_ever_deletes_a_previous_run(tmp_path, tiny_model_dir, te
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "mine")
-    _assert_clean_failure(_cli("train", str(recipe), "--overwrite"), "not a peftune run directory")
+    _assert_clean_failure(_cli("train", str(recipe), "--overwrite"), "not a peftune run (no recipe.yaml)")
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 

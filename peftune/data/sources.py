@@ -41,7 +41,19 @@ def resolve_source(path: str, *, key: str) -> Path:
     (data.train, data.val) so that the message points at the line to fix."""
     resolved = Path(path).expanduser()
     if not resolved.exists():
+        if resolved.is_symlink():  # exists() follows links: a loop or a dangling target
+            raise InputError(f"{key}: {path} is a broken symbolic link or a symlink loop; "
+                             "point it at the data file itself")
         raise InputError(f"{key}: no such file or directory: {path}")
+    if not resolved.is_dir():
+        if not resolved.is_file():
+            raise InputError(f"{key}: {path} is not a regular file; give a data file: "
+                             f"{SUPPORTED_TEXT}")
+        try:
+            resolved.open("rb").close()
+        except OSError as err:  # permission denied, mostly
+            raise InputError(f"{key}: cannot read {path} ({err.strerror or err}); check the "
+                             "file's permissions") from None
     if resolved.is_dir():
         if not any((resolved / marker).is_file() for marker in _DATASETS_MARKERS):
             raise InputError(

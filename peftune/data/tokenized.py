@@ -196,6 +196,7 @@ def tokenize_source(cfg: DataSection, tokenizer: Any, *, source: Path, key: str,
     chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     pending = []
     bad: list[str] = []
+    lacking: list[tuple[str | None, str]] = []  # (field, what the row has) per missing field
     rows_read = 0
     for item in iter_rows(source, key=key, display=display, limit=limit):
         rows_read += 1
@@ -207,6 +208,8 @@ def tokenize_source(cfg: DataSection, tokenizer: Any, *, source: Path, key: str,
             if exc.fatal:
                 raise InputError(f"{item.location}: {exc.message}") from None
             bad.append(f"{item.location}: {exc.message}")
+            if exc.problem.startswith("missing field"):
+                lacking.append((exc.field_name, exc.problem.partition("; ")[2]))
             continue
         if bad and cfg.on_bad_row == "error":
             continue  # the run stops at the end: only look for more bad rows
@@ -214,6 +217,16 @@ def tokenize_source(cfg: DataSection, tokenizer: Any, *, source: Path, key: str,
         if len(pending) == _ROWS_PER_BATCH:
             chunks.append(encoder.encode(pending))
             pending = []
+    names = {name for name, _ in lacking}
+    columnar = source.suffix.lower() in (".csv", ".parquet")  # one header for every row
+    if columnar and bad and len(lacking) == rows_read and len(names) == 1:  # a missing column
+        name = names.pop()
+        keys = [k for k in ("text_field", "prompt_field", "input_field", "response_field",
+                            "messages_field") if getattr(cfg, k, None) == name]
+        which = f"data.{keys[0]}" if keys else "the format's field"
+        has = lacking[0][1].removeprefix("the row has: ") or "none"
+        raise InputError(f"{key}: {display}: no row has the field '{name}' ({which}); the "
+                         f"first row's fields: {has}; set {which} to the one that holds it")
     if bad and cfg.on_bad_row == "error":
         # One line per bad row (the CLI prints each as `error: ...`); the skip hint goes on
         # the summary line, so that a file with one bad row gives exactly one line.

@@ -228,7 +228,10 @@ def _attach_adapter(model: Any, target: Target) -> Any:
     from peft import PeftModel
 
     from peftune.adapters.bottleneck_configs import NATIVE_CONFIG
+    from peftune.models import check_weights_format
 
+    check_weights_format(target.adapter, key="--adapter", weights="adapter",
+                         allow_pickle=getattr(target.model, "allow_pickle", False))
     trained_on = _adapter_base(target.adapter)
     try:
         if (target.adapter / NATIVE_CONFIG).is_file():  # not peft's: peftune's own loader

@@ -120,6 +120,26 @@ def model_modules(config: dict) -> list[Module] | None:
     return modules
 
 
+def strategy_problems(recipe: Any) -> list[tuple[tuple[str, ...], str]]:
+    """`train.strategy` against the model, from a local config.json: LISA cannot keep more
+    decoder layers active than the model has (the run checks the built model too); a GaLore
+    rank not below the hidden size projects nothing away."""
+    strategy = recipe.train.strategy
+    if strategy is None:
+        return []
+    config = read_model_config(recipe.model.path) or {}
+    hidden = config.get("hidden_size", config.get("n_embd"))
+    if strategy.name == "galore" and isinstance(hidden, int) and strategy.rank >= hidden:
+        return [(("train", "strategy", "rank"), f"{strategy.rank} is not below the model's "
+                 f"hidden size {hidden}, so GaLore would keep full-size optimizer states; use a "
+                 f"rank below {hidden} (e.g. {max(1, hidden // 4)})")]
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    if strategy.name == "lisa" and isinstance(layers, int) and strategy.layers > layers:
+        return [(("train", "strategy", "layers"), f"{strategy.layers} active layers is more than "
+                 f"the model's {layers} decoder layers; use at most {layers}")]
+    return []
+
+
 def read_model_config(path: str) -> dict | None:
     """The config.json of a local model directory, or None (a hub id, or unreadable)."""
     config_file = Path(path).expanduser() / "config.json"

@@ -27,7 +27,8 @@ from pydantic import ValidationError
 
 from peftune.adapters.registry import get_method, method_names
 from peftune.errors import InputError
-from peftune.recipe.architecture import model_problems
+from peftune.models import pickle_weights_problem
+from peftune.recipe.architecture import model_problems, strategy_problems
 from peftune.recipe.errors import (
     Locations,
     Problem,
@@ -49,11 +50,14 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _OVERRIDES_ORDER = 2  # problems sort as: recipe file (0), its parent (1), then overrides
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), *,
+                check_output: bool = False) -> Recipe:
     """Read, merge, override and validate a recipe; raise one InputError listing every problem.
 
     On success `recipe.adapter` is the chosen method's config (e.g. `LoraConfig`), not the
-    loosely typed `AdapterSection`.
+    loosely typed `AdapterSection`. `check_output` (the `train` and `validate` verbs) also
+    refuses an `output.dir` that no run may use (`output_dir_problem`); a run's own saved
+    recipe.yaml, read back by eval or merge, is not checked against where it was written.
     """
     shown = str(path)
     data, where, problems = _read_yaml(Path(path), shown, order=0)
@@ -62,6 +66,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         problems += _apply_override(data, where, override, number)
     recipe, validation = _validate(data, where)
     problems += validation
+    if recipe is not None and not problems and check_output:
+        problem = output_dir_problem(recipe.output.dir)
+        if problem:
+            problems.append(Problem(locate(("output", "dir"), where), ("output", "dir"), problem))
     if problems or recipe is None:
         raise InputError(*_unique_lines(problems))
     return recipe
@@ -153,6 +161,45 @@ def load_select(path: str | Path | None, overrides: Sequence[str] = (),
     return config
 
 
+def output_dir_problem(value: str) -> str | None:
+    """Why `value` cannot be a run's output directory, or None.
+
+    The policy: output.dir may be relative (to the current directory) or absolute, and may
+    contain `..`; what counts is where it resolves (symbolic links followed). It must be a
+    new directory, an empty one, or an earlier run's (it holds recipe.yaml), and never the
+    filesystem root, the home directory, the current directory or one above it, or the root
+    of a git repository: `--overwrite` deletes the directory it replaces.
+    """
+    hint = "; name a new directory for the run, such as runs/my-run"
+    if not value.strip():
+        return f"is empty{hint}"
+    out = Path(value).expanduser()
+    try:
+        resolved = out.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return f"{value} is a symbolic link loop{hint}"
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    named = {Path(resolved.anchor): "the filesystem root", home: "the home directory",
+             cwd: "the current directory"}
+    if resolved in named:
+        return f"{value} is {named[resolved]} ({resolved}){hint}"
+    if resolved in cwd.parents:
+        return f"{value} resolves to {resolved}, above the current directory{hint}"
+    try:
+        if (resolved / ".git").exists():
+            return f"{value} is the root of a git repository ({resolved}){hint}"
+        if out.is_symlink() and not out.exists():
+            return f"{value} is a broken symbolic link{hint}"
+        if out.exists() and not out.is_dir():
+            return f"{value} exists and is not a directory{hint}"
+        if out.is_dir() and any(out.iterdir()) and not (out / "recipe.yaml").is_file():
+            return (f"{value} is an existing directory that is not a peftune run (no "
+                    f"recipe.yaml){hint}")
+    except OSError as err:
+        return f"{value}: cannot inspect it ({err.strerror or err}){hint}"
+    return None
+
+
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The fully resolved recipe (every section, defaults included, schema key order) as YAML
     that `load_recipe` reads back to an equal Recipe. Runs save it as `recipe.yaml`."""
@@ -184,23 +231,24 @@ _RecipeDumper.add_representer(str, _RecipeDumper.represent_str)
 def _read_yaml(path: Path, shown: str, *, order: int) -> tuple[dict, Locations, list[Problem]]:
     """Parse one recipe file as `yaml.safe_load` would, plus where each key and list item was
     written and one Problem per duplicate key (safe_load would silently keep the last)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{shown}: no such recipe file") from None
-    except IsADirectoryError:
-        raise InputError(f"{shown}: is a directory, not a recipe file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{shown}: cannot read the recipe: {err}") from None
+    text = _read_text(path, shown)
     loader = yaml.SafeLoader(text)
     builder = _Builder(loader, shown, order)
     try:
         node = loader.get_single_node()
-        data = {} if node is None else builder.build(node, ())
+        if node is None:  # an empty file, or comments only
+            raise InputError(f"{shown}: the file is empty (nothing but comments or blank "
+                             "lines); a recipe needs at least model: and data: sections")
+        data = builder.build(node, ())
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         kind = "YAML error" if isinstance(err, yaml.constructor.ConstructorError) else "YAML syntax error"
         problem = err.problem or err.context or "malformed YAML"
+        if isinstance(err, yaml.constructor.ConstructorError) and "constructor for the tag" in problem:
+            tag = problem.partition("'")[2].rpartition("'")[0].replace("tag:yaml.org,2002:", "!!")
+            problem = (f"the tag {tag} is not allowed: a recipe holds plain "
+                       "values (it is read with YAML's safe loader and never builds Python "
+                       "objects); remove the tag")
         if err.context and err.problem and err.problem.startswith("but "):
             problem = f"{err.context}, {err.problem}"  # "expected X, but found Y"
         elif err.context and err.problem and err.context_mark and mark is not err.context_mark:
@@ -216,6 +264,37 @@ def _read_yaml(path: Path, shown: str, *, order: int) -> tuple[dict, Locations, 
     builder.where[()] = Where((order, 1), f"{shown}:1")
     _normalise_sections(data, builder.where)
     return data, builder.where, builder.problems
+
+
+def _read_text(path: Path, shown: str) -> str:
+    """The recipe's text: UTF-8 (a leading BOM is dropped); anything else is one line that
+    names the file, the line and the fix."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        why = " (a broken symbolic link)" if path.is_symlink() else ""
+        raise InputError(f"{shown}: no such recipe file{why}") from None
+    except IsADirectoryError:
+        raise InputError(f"{shown}: is a directory, not a recipe file") from None
+    except PermissionError:
+        raise InputError(f"{shown}: cannot read the recipe (permission denied); check the "
+                         "file's permissions") from None
+    except OSError as err:  # a symlink loop, an I/O error
+        raise InputError(f"{shown}: cannot read the recipe: {err.strerror or err}") from None
+    for bom, encoding in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                          (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if raw.startswith(bom):
+            raise InputError(f"{shown}: the recipe is {encoding}-encoded; save it as UTF-8")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise InputError(f"{shown}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); save "
+                         "the recipe as UTF-8") from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise InputError(f"{shown}:{line}: a NUL byte: this is not a text file")
+    return text.removeprefix("\ufeff")
 
 
 def _normalise_sections(data: dict, where: Locations) -> None:
@@ -385,7 +464,7 @@ def _validate(data: dict, where: Locations) -> tuple[Recipe | None, list[Problem
     The adapter is validated in a second pass because its keys depend on `adapter.method`;
     both passes run even when the first fails, so every problem is reported in one go.
     """
-    problems: list[Problem] = []
+    problems: list[Problem] = _too_large(data, where)
     recipe = None
     try:
         recipe = Recipe.model_validate(data)
@@ -417,10 +496,53 @@ def _validate(data: dict, where: Locations) -> tuple[Recipe | None, list[Problem
     recipe = recipe.model_copy(update={"adapter": method_config})
     for path, message in cross_field_problems(recipe):
         problems.append(Problem(locate(tuple(path), where), tuple(path), message))
+    problems += _ceiling_problems(recipe, where)
+    pickled = pickle_weights_problem(recipe.model.path, allow_pickle=recipe.model.allow_pickle)
+    if pickled:  # a local model directory with only .bin weights
+        problems.append(Problem(locate(("model", "path"), where), ("model", "path"), pickled))
     if not problems:  # the adapter against the model's layers, when config.json is at hand
-        for path, message in model_problems(recipe):
+        for path, message in [*model_problems(recipe), *strategy_problems(recipe)]:
             problems.append(Problem(locate(tuple(path), where), tuple(path), message))
+    if not problems:  # `~/runs/x` is the home directory's runs/x, as in data paths
+        recipe.output.dir = os.path.expanduser(recipe.output.dir)
     return (None if problems else recipe), problems
+
+
+# Values no run can reach, refused up front rather than left to overflow a counter, size a
+# tensor or loop for ever: (key, largest accepted, why).
+_CEILINGS = (
+    (("train", "max_steps"), 10**9, "a billion optimizer steps"),
+    (("train", "epochs"), 10**6, "a million passes over the data"),
+    (("train", "batch_size"), 2**20, "examples per micro-batch"),
+    (("train", "grad_accum"), 2**20, "micro-batches per step"),
+    (("data", "max_length"), 2**24, "tokens per example; no model has a longer context"),
+)
+_INT64 = 2**63 - 1
+
+
+def _ceiling_problems(recipe: Recipe, where: Locations) -> list[Problem]:
+    problems = []
+    for path, ceiling, why in _CEILINGS:
+        value = getattr(getattr(recipe, path[0]), path[1], None)
+        if isinstance(value, (int, float)) and value > ceiling:
+            problems.append(Problem(locate(path, where), path,
+                                    f"{show(value)} is too large (at most {ceiling:,}: {why})"))
+    return problems
+
+
+def _too_large(data: Any, where: Locations) -> list[Problem]:
+    """Integers that do not fit 64 bits, wherever they are in the recipe: numpy and torch
+    would overflow on them (seeds, counts, sizes)."""
+    problems = []
+    for path in _paths(data, ()):
+        node = data
+        for part in path:
+            node = node[part]
+        if isinstance(node, int) and not isinstance(node, bool) and abs(node) > _INT64:
+            problems.append(Problem(locate(path, where), path,
+                                    f"{node} is too large (integers must fit 64 bits: at "
+                                    f"most {_INT64:,})"))
+    return problems
 
 
 def _select_problems(selection: dict, data: dict, where: Locations) -> list[Problem]:

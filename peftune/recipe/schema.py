@@ -31,7 +31,11 @@ class Section(BaseModel):
 class ModelSection(Section):
     path: str = Field(description="local directory or hub id of the base model")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Off by default: true runs the Python files shipped with a hub model (the CLI warns).
     trust_remote_code: bool = False
+    # Off by default: weights load from safetensors only; true also accepts pickle files
+    # (pytorch_model.bin, adapter_model.bin), which can run code when they are loaded.
+    allow_pickle: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
 
 
@@ -104,6 +108,61 @@ class DataSection(Section):
     select: dict[str, Any] | None = None
 
 
+# The keys each training strategy reads besides `name` (a key of another strategy is an error).
+STRATEGY_KEYS = {
+    "lisa": frozenset({"layers", "interval"}),
+    "galore": frozenset({"rank", "update_proj_gap", "scale", "proj_type"}),
+}
+
+
+class StrategySection(Section):
+    """`train.strategy`: how a full fine-tune (`adapter.method: full`) spends its memory
+    (peftune.train.strategies). lisa (Pan et al. 2024): only `layers` decoder layers, drawn
+    anew every `interval` optimizer steps, train at a time, with the embeddings and head.
+    galore (Zhao et al. 2024): the decoder layers' matrices keep Adam states of their gradient
+    projected to rank `rank` (subspace recomputed every `update_proj_gap` steps, update scaled
+    by `scale`); `train.optimizer` adamw or adamw8bit picks galore-torch's optimizer."""
+
+    name: Literal["lisa", "galore"]
+    layers: int = Field(default=2, gt=0)
+    interval: int = Field(default=20, gt=0)
+    rank: int = Field(default=128, gt=0)
+    update_proj_gap: int = Field(default=200, gt=0)
+    scale: float = Field(default=0.25, gt=0)
+    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
+
+    @field_validator(*sorted(set().union(*STRATEGY_KEYS.values())))
+    @classmethod
+    def _own_strategy(cls, value: Any, info: ValidationInfo) -> Any:
+        name = info.data.get("name")
+        if name is not None and info.field_name not in STRATEGY_KEYS[name]:
+            keys = ", ".join(sorted(STRATEGY_KEYS[name]))
+            raise ValueError(f"strategy {name} has no such key (its keys: name, {keys})")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _own_keys_only(self, handler: Any) -> dict:
+        # a dump (the run's recipe.yaml) holds the strategy's own keys, so that it loads back
+        own = STRATEGY_KEYS[self.name] | {"name"}
+        return {key: value for key, value in handler(self).items() if key in own}
+
+    def recipe_problems(self, recipe: Any) -> list[tuple[tuple[str, ...], str]]:
+        where = ("train", "strategy", "name")
+        if recipe.adapter.method != "full":
+            return [(where, f"strategy {self.name} trains the base's own weights and needs "
+                     f"adapter.method: full, got {recipe.adapter.method}")]
+        if self.name == "galore" and recipe.quant.method != "none":
+            return [(("quant", "method"), f"strategy galore updates every weight of the base and "
+                     f"cannot train over a {recipe.quant.method} base; use quant.method: none")]
+        if self.name == "galore" and recipe.train.optimizer == "paged_adamw":
+            return [(("train", "optimizer"), "strategy galore has no paged optimizer; use "
+                     "train.optimizer: adamw or adamw8bit")]
+        if self.name == "galore" and recipe.train.loraplus_ratio is not None:
+            return [(("train", "loraplus_ratio"), "strategy galore and LoRA+ do not combine; "
+                     "remove one")]
+        return []
+
+
 class TrainSection(Section):
     max_steps: int | None = Field(default=None, gt=0)
     epochs: float = Field(default=1.0, gt=0)
@@ -126,6 +185,8 @@ class TrainSection(Section):
     eval_every: int | None = Field(default=None, gt=0)
     save_every: int | None = Field(default=None, gt=0)
     keep_checkpoints: int = Field(default=2, gt=0)
+    # a training strategy for adapter.method: full: {name: lisa, ...} or {name: galore, ...}
+    strategy: StrategySection | None = None
 
     def warmup_for(self, total_steps: int) -> int:
         """Warm-up steps of a run of `total_steps` (train and validate use this one rule)."""
@@ -300,6 +361,8 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
             f"LoRA+ raises the learning rate of LoRA's B matrices, and adapter.method "
             f"{spec.name} has none; remove it or use a LoRA-family method (lora, dora, ...)",
         ))
+    if recipe.train.strategy is not None:
+        problems += recipe.train.strategy.recipe_problems(recipe)
     if recipe.data.val is not None and recipe.data.val_ratio > 0:
         problems.append((
             ("data", "val_ratio"),

@@ -3,21 +3,38 @@ scheduler and RNG states and the data position, written atomically and pruned to
 
 Atomic: everything is written into `checkpoints/.tmp-step-N` and renamed into place, so a
 run killed mid-write leaves the previous checkpoint intact and no half-written step-N.
+Checked: `manifest.json` (the sha256 and size of every other file) is written last inside the
+temp dir, and `--resume` verifies the latest checkpoint against it, falling back to the one
+before when a file is missing, truncated or corrupted. A checkpoint without a manifest
+(written before peftune wrote them) is used unverified, with a note.
+A write that fails (a full disk) removes its temp dir and stops the run. SIGINT and SIGTERM
+stop the run at the next step boundary with a checkpoint (StopRequest); while one is written
+they are blocked in the writing thread and only recorded, so they never cut it short.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import signal
+import sys
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from peftune.errors import InputError, TrainingError
+
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_REQUIRED = ("trainable.safetensors", "training_state.pt", "trainer_state.json")
 
 
 @dataclass
@@ -61,24 +78,187 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: Path, *, state: TrainerState, trainable: dict, optimizer: Any,
                     scheduler: Any, keep: int) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
     root = run_dir / CHECKPOINTS
     final = root / f"step-{state.step}"
     tmp = root / f".tmp-step-{state.step}"
+    with signals_held():
+        try:
+            _write_checkpoint(tmp, state=state, trainable=trainable, optimizer=optimizer,
+                              scheduler=scheduler)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = latest_checkpoint(run_dir)
+            kept = f"{previous} is intact" if previous else "no earlier checkpoint exists"
+            raise TrainingError(
+                f"could not write checkpoint {final.name} into {root}: "
+                f"{err.strerror or err} ({errno.errorcode.get(err.errno, err.errno)}); "
+                f"nothing half-written was left and {kept}. Free space (or fix the "
+                "directory's permissions), then resume with --resume") from err
+        if final.exists():  # only after a resume that repeats a step; replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_path(root)
+    _prune(root, keep)
+    return final
+
+
+def _write_checkpoint(tmp: Path, *, state: TrainerState, trainable: dict, optimizer: Any,
+                      scheduler: Any) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable, tmp / "trainable.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng_state()}, tmp / "training_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+    write_manifest(tmp)  # last: a checkpoint with a whole manifest was written whole
     _fsync_dir(tmp)
-    if final.exists():  # only after a resume that repeats a step; replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _prune(root, keep)
-    return final
+
+
+def write_manifest(directory: Path) -> None:
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=2))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when the checkpoint is whole; otherwise what is wrong, naming the file."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        missing = [name for name in _REQUIRED if not (path / name).is_file()]
+        return f"{missing[0]} is missing" if missing else None  # pre-manifest: unverified
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name in [n for n in _REQUIRED if n not in files] + sorted(files):
+        file = path / name
+        if name not in files or not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != files[name]["size"]:
+            return f"{name} is {size:,} bytes, the manifest says {files[name]['size']:,} (truncated?)"
+        if _sha256(file) != files[name]["sha256"]:
+            return f"{name} does not match its sha256 in {MANIFEST} (corrupted)"
+    return None
+
+
+def resumable_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The latest checkpoint that verifies, and one line for each later one that did not
+    (or for a pre-manifest one used unverified)."""
+    notes = []
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            if not (path / MANIFEST).is_file():
+                notes.append(f"checkpoint {path} has no {MANIFEST} (written by an older "
+                             "peftune): resuming from it unverified")
+            return path, notes
+        notes.append(f"checkpoint {path} is unusable: {problem}; trying the one before")
+    return None, notes
+
+
+def probe_output_location(out: Path, *, key: str = "output.dir") -> None:
+    """Write, fsync and delete a small file where the run will be written (output.dir, or
+    its nearest existing parent), so a read-only or full location fails before training."""
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        return  # a file in the way: check_output_dir names it
+    probe = where / f".peftune-write-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"\0" * 65536)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise InputError(f"{key}: cannot write to {where} ({reason}); choose a writable "
+                         f"{key} with free space") from err
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def check_free_space(out: Path, needed_bytes: int, *, key: str = "output.dir") -> None:
+    """Refuse to start when the disk cannot hold even the trained weights."""
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < needed_bytes:
+        raise InputError(f"{key}: {where} has {free / 2**20:,.1f} MiB free; this run writes at "
+                         f"least {needed_bytes / 2**20:,.1f} MiB (checkpoints and the adapter). "
+                         f"Free space or choose another {key}")
+
+
+# ---- SIGINT / SIGTERM: stop at the next step boundary with a checkpoint ----------------------
+
+class RunInterrupted(Exception):  # noqa: N818 - not an error: the user asked to stop
+    """The run stopped on SIGINT/SIGTERM after a whole optimizer step and saved a checkpoint."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        super().__init__(f"interrupted ({signal.Signals(signum).name}) at step {step}; "
+                         f"checkpoint saved to {checkpoint}")
+
+
+class StopRequest:
+    """While active, SIGINT and SIGTERM ask the loop to stop at the next step boundary
+    instead of killing the process; a second signal only says the stop is under way.
+    A signal the process inherited as ignored (a background job's SIGINT) stays ignored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name}: stopping after the current optimizer step "
+                  "and saving a checkpoint", file=sys.stderr, flush=True)
+        else:
+            print(f"{signal.Signals(signum).name}: already stopping; the checkpoint is being "
+                  "saved (kill -9 stops at once; the previous checkpoint stays usable)",
+                  file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Block SIGINT/SIGTERM in the writing (main) thread while a checkpoint is written, so no
+    system call of the write is cut short by one (EINTR). A signal sent to the process still
+    reaches StopRequest's handler, which only records it; one sent to this thread waits."""
+    can = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if can:
+        signal.pthread_sigmask(signal.SIG_BLOCK, StopRequest.SIGNALS)
+    try:
+        yield
+    finally:
+        if can:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, StopRequest.SIGNALS)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -122,3 +302,22 @@ def _fsync_dir(path: Path) -> None:
     for file in path.iterdir():
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
+    _fsync_path(path)
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a directory itself, so a rename or new entry survives a power loss."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -2,7 +2,10 @@
 
 The loss of an optimizer step is the sum of token losses of all its micro-batches divided
 by the number of target tokens in all of them, so `batch_size=8, grad_accum=1` and
-`batch_size=2, grad_accum=4` give the same update. The loop knows nothing of adapter
+`batch_size=2, grad_accum=4` give the same update. With N processes an optimizer step takes
+N x grad_accum consecutive micro-batches, process r the r-th of every N (so N processes with
+accumulation G train exactly as one process with accumulation N x G), and the target count is
+summed over the processes (an all-reduce). The loop knows nothing of adapter
 methods: it calls the hooks it was given (extra loss, after-step) and nothing else.
 """
 
@@ -44,6 +47,11 @@ class Loop:
     on_log: Callable[[dict], None] = lambda record: None
     on_eval: Callable[[dict], None] = lambda record: None
     on_save: Callable[[TrainerState], None] = lambda state: None
+    # Asked after every whole optimizer step: True ends the loop there (SIGINT/SIGTERM).
+    should_stop: Callable[[], bool] = lambda: False
+    # This process among `num_processes` (the data position is counted over all of them).
+    num_processes: int = 1
+    process_index: int = 0
     # The epoch whose (lazy) batch sequence is at hand: one at a time.
     _epoch: tuple[int, Sequence[dict]] | None = None
 
@@ -95,20 +103,34 @@ def count_tokens(batch: dict) -> int:
 
 
 def next_micro_batches(loop: Loop, state: TrainerState) -> list[dict]:
-    """The next `grad_accum` micro-batches from the data position, continuing into the next
+    """This process's `grad_accum` micro-batches of the next `grad_accum x num_processes`
+    from the data position (process r takes every r-th of them), continuing into the next
     epoch when this one runs out (every optimizer step sees the batch the recipe asks for).
-    Advances `state.epoch` / `state.batch_in_epoch`."""
+    Advances `state.epoch` / `state.batch_in_epoch`, which count micro-batches of all
+    processes, so the position means the same on any number of processes."""
     taken: list[dict] = []
-    while len(taken) < loop.grad_accum:
+    world, rank = loop.num_processes, loop.process_index
+    seen = 0
+    while seen < loop.grad_accum * world:
         epoch_batches = _epoch(loop, state.epoch)
         if state.batch_in_epoch >= len(epoch_batches):
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             continue
-        start = state.batch_in_epoch
-        more = epoch_batches[start:start + loop.grad_accum - len(taken)]
-        state.batch_in_epoch += len(more)
-        taken += more
+        if seen % world == rank:  # only this process's batches are built
+            taken.append(epoch_batches[state.batch_in_epoch])
+        state.batch_in_epoch += 1
+        seen += 1
     return taken
+
+
+def global_sums(accelerator: Any, *values: float) -> list[float]:
+    """The values summed over all processes (one all-reduce); as they are on one process."""
+    if accelerator.num_processes == 1:
+        return list(values)
+    import torch
+
+    local = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(local, reduction="sum").tolist()
 
 
 def _epoch(loop: Loop, epoch: int) -> Sequence[dict]:
@@ -122,14 +144,19 @@ def evaluate_loss(loop: Loop) -> dict:
     import torch
 
     model = loop.model
+    batches = loop.val_batches or []
+    if loop.num_processes > 1:  # each process its share; no DDP forward (it syncs buffers)
+        model = loop.accelerator.unwrap_model(model)
+        batches = [batches[i] for i in range(loop.process_index, len(batches), loop.num_processes)]
     model.eval()
     total, targets = 0.0, 0
     with torch.no_grad(), loop.accelerator.autocast():
-        for batch in loop.val_batches or []:
+        for batch in batches:
             total += float(token_loss_sum(model, _to(batch, loop.accelerator.device)))
             targets += count_targets(batch)
     model.train()
-    return {"val_loss": total / max(targets, 1), "val_target_tokens": targets}
+    total, targets = global_sums(loop.accelerator, total, targets)
+    return {"val_loss": total / max(targets, 1), "val_target_tokens": int(targets)}
 
 
 def _to(batch: dict, device: Any) -> dict:
@@ -150,9 +177,11 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
 
     while state.step < loop.total_steps:
         micro_batches = next_micro_batches(loop, state)
-        n_targets = sum(count_targets(b) for b in micro_batches)
+        # Over all processes: each process's loss is its share of the step's mean token loss.
+        n_targets, step_tokens = (int(v) for v in global_sums(
+            accelerator, sum(count_targets(b) for b in micro_batches),
+            sum(count_tokens(b) for b in micro_batches)))
         step_loss = torch.zeros((), device=accelerator.device)
-        step_tokens = 0
 
         for i, batch in enumerate(micro_batches):
             batch = _to(batch, accelerator.device)
@@ -160,17 +189,16 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync, accelerator.autocast():
                 task_loss = token_loss_sum(model, batch) / max(n_targets, 1)
-                loss = task_loss
+                loss = task_loss * loop.num_processes  # DDP averages the gradients: undo it
                 extra = hooks.extra_loss(model) if hooks.extra_loss is not None else None
                 if extra is not None:  # a method's penalty may be off for part of the run
                     loss = loss + extra / len(micro_batches)
             accelerator.backward(loss)
             step_loss += task_loss.detach()
-            step_tokens += count_tokens(batch)
         state.tokens += step_tokens
         state.target_tokens += n_targets
 
-        loss_value = float(step_loss)
+        loss_value = global_sums(accelerator, float(step_loss))[0]  # the same on every rank
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             raise TrainingError(
@@ -213,4 +241,6 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
             loop.on_eval({"step": state.step, **evaluate_loss(loop)})
         if loop.save_every and state.step % loop.save_every == 0:
             loop.on_save(state)
+        if loop.should_stop():  # a step boundary: the runner saves and exits
+            break
     return state

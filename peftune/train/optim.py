@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from peftune.errors import InputError
 from peftune.recipe.schema import TrainSection
 
 
@@ -35,6 +36,8 @@ def build_optimizer(model: Any, cfg: TrainSection) -> Any:
     arXiv:2402.12354) through peft: LoRA's B matrices, and as peft groups them every 1-D
     trained tensor (DoRA magnitudes, biases), learn at ratio x lr; A and LoRA embeddings at
     lr. `train.weight_decay` applies as without LoRA+."""
+    if cfg.strategy is not None and cfg.strategy.name == "galore":
+        return galore_optimizer(model, cfg)
     cls = optimizer_class(cfg.optimizer)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas))
     if cfg.loraplus_ratio is not None:
@@ -45,6 +48,45 @@ def build_optimizer(model: Any, cfg: TrainSection) -> Any:
                                          loraplus_weight_decay=cfg.weight_decay,
                                          loraplus_lr_embedding=cfg.lr, **kwargs)
     return cls(parameter_groups(model, cfg.weight_decay), **kwargs)
+
+
+def galore_optimizer(model: Any, cfg: TrainSection) -> Any:
+    """GaLore (Zhao et al. 2024, "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection", arXiv:2403.03507) through galore-torch: each 2-D weight of the decoder
+    layers keeps its Adam moments for the gradient projected onto rank r, `P^T G` (P from
+    the gradient's SVD, recomputed every `update_proj_gap` steps), and is updated by
+    `scale * P * adam(P^T G)`; embeddings, head and 1-D tensors get plain AdamW.
+    `train.optimizer: adamw8bit` is GaLoreAdamW8bit (bitsandbytes 8-bit moments), CUDA only:
+    galore-torch calls torch.cuda.synchronize() in every step."""
+    import torch
+    from galore_torch import GaLoreAdamW, GaLoreAdamW8bit
+    from galore_torch.galore_projector import GaLoreProjector
+
+    from peftune.adapters.full import decoder_layers
+
+    galore = cfg.strategy
+    if cfg.optimizer == "adamw8bit" and not torch.cuda.is_available():
+        raise InputError("train.optimizer: adamw8bit with strategy galore needs a CUDA GPU "
+                         "(galore-torch's GaLoreAdamW8bit synchronises CUDA every step); use "
+                         "train.optimizer: adamw on CPU")
+    in_layers = {id(p) for block in decoder_layers(model) for p in block.parameters()}
+    projected, matrices, vectors = [], [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            group = (projected if param.ndim == 2 and id(param) in in_layers
+                     else matrices if param.ndim >= 2 else vectors)
+            group.append(param)
+    groups = [{"params": projected, "weight_decay": cfg.weight_decay, "rank": galore.rank,
+               "update_proj_gap": galore.update_proj_gap, "scale": galore.scale,
+               "proj_type": galore.proj_type},
+              {"params": matrices, "weight_decay": cfg.weight_decay},
+              {"params": vectors, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    # the projectors live in the optimizer state: a checkpoint loads them back with weights_only
+    torch.serialization.add_safe_globals([GaLoreProjector])
+    if cfg.optimizer == "adamw8bit":
+        return GaLoreAdamW8bit(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    return GaLoreAdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), no_deprecation_warning=True)
 
 
 def build_scheduler(optimizer: Any, cfg: TrainSection, total_steps: int) -> Any:

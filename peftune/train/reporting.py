@@ -16,13 +16,16 @@ class MetricsLog:
     """Appends one JSON object per line. On resume, entries after the checkpoint are dropped
     so the file reads as if the run had never been interrupted."""
 
-    def __init__(self, path: Path, *, resume_step: int | None = None):
+    def __init__(self, path: Path, *, resume_step: int | None = None, enabled: bool = True):
         self.path = path
-        if resume_step is not None and path.exists():
+        self.enabled = enabled  # False on every process but rank 0 of a multi-process run
+        if enabled and resume_step is not None and path.exists():
             kept = [json.dumps(r) for r in self.read() if r.get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 

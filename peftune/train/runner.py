@@ -8,11 +8,17 @@ all loaded: bad input leaves no half-made run behind.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 from peftune.errors import InputError
 from peftune.recipe.schema import Recipe
-from peftune.train.checkpoint import latest_checkpoint, remove_partial_checkpoints
+from peftune.train.checkpoint import (
+    check_free_space,
+    probe_output_location,
+    remove_partial_checkpoints,
+    resumable_checkpoint,
+)
 
 # Keys that may change between a run and its `--resume` (they do not change what is trained;
 # output.dir differs when a run directory was moved or copied).
@@ -28,7 +34,12 @@ def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None
         raise InputError(f"output.dir: {out} exists and is not a directory")
     non_empty = out.is_dir() and any(out.iterdir())
     if resume:
-        checkpoint = latest_checkpoint(out) if non_empty else None
+        checkpoint, notes = resumable_checkpoint(out) if non_empty else (None, [])
+        for note in notes:  # corrupted or truncated checkpoints: one line each
+            print(f"warning: {note}", file=sys.stderr)
+        if checkpoint is None and notes:
+            raise InputError(f"--resume: no valid checkpoint in {out}/checkpoints (each one "
+                             "failed its manifest check); start again with --overwrite")
         if checkpoint is None:
             raise InputError(f"--resume: no checkpoint in {out}/checkpoints; start the run "
                              "without --resume (set train.save_every to write checkpoints)")
@@ -47,23 +58,63 @@ def run_train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
               quiet: bool = False) -> dict:
     """Train as the recipe says; returns the run summary (also written to summary.json)."""
     out = Path(recipe.output.dir)
-    checkpoint = check_output_dir(out, resume=resume, overwrite=overwrite)
-    if checkpoint is not None:
-        _check_same_recipe(recipe, out)
-    check_data_paths(recipe)
+
+    def check_output() -> Path | None:
+        checkpoint = check_output_dir(out, resume=resume, overwrite=overwrite)
+        if checkpoint is not None:
+            _check_same_recipe(recipe, out)
+        check_data_paths(recipe)
+        probe_output_location(out)  # read-only or full: fail now, not at the first checkpoint
+        return checkpoint
+
+    # Several processes (torchrun, accelerate launch): rank 0 checks and makes the output
+    # directory, the others wait; an InputError there stops every rank.
+    processes = _process_state()
+    checkpoint = check_output() if processes is None else run_on_main(
+        processes, check_output, share_result=True)
 
     from peftune.train.session import run_session
     from peftune.train.setup import build_training
 
     built = build_training(recipe, quiet=quiet)  # loads model + data; may raise InputError
 
-    if checkpoint is None:
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
+    def make_output() -> None:
+        check_free_space(out, _trainable_bytes(built.model) * (2 if recipe.train.save_every else 1))
+        if checkpoint is None:
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+        else:
+            remove_partial_checkpoints(out)
+
+    if processes is None:
+        make_output()
     else:
-        remove_partial_checkpoints(out)
+        run_on_main(processes, make_output)
     return run_session(built, out, checkpoint)
+
+
+def _process_state():
+    """Accelerate's process state when launched with several processes, else None (and no
+    torch import, so a one-process run's checks stay quick)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from peftune.train.setup import process_state
+
+    return process_state()
+
+
+def run_on_main(processes, fn, **kwargs):
+    from peftune.train.setup import run_on_main as on_main
+
+    return on_main(processes, fn, **kwargs)
+
+
+def _trainable_bytes(model) -> int:
+    """What one copy of the trained weights takes: a floor for a checkpoint or the export."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def check_data_paths(recipe: Recipe) -> None:

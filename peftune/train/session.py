@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from peftune.train.checkpoint import (
+    RunInterrupted,
+    StopRequest,
     TrainerState,
     load_checkpoint,
     save_checkpoint,
@@ -29,16 +32,24 @@ from peftune.train.reporting import (
 def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
     from peftune.evaluate.command import eval_after_training, prepare_recipe_eval
     from peftune.recipe import recipe_to_yaml
+    from peftune.train.setup import any_rank, run_on_main
 
     recipe = built.recipe
-    eval_tasks = prepare_recipe_eval(recipe, built.tokenizer, out)  # bad eval data: stop now
-    (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    accelerator = built.accelerator
+    main = accelerator.is_main_process  # rank 0 writes and prints; the others train only
+
+    def start_files() -> Any:
+        eval_tasks = prepare_recipe_eval(recipe, built.tokenizer, out)  # bad eval data: stop now
+        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        return eval_tasks
+
+    eval_tasks = run_on_main(accelerator, start_files)
     state = restore(built, checkpoint) if checkpoint is not None else TrainerState()
     metrics = MetricsLog(out / "metrics.jsonl",
-                         resume_step=state.step if checkpoint is not None else None)
+                         resume_step=state.step if checkpoint is not None else None, enabled=main)
     timer = Timer()
     display = ProgressDisplay(total_steps=built.total_steps, start_step=state.step,
-                              enabled=not built.quiet)
+                              enabled=not built.quiet and main)
     _print_header(built, display, resumed_from=checkpoint)
 
     last_checkpoint: list[Path] = []
@@ -56,7 +67,11 @@ def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
                     f"{record['val_loss']:.4f}  val ppl {record['val_ppl']:.2f}")
 
     def on_save(current: TrainerState) -> None:
-        path = checkpoint_now(built, out, current, elapsed=current.elapsed_s + timer.elapsed())
+        if main:
+            path = checkpoint_now(built, out, current, elapsed=current.elapsed_s + timer.elapsed())
+        else:  # the main process writes it (the weights and optimizer are the same on all)
+            path = out / "checkpoints" / f"step-{current.step}"
+        accelerator.wait_for_everyone()
         last_checkpoint[:] = [path]
 
     loop = Loop(
@@ -67,10 +82,19 @@ def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
         log_every=recipe.train.log_every, eval_every=recipe.train.eval_every,
         save_every=recipe.train.save_every, val_batches=built.val_batches(),
         on_step=display.advance, on_log=on_log, on_eval=on_eval, on_save=on_save,
+        num_processes=accelerator.num_processes, process_index=accelerator.process_index,
     )
-    with display:
+    with StopRequest() as stop, display:
+        loop.should_stop = any_rank(accelerator, stop)  # all ranks stop at the same step
         state = run_loop(loop, state, timer=timer)
+        if state.step < built.total_steps and loop.should_stop():  # SIGINT/SIGTERM: save, exit
+            if not (last_checkpoint and last_checkpoint[0].name == f"step-{state.step}"):
+                on_save(state)
+            raise RunInterrupted(stop.signum or signal.SIGTERM, state.step, last_checkpoint[0])
     train_seconds = state.elapsed_s + timer.elapsed()
+    if not main:  # rank 0 exports, plots, evaluates and summarises
+        accelerator.wait_for_everyone()
+        return {"steps": state.step, "tokens": state.tokens, "process_index": accelerator.process_index}
 
     peak = peak_memory_bytes(built.accelerator.device)  # of training, before export and plot
     artifact = _export(built, out)
@@ -82,6 +106,7 @@ def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
                                               model=built.unwrapped_model, tokenizer=built.tokenizer)
     write_summary(out / "summary.json", summary)
     _print_footer(display, out, summary)
+    accelerator.wait_for_everyone()
     return summary
 
 
@@ -144,7 +169,8 @@ def _print_header(built: Any, display: ProgressDisplay, *, resumed_from: Path | 
     r = built.recipe
     precision = str(built.accelerator.mixed_precision)
     precision = "fp32" if precision == "no" else precision
-    tokens_per_step = r.train.batch_size * r.train.grad_accum * r.data.max_length
+    procs = built.accelerator.num_processes
+    tokens_per_step = r.train.batch_size * r.train.grad_accum * procs * r.data.max_length
     lines = [
         f"model {r.model.path}  quant {r.quant.method}  adapter {r.adapter.method}  "
         f"device {built.accelerator.device}  precision {precision}",
@@ -152,7 +178,8 @@ def _print_header(built: Any, display: ProgressDisplay, *, resumed_from: Path | 
         f"({100 * built.trainable_params / max(built.total_params, 1):.2f}%)",
         f"data: {len(built.rows):,} rows of <= {r.data.max_length} tokens "
         f"({'packed' if r.data.packing else 'padded'}); batch {r.train.batch_size} x accumulation "
-        f"{r.train.grad_accum} = {r.train.batch_size * r.train.grad_accum} rows, "
+        f"{r.train.grad_accum}" + (f" x {procs} processes" if procs > 1 else "") +
+        f" = {r.train.batch_size * r.train.grad_accum * procs} rows, "
         f"<= {tokens_per_step:,} tokens per optimizer step; {built.total_steps} steps",
     ]
     init = built.hooks.init_report

@@ -1,8 +1,17 @@
-"""Build a training run from a recipe: accelerator, model, adapter, data, optimizer."""
+"""Build a training run from a recipe: accelerator, model, adapter, data, optimizer.
+
+Multi-process runs (torchrun, `accelerate launch`, `peftune train --nproc N`): every rank
+builds the same rows from the same seed; the main process tokenizes first (into the data
+cache) while the others wait, then they read the cache. The process group gets a long
+timeout (PEFTUNE_DIST_TIMEOUT seconds, default 24 h) so a rank waiting on long preprocessing
+never times out. An InputError raised on the main process is raised on every rank (marked
+`shown_by_main`, so only rank 0 prints it) instead of leaving the others waiting.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,12 +60,105 @@ class BuiltRun:
                              packing=cfg.data.packing)
 
 
-def total_steps(recipe: Recipe, *, micro_batches_per_epoch: int) -> int:
-    """`train.max_steps`, or epochs x micro-batches per epoch / grad_accum, rounded up."""
+def total_steps(recipe: Recipe, *, micro_batches_per_epoch: int, num_processes: int = 1) -> int:
+    """`train.max_steps`, or epochs x micro-batches per epoch / (grad_accum x processes),
+    rounded up: each optimizer step takes grad_accum micro-batches on every process."""
     if recipe.train.max_steps is not None:
         return recipe.train.max_steps
     micro_batches = recipe.train.epochs * micro_batches_per_epoch
-    return max(1, math.ceil(micro_batches / recipe.train.grad_accum))
+    return max(1, math.ceil(micro_batches / (recipe.train.grad_accum * num_processes)))
+
+
+# ---- multi-process helpers: every rank calls them at the same point ------------------------
+
+def process_state() -> Any:
+    """Accelerate's process state, creating the process group (when launched with several
+    processes) with a long timeout: ranks wait for the main one's tokenizing at a collective."""
+    from datetime import timedelta
+
+    from accelerate.state import PartialState
+
+    if PartialState._shared_state:
+        return PartialState()
+    seconds = float(os.environ.get("PEFTUNE_DIST_TIMEOUT", 24 * 3600))
+    # Without a GPU, Accelerate forms a multi-process (gloo) group only when told cpu=True.
+    return PartialState(cpu=_no_gpu(), timeout=timedelta(seconds=seconds))
+
+
+def _no_gpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _broadcast(state: Any, value: Any) -> Any:
+    import torch.distributed as dist
+
+    box = [value if state.is_main_process else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _shared_error(lines: list[str], *, from_rank: int, state: Any) -> InputError:
+    err = InputError(*lines)
+    err.shown_by_main = state.process_index != 0  # rank 0 prints it; the others exit quietly
+    err.from_rank = from_rank
+    return err
+
+
+def run_on_main(state: Any, fn: Any, *, share_result: bool = False) -> Any:
+    """Run `fn` on the main process only, the others waiting. An InputError it raises is
+    raised on every rank; its result reaches every rank when `share_result` (else None)."""
+    if state.num_processes == 1:
+        return fn()
+    outcome: tuple[str, Any] = ("ok", None)
+    if state.is_main_process:
+        try:
+            outcome = ("ok", fn())
+        except InputError as err:
+            outcome = ("error", err.lines)
+        sent = outcome if share_result or outcome[0] == "error" else ("ok", None)
+        _broadcast(state, sent)
+    else:
+        outcome = _broadcast(state, None)
+    if outcome[0] == "error":
+        if state.is_main_process:
+            raise InputError(*outcome[1])
+        raise _shared_error(outcome[1], from_rank=0, state=state)
+    return outcome[1] if (share_result or state.is_main_process) else None
+
+
+def main_first(state: Any, fn: Any) -> Any:
+    """Run `fn` on the main process first (tokenizing into the cache), then on the others
+    (reading it). An InputError on any rank is raised on every rank."""
+    if state.num_processes == 1:
+        return fn()
+    result = run_on_main(state, fn, share_result=False)
+    return agree(state, fn) if not state.is_main_process else agree(state, lambda: result)
+
+
+def agree(state: Any, fn: Any) -> Any:
+    """Every rank runs `fn` (which must hold no collective); when any rank raised an
+    InputError, every rank raises the first failing rank's error."""
+    if state.num_processes == 1:
+        return fn()
+    import torch.distributed as dist
+
+    result, lines = None, None
+    try:
+        result = fn()
+    except InputError as err:
+        lines = err.lines
+    gathered: list[Any] = [None] * state.num_processes
+    dist.all_gather_object(gathered, lines)
+    failed = [(rank, got) for rank, got in enumerate(gathered) if got is not None]
+    if failed:
+        rank, got = failed[0]
+        err = _shared_error(got, from_rank=rank, state=state)
+        if state.process_index == 0 and rank != 0:
+            err.lines = [f"rank {rank}: {line}" for line in got]
+        raise err
+    return result
 
 
 def mixed_precision(precision: str, device: Any) -> str:
@@ -71,7 +173,7 @@ def mixed_precision(precision: str, device: Any) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
-def _accelerator(precision: str) -> Any:
+def _accelerator(precision: str, handlers: Sequence[Any] = ()) -> Any:
     """An Accelerator for this run. Accelerate keeps its settings in a process-wide singleton;
     a second run in the same process (a notebook, the tests) may ask for another precision, so
     the per-run part of that state is reset (the process-group part is kept)."""
@@ -81,7 +183,7 @@ def _accelerator(precision: str) -> Any:
     current = AcceleratorState._shared_state.get("_mixed_precision", precision)
     if getattr(current, "value", current) != precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=precision)
+    return Accelerator(mixed_precision=precision, cpu=_no_gpu(), kwargs_handlers=list(handlers))
 
 
 def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
@@ -93,22 +195,27 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
     from peftune.data import build_datasets, pack_rows
     from peftune.models import load_model, load_tokenizer, resolve_model_path
     from peftune.train.optim import build_optimizer, build_scheduler
+    from peftune.train.strategies import apply_strategy, strategy_handlers
 
     started = time.perf_counter()
+    state = process_state()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    accelerator = _accelerator(mixed_precision(recipe.train.precision, device))
-    if accelerator.num_processes > 1:
-        raise InputError("multi-process training is not supported yet: run one process "
-                         "(see the scale-out issue)")
+    accelerator = _accelerator(mixed_precision(recipe.train.precision, device),
+                               handlers=strategy_handlers(recipe.train))
+    agree(state, lambda: check_engine(recipe, accelerator))
     # Data first (it needs only the tokenizer): bad data fails before the model loads.
-    tokenizer = load_tokenizer(resolve_model_path(recipe.model.path),
-                               trust_remote_code=recipe.model.trust_remote_code)
-    data, selection = recipe.data, None
-    if data.select is not None:
-        from peftune.select.training import select_for_training
+    tokenizer = agree(state, lambda: load_tokenizer(
+        resolve_model_path(recipe.model.path), trust_remote_code=recipe.model.trust_remote_code))
 
-        data, selection = select_for_training(data, quiet=quiet)
-    splits = build_datasets(data, tokenizer, seed=recipe.train.seed)
+    def tokenized() -> tuple:  # the main process first (it fills the caches), then the rest
+        data, selection = recipe.data, None
+        if data.select is not None:
+            from peftune.select.training import select_for_training
+
+            data, selection = select_for_training(data, quiet=quiet or not state.is_main_process)
+        return selection, build_datasets(data, tokenizer, seed=recipe.train.seed)
+
+    selection, splits = main_first(state, tokenized)
     rows = pack_rows(splits.train, max_length=recipe.data.max_length,
                      packing=recipe.data.packing, seed=recipe.train.seed)
     val_rows = None
@@ -116,29 +223,37 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
         val_rows = pack_rows(splits.val, max_length=recipe.data.max_length,
                              packing=recipe.data.packing, seed=recipe.train.seed)
 
-    steps = total_steps(recipe, micro_batches_per_epoch=-(-len(rows) // recipe.train.batch_size))
+    steps = total_steps(recipe, micro_batches_per_epoch=-(-len(rows) // recipe.train.batch_size),
+                        num_processes=accelerator.num_processes)
     spec = get_method(recipe.adapter.method)
-    set_seed(recipe.train.seed)
-    model = load_model(
-        recipe.model, recipe.quant, device=accelerator.device,
-        gradient_checkpointing=recipe.train.gradient_checkpointing,
-        trains_base_weights=spec.trains_base_weights,
-    )
-    model, hooks = apply_adapter(
-        model, recipe.adapter, tokenizer=tokenizer, total_steps=steps,
-        learning_rate=recipe.train.lr, seed=recipe.train.seed,
-        model_path=resolve_model_path(recipe.model.path),
-        calibration_batches=lambda calibration: calibration_batches(
-            recipe, tokenizer, splits.train, calibration))
+
+    def model_and_adapter() -> tuple:  # on every rank; an InputError on one stops them all
+        set_seed(recipe.train.seed)
+        model = load_model(
+            recipe.model, recipe.quant, device=accelerator.device,
+            gradient_checkpointing=recipe.train.gradient_checkpointing,
+            trains_base_weights=spec.trains_base_weights,
+        )
+        model, hooks = apply_adapter(
+            model, recipe.adapter, tokenizer=tokenizer, total_steps=steps,
+            learning_rate=recipe.train.lr, seed=recipe.train.seed,
+            model_path=resolve_model_path(recipe.model.path),
+            calibration_batches=lambda calibration: calibration_batches(
+                recipe, tokenizer, splits.train, calibration))
+        if count_parameters(model)[0] == 0:
+            raise InputError(f"adapter: method {spec.name} left no trainable parameter; check "
+                             "adapter.target_modules")
+        return model, hooks
+
+    model, hooks = agree(state, model_and_adapter)
     trainable_params, total_params = count_parameters(model)
-    if trainable_params == 0:
-        raise InputError(f"adapter: method {spec.name} left no trainable parameter; check "
-                         "adapter.target_modules")
 
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, steps)
     # The scheduler is stepped by the loop once per optimizer step, so it is not prepared.
     prepared_model, optimizer = accelerator.prepare(model, optimizer)
+    # train.strategy's hooks (LISA's layer sampling), once DDP has seen every parameter
+    hooks = apply_strategy(recipe.train, model=model, optimizer=optimizer, hooks=hooks)
     return BuiltRun(
         recipe=recipe, accelerator=accelerator, model=prepared_model,
         unwrapped_model=accelerator.unwrap_model(prepared_model), tokenizer=tokenizer,
@@ -146,6 +261,36 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
         total_steps=steps, data_stats=_data_stats(splits.stats, selection), trainable_params=trainable_params,
         total_params=total_params, setup_s=time.perf_counter() - started, quiet=quiet,
     )
+
+
+def any_rank(state: Any, flag: Any) -> Any:
+    """`flag()` true on any process (a signal reached one rank): one all-reduce per call."""
+    if state.num_processes == 1:
+        return flag
+
+    def agreed() -> bool:
+        import torch
+
+        local = torch.tensor([1.0 if flag() else 0.0], device=state.device)
+        return bool(state.reduce(local, reduction="sum").item() > 0)
+
+    return agreed
+
+
+def check_engine(recipe: Recipe, accelerator: Any) -> None:
+    """What the loop needs from a DeepSpeed run: it steps the engine once per optimizer step
+    (so no accumulation inside it) and must know the micro-batch (no dataloader is prepared)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if recipe.train.grad_accum != 1:
+        raise InputError("train.grad_accum: under DeepSpeed peftune steps the engine every "
+                         f"micro-batch, so grad_accum must be 1 (got {recipe.train.grad_accum}); "
+                         "raise train.batch_size or the number of processes instead")
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
 
 
 def calibration_batches(recipe: Recipe, tokenizer: Any, train_set: Any, calibration: Any) -> list[dict]:

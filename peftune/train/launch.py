@@ -1,0 +1,172 @@
+"""`peftune train --nproc N` / `--accelerate-config FILE`: re-launch this command with several
+processes on this machine, and report the launched job's exit code.
+
+Without a config, the processes are started by torch elastic (what `torchrun --standalone`
+does): on GPUs each process takes one GPU (NCCL), on CPU they talk over gloo. With
+`--accelerate-config`, Accelerate's own launcher reads the file (DDP, FSDP, DeepSpeed,
+multi-node), with `--nproc` overriding its `num_processes`. Either way the exit code of the
+first process that failed is this command's exit code (2 for bad input), and the launcher's
+own failure report is not printed: the failing process already printed its one line.
+
+Importing this module imports neither torch nor accelerate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from peftune.errors import InputError
+
+
+def parse_nproc(value: str | None) -> int | None:
+    """`--nproc`: a whole number >= 1, or None when not given."""
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise InputError(f"--nproc: expected a whole number of processes >= 1, got {value!r}")
+    return n
+
+
+def check_config(path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise InputError(f"--accelerate-config: {path} is not a file; pass an accelerate "
+                         "config YAML (see configs/ and docs/distributed.md)")
+    return path
+
+
+def launched() -> bool:
+    """True inside a process started by a launcher (torchrun, accelerate launch)."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def command_argv(ctx: Any, *, drop: set[str]) -> list[str]:
+    """The arguments that re-create this Click/Typer command call, without the `drop`
+    parameters (the launch flags), in the command's own order."""
+    argv = [ctx.info_name]
+    for param in ctx.command.params:
+        if param.name in drop:
+            continue
+        value = ctx.params.get(param.name)
+        if param.param_type_name == "argument":
+            argv += [str(v) for v in value] if isinstance(value, list | tuple) else (
+                [] if value is None else [str(value)])
+        elif param.is_flag:
+            if value and not param.secondary_opts:
+                argv.append(param.opts[0])
+        elif value is not None and value != param.default:
+            for one in value if isinstance(value, list | tuple) else [value]:
+                argv += [param.opts[0], str(one)]
+    return argv
+
+
+def relaunch(argv: list[str], *, nproc: int | None, config: Path | None) -> int:
+    """Run `python -m peftune.cli ARGV` under a launcher; returns the job's exit code."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the launcher does not warn about it
+    if os.environ.get("PEFTUNE_DEBUG") != "1":
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    module = ["-m", "peftune.cli", *argv]
+    if config is not None:
+        return _accelerate_launch(config, nproc, module)
+    return _elastic_launch(nproc or 1, module)
+
+
+def _elastic_launch(nproc: int, module: list[str]) -> int:
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    # What `torchrun --standalone` does: a local rendezvous on a free port.
+    args = get_args_parser().parse_args([
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--rdzv-id", uuid.uuid4().hex,
+        "--nnodes", "1", "--nproc-per-node", str(nproc), *module])
+    config, cmd, cmd_args = config_from_args(args)
+    try:
+        elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+    except ChildFailedError as failed:
+        return _exit_code(failed)
+    return 0
+
+
+def _accelerate_launch(config: Path, nproc: int | None, module: list[str]) -> int:
+    import subprocess
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    flags = ["--config_file", str(config)]
+    if nproc is not None:
+        flags += ["--num_processes", str(nproc)]
+    args = launch_command_parser().parse_args([*flags, *module])
+    try:
+        launch_command(args)
+    except ChildFailedError as failed:
+        return _exit_code(failed)
+    except subprocess.CalledProcessError as failed:  # a one-process config
+        return failed.returncode
+    except SystemExit as stopped:
+        return stopped.code if isinstance(stopped.code, int) else 1
+    return 0
+
+
+def _exit_code(failed: Any) -> int:
+    """The first failed process's exit code; a process killed by a signal gives 128 + it."""
+    rank, failure = failed.get_first_failure()
+    code = failure.exitcode
+    if code < 0:
+        import signal
+
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else -code
+        print(f"error: process rank {rank} was killed by {name}", file=sys.stderr)
+        return 128 - code
+    return code
+
+
+def quiet_on_this_rank(err: BaseException) -> bool:
+    """A bad-input error that rank 0 also raised and prints: the other ranks exit without
+    printing it, a moment later, so that rank 0's exit code is the job's. Either way the
+    process group is left first: exiting with it live can abort the process (SIGABRT)."""
+    leave_process_group()
+    if getattr(err, "shown_by_main", False):
+        time.sleep(1.0)
+        return True
+    return False
+
+
+def exit_process(code: int) -> None:
+    """Exit with `code`. A launched process exits at once (os._exit) after flushing its
+    output: a normal interpreter exit with the process group's threads alive can abort
+    ("terminate called without an active exception", SIGABRT) and lose the exit code."""
+    if launched() and "torch" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def leave_process_group() -> None:
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available():
+        return
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def rank_prefix() -> str:
+    """'rank N: ' on a process other than rank 0 of a multi-process run, else ''; the process
+    group is left (the caller is about to exit on an error)."""
+    leave_process_group()
+    rank = os.environ.get("RANK", "0")
+    return f"rank {rank}: " if launched() and rank != "0" else ""
