@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PYTHON) scripts/bench_train.py
 	$(PYTHON) scripts/bench_select.py
 	$(PYTHON) scripts/bench_eval.py
+	$(PYTHON) scripts/bench_merge.py
 	$(PYTHON) scripts/bench_optimizer_memory.py
 
 clean:

@@ -75,6 +75,8 @@ def test_merged_logits_equal_base_plus_adapter(tmp_path, runs, tiny_model_dir, m
     assert saved["modules_changed"] == report["modules_changed"] == 14  # 7 linears x 2 layers
     assert saved["verification"]["ok"] and saved["relative_delta_norm"] > 0
     assert saved["mode"].startswith("peft" if method == "dora" else "streaming")
+    assert saved["verification"]["how"].startswith("whole models" if method == "dora"
+                                                   else "module by module")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -239,3 +241,46 @@ def test_importing_the_cli_does_not_import_torch():
     code = "import sys, peftune.cli; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
+
+
+# ---- streaming I/O and the module-by-module verification model -----------------------------
+
+def test_planned_safetensors_files_round_trip_through_the_library(tmp_path):
+    from safetensors.torch import load_file
+
+    from peftune.merge.stio import PlannedFile, iter_tensors, read_header
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16),
+               "c": torch.tensor([True, False]), "d": torch.arange(4), "e": torch.empty(0, 3)}
+    planned = PlannedFile(tmp_path / "x.safetensors",
+                          [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()])
+    for name, tensor in tensors.items():
+        planned.write(name, tensor)
+    planned.close()
+    loaded = load_file(tmp_path / "x.safetensors")  # the safetensors library reads it
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    ours = dict(iter_tensors(tmp_path / "x.safetensors"))
+    assert all(torch.equal(ours[k], v) for k, v in tensors.items())
+    assert read_header(tmp_path / "x.safetensors")[0]["b"]["dtype"] == "BF16"
+    wrong = PlannedFile(tmp_path / "y.safetensors", [("a", torch.float32, (3, 5))])
+    with pytest.raises(RuntimeError, match="planned"):
+        wrong.write("a", torch.randn(5, 3))
+
+
+def test_lazy_model_logits_equal_the_loaded_model_and_see_the_lora_path(runs, tiny_model_dir):
+    from peftune.merge.deltas import load_lora_adapter
+    from peftune.merge.verify import lazy_logits, lora_forward
+
+    rows = [IDS, IDS[:, :5]]
+    full = fp32_base(tiny_model_dir)
+    with torch.no_grad():
+        expected = [full(input_ids=r, use_cache=False).logits for r in rows]
+    got = lazy_logits(tiny_model_dir, rows)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
+    adapter = runs["lora"] / "adapter"
+    plain, with_lora = lazy_logits(tiny_model_dir, rows, paired=True,
+                                   extra=lora_forward(load_lora_adapter(adapter)))
+    torch.testing.assert_close(plain[0], expected[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(with_lora[0], base_plus_adapter(tiny_model_dir, adapter),
+                               rtol=0, atol=1e-5)  # the LoRA forward, as peft computes it

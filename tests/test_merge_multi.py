@@ -196,3 +196,103 @@ def test_merge_command_is_in_the_help():
     done = subprocess.run([sys.executable, "-m", "peftune.cli", "merge", "--help"],
                           capture_output=True, text=True, timeout=60, env={"COLUMNS": "200", "PATH": ""})
     assert done.returncode == 0 and "--out-rank" in done.stdout and "--shard-size" in done.stdout
+
+
+# ---- PCB and LoRA-LEGO ----------------------------------------------------------------------
+
+def test_pcb_balances_intra_and_inter_task_importance_by_hand():
+    t1, t2 = torch.tensor([[1.0, 2.0]]), torch.tensor([[2.0, -1.0]])
+    e, big = math.e, math.e**2
+    # intra: Softmax(2·Norm(τ²)): τ1² = [1, 4] -> [0, 1]; τ2² = [4, 1] -> [1, 0]
+    intra1, intra2 = [1 / (1 + big), big / (1 + big)], [big / (1 + big), 1 / (1 + big)]
+    # inter: Σ_j Softmax(Norm(τ_i·τ_j)); τ1·τ1 -> [0, 1], τ1·τ2 = [2, -2] -> [1, 0]: sums to [1, 1]
+    inter1, inter2 = [1.0, 1.0], [2 * e / (1 + e), 2 / (1 + e)]
+    b1 = [i * j for i, j in zip(intra1, inter1, strict=True)]
+    b2 = [i * j for i, j in zip(intra2, inter2, strict=True)]
+    expected = [(b1[0] * 1 + b2[0] * 2) / (b1[0] + b2[0]), (b1[1] * 2 - b2[1]) / (b1[1] + b2[1])]
+    x = Inputs(deltas=[t1, t2], weights=[1.0, 1.0], densities=[1.0, 1.0], lam=0.5)
+    torch.testing.assert_close(combine.pcb(x), 0.5 * torch.tensor([expected]))
+    # density 0.5 keeps each task's top score: τ1's entry 1 and τ2's entry 0
+    x = Inputs(deltas=[t1, t2], weights=[1.0, 1.0], densities=[0.5, 0.5])
+    torch.testing.assert_close(combine.pcb(x), torch.tensor([[2.0, 2.0]]))
+
+
+def lego(factors, k, seed=0, weights=None, lam=1.0):
+    deltas = [b @ a for b, a in factors]
+    return combine.lora_lego(Inputs(deltas=deltas, weights=weights or [1.0] * len(factors),
+                                    densities=[1.0] * len(factors), lam=lam, factors=factors,
+                                    k=k, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_lora_lego_with_one_cluster_by_hand():
+    # units [b; a]: [1, 0, 2, 0] and [0, 1, 0, -1] -> made canonical [0, -1, 0, 1]
+    first = (torch.tensor([[1.0], [0.0]]), torch.tensor([[2.0, 0.0]]))
+    second = (torch.tensor([[0.0], [1.0]]), torch.tensor([[0.0, -1.0]]))
+    outer = torch.tensor([[0.5], [-0.5]]) @ torch.tensor([[1.0, 0.5]])  # centroid b·aᵀ
+    expected = math.sqrt(5) * outer / outer.norm()  # ‖ΔW1 + ΔW2‖ = ‖diag(2, -1)‖ = √5
+    torch.testing.assert_close(lego([first, second], k=1, lam=0.5), 0.5 * expected)
+
+
+def test_lora_lego_rescales_each_centroid_to_its_members_mean_norm():
+    # two clear groups: units near [1, 0; 1, 0] (norms differ) and near [0, 1; 0, 1]
+    first = (torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.1], [0.0, 1.0]]))
+    second = (torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0, 0.0], [0.6, 1.0]]))
+    u = [torch.tensor([1.0, 0.0, 1.0, 0.1]), torch.tensor([2.0, 0.0, 2.0, 0.0]),
+         torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 0.6, 1.0])]
+    merged = torch.zeros(2, 2)
+    for group in ((u[0], u[1]), (u[2], u[3])):
+        center = (group[0] + group[1]) / 2
+        center = center * (group[0].norm() + group[1].norm()) / 2 / center.norm()
+        merged += torch.outer(center[:2], center[2:])
+    linear_norm = (first[0] @ first[1] + second[0] @ second[1]).norm()
+    torch.testing.assert_close(lego([first, second], k=2), merged * linear_norm / merged.norm())
+
+
+def test_lora_lego_with_k_equal_to_all_ranks_is_the_linear_merge_and_is_seeded():
+    g = torch.Generator().manual_seed(3)
+    factors = [(torch.randn(6, r, generator=g), torch.randn(r, 5, generator=g)) for r in (2, 3)]
+    linear = factors[0][0] @ factors[0][1] + 0.5 * (factors[1][0] @ factors[1][1])
+    torch.testing.assert_close(lego(factors, k=5, weights=[1.0, 0.5]), linear)
+    wide = [(torch.randn(6, 8, generator=g), torch.randn(8, 5, generator=g)) for _ in range(2)]
+    assert torch.equal(lego(wide, k=3, seed=4), lego(wide, k=3, seed=4))
+    with pytest.raises(ValueError, match="more than the 16 rank units"):
+        lego(wide, k=17)
+
+
+def test_pcb_and_lora_lego_merge_yaml_end_to_end(tmp_path, loras):
+    from safetensors.torch import load_file
+
+    pair = [{"path": str(loras["lora"])}, {"path": str(loras["sora"])}]
+    report = run_merge(target=str(merge_yaml(tmp_path / "p.yaml", method="pcb", density=0.5,
+                                             out=str(tmp_path / "pcb"), adapters=pair)), quiet=True)
+    assert report["verification"]["ok"] and report["modules_changed"] == 14
+    for name, k in (("lego", 8), ("lego2", 8), ("lin", None)):
+        merge = {"method": "linear"} if k is None else {"method": "lora_lego", "k": k, "seed": 1}
+        run_merge(target=str(merge_yaml(tmp_path / f"{name}.yaml", **merge, adapters=pair,
+                                        out=str(tmp_path / name))), quiet=True)
+    lego8, again, lin = (load_file(tmp_path / n / "model.safetensors") for n in ("lego", "lego2", "lin"))
+    assert all(torch.equal(lego8[n], again[n]) for n in lego8)  # seeded
+    for n in lin:  # k = every rank unit (4 + 4): each unit its own cluster, the linear merge
+        torch.testing.assert_close(lego8[n], lin[n], rtol=1e-4, atol=1e-6)
+    report = run_merge(target=str(merge_yaml(tmp_path / "l3.yaml", method="lora_lego", k=3,
+                                             adapters=pair, out=str(tmp_path / "l3"))),
+                       out_rank=3, quiet=True)
+    assert report["truncation_error"] < 1e-4 * math.sqrt(14)  # a rank-3 ΔW is exact at rank 3
+
+
+@pytest.mark.parametrize(("merge", "expected"), [
+    ({"method": "lora_lego"}, "merge.k: required by lora_lego"),
+    ({"method": "lora_lego", "k": 0}, "merge.k: must be >= 1, got 0"),
+    ({"method": "lora_lego", "k": 9}, "merge.k: 9 is more than the 8 rank units the adapters "
+                                      "hold for model.layers.0"),
+    ({"method": "ties", "k": 2}, "merge.k: ties does not use k"),
+    ({"method": "lora_lego", "k": 2, "density": 0.5}, "merge.density: lora_lego keeps every"),
+    ({"method": "pcb", "density": 1.5}, "merge.density: must be <= 1, got 1.5"),
+])
+def test_bad_pcb_and_lora_lego_input_exits_2(tmp_path, monkeypatch, capsys, loras, merge, expected):
+    config = merge_yaml(tmp_path / "m.yaml", **merge, out=str(tmp_path / "out"),
+                        adapters=[{"path": str(loras["lora"])}, {"path": str(loras["sora"])}])
+    code, err = cli(monkeypatch, capsys, str(config))
+    (line,) = err.strip().splitlines()
+    assert code == 2 and expected in line, line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-merge-*"))

@@ -1,4 +1,5 @@
-"""merge.yaml: several LoRA adapters of one base combined by a merge method. A `merge:`
+"""merge.yaml: several LoRA adapters (`adapters:`) or full fine-tuned models (`models:` with
+`base:`, `peftune.merge.model_merge`) of one base combined by a merge method. A `merge:`
 section, validated through the recipe loader's YAML reading and error machinery, so every
 problem is reported at once as `merge.yaml:LINE: merge.key: message`. Torch-free.
 
@@ -9,7 +10,8 @@ problem is reported at once as `merge.yaml:LINE: merge.key: message`. Torch-free
         - {path: runs/code}        # weight 1, merge.density
       density: 0.5                 # kept fraction per adapter (trim / DARE), in (0, 1]
       lambda: 1.0                  # scales the merged delta
-      seed: 0                      # DARE's drop masks
+      seed: 0                      # DARE's drop masks, lora_lego's k-means start
+      k: 8                         # lora_lego only: merged rank (clusters of rank units)
       out: runs/merged
 """
 
@@ -39,12 +41,15 @@ class MergeSection(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
     method: str = Field(description="linear, task_arithmetic, ties, dare_linear, ...")
-    adapters: list[MergeAdapter] = Field(min_length=1)
+    adapters: list[MergeAdapter] = Field(default_factory=list)
+    models: list[MergeAdapter] = Field(default_factory=list)  # full fine-tunes of `base`
+    t: float | None = Field(default=None, ge=0, le=1)
     base: str | None = None
     density: float | None = Density
     lambda_: float = Field(default=1.0, alias="lambda")
     q: float | None = Field(default=None, gt=0, le=1)
-    seed: int = 0
+    seed: int = 0  # DARE's drop masks, lora_lego's k-means
+    k: int | None = Field(default=None, ge=1)
     out: str | None = None
     out_rank: int | None = Field(default=None, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -58,8 +63,12 @@ class MergeSection(BaseModel):
                              f"{', '.join(merge_method_names())}{did_you_mean(value, merge_method_names())}")
         return value
 
+    @property
+    def inputs(self) -> list[MergeAdapter]:
+        return self.adapters or self.models
+
     def density_of(self, i: int) -> float:
-        own = self.adapters[i].density
+        own = self.inputs[i].density
         return own if own is not None else (self.density if self.density is not None else 1.0)
 
 
@@ -103,14 +112,36 @@ def _method_problems(config: MergeSection, where: Locations) -> list[Problem]:
         problem(("q",), f"required by {config.method}: survivors are rescaled by 1/q, q in (0, 1]")
     if not method.uses_q and config.q is not None:
         problem(("q",), f"{config.method} does not use q (only darex_q does); remove it")
+    if bool(config.adapters) == bool(config.models):
+        problem(("adapters",), "give either adapters: (LoRA runs) or models: (full fine-tuned "
+                               "models, with base:), not both or neither")
+    if config.models and config.base is None:
+        problem(("base",), "required with models: the base they were fine-tuned from (task "
+                           "vectors are model − base)")
+    if method.uses_t:
+        if not config.models or len(config.models) != 2:
+            problem(("models",), f"{config.method} interpolates exactly 2 models: list two "
+                                 "under models:")
+        if config.t is None:
+            problem(("t",), f"required by {config.method}: the interpolation point in [0, 1]")
+    elif config.t is not None:
+        problem(("t",), f"{config.method} does not use t (only slerp does); remove it")
+    if method.uses_k and config.models:
+        problem(("models",), f"{config.method} clusters LoRA rank units: it merges adapters:")
+    if method.uses_k and config.k is None:
+        problem(("k",), f"required by {config.method}: the merged rank (number of k-means "
+                        "clusters of the adapters' rank units), an integer >= 1")
+    if not method.uses_k and config.k is not None:
+        problem(("k",), f"{config.method} does not use k (only lora_lego does); remove it")
     if not method.uses_density:
-        hint = ("density does not apply: use ties, dare_linear, dare_ties, darex_q or "
+        hint = ("density does not apply: use ties, dare_linear, dare_ties, darex_q, pcb or "
                 "magnitude_prune, or remove it")
         if config.density is not None:
             problem(("density",), f"{config.method} keeps every entry, so {hint}")
-        for i, adapter in enumerate(config.adapters):
+        key = "adapters" if config.adapters else "models"
+        for i, adapter in enumerate(config.inputs):
             if adapter.density is not None:
-                problem(("adapters", i, "density"), f"{config.method} keeps every entry, so {hint}")
+                problem((key, i, "density"), f"{config.method} keeps every entry, so {hint}")
     return problems
 
 

@@ -33,13 +33,14 @@ class LoraAdapter:
     replaced: dict[str, torch.Tensor] = field(default_factory=dict)  # base tensor name -> value
 
     def scale(self, module: str) -> float:
-        from peft.utils.other import get_pattern_key
-
         rank_pattern = self.config.get("rank_pattern") or {}
         alpha_pattern = self.config.get("alpha_pattern") or {}
-        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), self.config["r"])
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module),
-                                  self.config["lora_alpha"])
+        r, alpha = self.config["r"], self.config["lora_alpha"]
+        if rank_pattern or alpha_pattern:  # peft's own matching rule (importing peft is slow)
+            from peft.utils.other import get_pattern_key
+
+            r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)
+            alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)
         return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
 
     def weight_name(self, module: str) -> str:
@@ -53,6 +54,16 @@ class LoraAdapter:
             return s * (f["lora_embedding_B"].float() @ f["lora_embedding_A"].float()).T
         delta = s * (f["lora_B"].float() @ f["lora_A"].float())
         return delta.T if self.config.get("fan_in_fan_out") else delta
+
+    def units(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B', A') in fp32 with ΔW = B'·A' shaped like the base weight (scale folded into B'):
+        the rank-1 units b_j a_jᵀ that LoRA-LEGO clusters."""
+        f = self.factors[module]
+        s = self.scale(module)
+        if "lora_embedding_A" in f:  # ΔE = s·(B·A)ᵀ = Aᵀ·(s·Bᵀ)
+            return f["lora_embedding_A"].float().T, s * f["lora_embedding_B"].float().T
+        b_mat, a_mat = s * f["lora_B"].float(), f["lora_A"].float()
+        return (a_mat.T, b_mat.T) if self.config.get("fan_in_fan_out") else (b_mat, a_mat)
 
     def deltas(self) -> dict[str, torch.Tensor]:
         """Base tensor name -> ΔW, for every module."""

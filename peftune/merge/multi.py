@@ -39,10 +39,23 @@ def run_multi_merge(*, config_path: Path, out: Path | None, shard_size: str, dty
     dtype = dtype if dtype != "auto" else config.dtype
     shard_size = shard_size if shard_size != "5GB" else config.shard_size
     shard_bytes = parse_size(shard_size)
+    if config.models:
+        from peftune.merge.model_merge import run_model_merge
+
+        if out_rank is not None:
+            raise InputError(f"{where_text(where, 'models')}: --out-rank re-factors merged LoRA "
+                             "deltas; merging full models writes a model")
+        return run_model_merge(config, where, out=out, dtype=dtype, shard_bytes=shard_bytes,
+                               overwrite=overwrite, allow_noop=allow_noop, quiet=quiet)
     base, loras = resolve_adapters(config, where)
     check_out_dir(out, overwrite=overwrite)
     started = time.perf_counter()
     combined = CombinedDelta(config, loras)
+    if config.k is not None:
+        name, ranks = min(combined.total_ranks().items(), key=lambda item: item[1])
+        if config.k > ranks:
+            raise InputError(f"{where_text(where, 'k')}: merge.k: {config.k} is more than the "
+                             f"{ranks} rank units the adapters hold for {name}; choose k <= {ranks}")
     tmp = temp_dir_for(out)
     try:
         if out_rank is None:
@@ -147,11 +160,23 @@ class CombinedDelta:
         deltas = [lora.delta(module) if module in lora.factors else torch.zeros(shape)
                   for lora in self.loras]
         c = self.config
+        factors = ([lora.units(module) if module in lora.factors else None for lora in self.loras]
+                   if MERGE_METHODS[c.method].uses_k else None)
         inputs = Inputs(deltas=deltas, weights=[a.weight for a in c.adapters],
                         densities=[c.density_of(i) for i in range(len(deltas))], lam=c.lambda_,
                         q=c.q, generators=[torch.Generator().manual_seed(seed_for(c.seed, i, name))
-                                           for i in range(len(deltas))])
+                                           for i in range(len(deltas))],
+                        factors=factors, k=c.k,
+                        generator=torch.Generator().manual_seed(seed_for(c.seed, -1, name)))
         return self.method(inputs)
+
+    def total_ranks(self) -> dict[str, int]:
+        """Base tensor name -> the number of rank units the adapters hold for it."""
+        counts = {}
+        for name, module in self.modules.items():
+            counts[name] = sum(int(lora.units(module)[1].shape[0]) for lora in self.loras
+                               if module in lora.factors)
+        return counts
 
 
 def _logits_with_deltas(base: Path, deltas: dict[str, torch.Tensor]):

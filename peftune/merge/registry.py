@@ -16,6 +16,8 @@ class MergeMethod:
     description: str
     uses_density: bool = False
     uses_q: bool = False
+    uses_t: bool = False  # slerp: two full models, interpolation point t
+    uses_k: bool = False  # lora_lego: clusters rank units, so it reads the factors, not ΔW alone
 
     def load(self):
         module, _, func = self.combine.partition(":")
@@ -37,6 +39,13 @@ MERGE_METHODS: dict[str, MergeMethod] = {m.name: m for m in (
                 uses_density=True),
     MergeMethod("darex_q", f"{_C}:darex_q", "DARE drop, rescale by 1/q instead of 1/(1-p) (DAREx)",
                 uses_density=True, uses_q=True),
+    MergeMethod("pcb", f"{_C}:pcb", "parameter competition balancing: intra/inter-task "
+                "importance, drop the lowest (1 - density), weighted mean (Du et al. 2024)",
+                uses_density=True),
+    MergeMethod("slerp", f"{_C}:slerp", "spherical interpolation of two full models at t "
+                "(per tensor; linear for near-parallel tensors)", uses_t=True),
+    MergeMethod("lora_lego", f"{_C}:lora_lego", "rank-1 units of every adapter k-means "
+                "clustered into k, dual reweighting (Zhao et al. 2024)", uses_k=True),
 )}
 
 

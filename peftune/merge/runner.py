@@ -10,7 +10,8 @@ method), `--base PATH --adapter DIR`, or a merge.yaml (several LoRAs, `peftune.m
   `merge_and_unload` on the fp32 base, which is exact for them, then are written the same way.
 - A run trained over a 4-/8-bit base merges into the original unquantized weights at
   `model.path`; a base that exists only quantized is dequantized first, with a warning.
-- Every merge is verified (`verify`) before it appears at --out: written to a temp dir
+- Every merge is verified (`verify`; streamed plain LoRA module by module, so the check does
+  not hold the model either) before it appears at --out: written to a temp dir
   beside it, renamed into place only when the logits match; nothing is left otherwise.
 """
 
@@ -184,9 +185,11 @@ def _merge(job: dict, *, out: Path, shard_bytes: int, dtype: str, allow_noop: bo
         from peftune.merge.verify import compare
 
         written_dtype = dtype if dtype != "auto" else _stored_dtype(base)
-        reference, base_logits = _reference_logits(base, adapter, dequantize=quantized_checkpoint)
-        check = compare(merged=_merged_logits(tmp), reference=reference, base=base_logits,
+        reference, base_logits, merged_logits, how = _verification_logits(
+            base, adapter, tmp, lazy=streaming, dequantize=quantized_checkpoint)
+        check = compare(merged=merged_logits, reference=reference, base=base_logits,
                         dtype=written_dtype)
+        check.how = how
         report = {
             "kind": "adapter" if adapter is not None else "copy", "mode": mode,
             "run": job["run"], "method": job["method"], "base": str(base),
@@ -275,7 +278,7 @@ def _load_base(base: Path, *, dequantize: bool) -> Any:
     from peft.utils.integrations import dequantize_bnb_weight
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, device_map={"": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(base, device_map={"": "cpu"}, use_safetensors=True)
     for name, module in list(model.named_modules()):
         weight = getattr(module, "weight", None)
         if weight is not None and type(weight).__name__ in ("Params4bit", "Int8Params"):
@@ -343,6 +346,40 @@ def _checkpoint_names(base: Path):
     from peftune.merge.writer import base_tensor_shapes
 
     return base_tensor_shapes(base).keys()
+
+
+def _verification_logits(base: Path, adapter: Path | None, tmp: Path, *, lazy: bool,
+                         dequantize: bool):
+    """(reference, base, merged) probe logits and how they were computed. Streaming merges of
+    plain LoRA verify module by module (`verify.LazyWeights`: one module's weights in memory at
+    a time): merged files against the base files with the adapter's own forward
+    x·W + scale·B(A x) added at each adapted layer; other merges load whole models (peft)."""
+    from peftune.merge.verify import MissingTensor, lazy_logits, lora_forward, probe_inputs
+    from peftune.models import load_tokenizer
+
+    if lazy:
+        from peftune.merge.deltas import load_lora_adapter
+
+        inputs = probe_inputs(load_tokenizer(str(tmp)))
+        lora = load_lora_adapter(adapter) if adapter is not None else None
+        extra = lora_forward(lora) if lora is not None else None
+        if lora is None or extra is not None:
+            try:
+                if lora is None:
+                    base_logits = reference = lazy_logits(base, inputs)
+                elif lora.replaced:  # whole replaced tensors: base and reference apart
+                    base_logits = lazy_logits(base, inputs)
+                    reference = lazy_logits(base, inputs, extra=extra, overrides=lora.replaced)
+                else:  # one pass: the probes without and with the LoRA path
+                    base_logits, reference = lazy_logits(base, inputs, extra=extra, paired=True)
+                merged = lazy_logits(tmp, inputs)
+                return (reference, base_logits if lora is not None else None, merged,
+                        "module by module: merged files vs base files + the LoRA forward")
+            except MissingTensor:
+                pass  # a layer the lazy LoRA path does not cover: the whole-model check
+    reference, base_logits = _reference_logits(base, adapter, dequantize=dequantize)
+    return (reference, base_logits, _merged_logits(tmp),
+            "whole models: merged model vs base + adapter through peft")
 
 
 def _reference_logits(base: Path, adapter: Path | None, *, dequantize: bool):

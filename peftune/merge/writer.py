@@ -81,7 +81,9 @@ class MergeStats:
     largest: list[tuple[str, float]] = field(default_factory=list)
 
     def add(self, name: str, weight: torch.Tensor, delta: torch.Tensor) -> None:
-        d, w = float(delta.double().pow(2).sum()), float(weight.double().pow(2).sum())
+        # fp32 norms (a report figure, not the merge): double copies of every weight were slow
+        d = float(torch.linalg.vector_norm(delta.float())) ** 2
+        w = float(torch.linalg.vector_norm(weight.float())) ** 2
         if d > 0:
             self.modules_changed += 1
         self.delta_sq += d
@@ -128,6 +130,7 @@ class ShardWriter:
         save_file(self.buffer, str(path), metadata={"format": "pt"})
         self.files.append((path, list(self.buffer)))
         self.buffer, self.buffered = {}, 0
+        release_freed_memory()
 
     def close(self) -> list[str]:
         """Name the shards as transformers does; write the index when there are several."""
@@ -147,6 +150,18 @@ class ShardWriter:
         return names
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, so a process that
+    frees one shard and allocates the next would grow as if it held every shard)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def iter_base_tensors(base: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every base tensor, one at a time, shard after shard (one open shard)."""
     from safetensors import safe_open
@@ -155,29 +170,69 @@ def iter_base_tensors(base: Path) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(shard), framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
+        release_freed_memory()
 
 
 def write_merged(*, base: Path, out: Path, delta_of: Callable[[str], torch.Tensor | None],
                  replaced: dict[str, torch.Tensor], dtype: str, shard_bytes: int,
                  tokenizer_from: Path | None) -> tuple[MergeStats, list[str]]:
-    """Stream the base into `out` with every delta added; returns the stats and the shards."""
+    """Stream the base into `out` with every delta added; returns the stats and the shards.
+    The output shards are planned from the base's headers (names, shapes, output dtypes), so
+    each tensor is read, merged and written alone (`stio`): memory is about one tensor."""
+    from peftune.merge.stio import _DTYPES, PlannedFile, iter_tensors, read_header, tensor_bytes
+
+    plan: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    for shard in base_shards(base):
+        header, _ = read_header(shard)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            stored = _DTYPES[info["dtype"]]
+            target = DTYPES.get(dtype, stored) if stored.is_floating_point else stored
+            plan.append((name, target, tuple(info["shape"])))
+    groups: list[list] = [[]]
+    size = 0
+    for entry in plan:
+        nbytes = tensor_bytes(entry[1], entry[2])
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += nbytes
+    count = len(groups)
+    names = (["model.safetensors"] if count == 1 else
+             [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)])
     stats = MergeStats()
-    writer = ShardWriter(out, shard_bytes)
-    for name, tensor in iter_base_tensors(base):
-        target = DTYPES.get(dtype, tensor.dtype) if tensor.is_floating_point() else tensor.dtype
-        delta = delta_of(name)
-        if name in replaced:
-            stats.tensors_replaced += 1
-            tensor = replaced[name]
-        elif delta is not None:
-            stats.add(name, tensor, delta)
-            tensor = tensor.float() + delta
-        writer.add(name, tensor.to(target))
-        del tensor, delta
-    files = writer.close()
+    files = iter(zip(names, groups, strict=True))
+    current, left = None, 0
+    for shard in base_shards(base):
+        for name, tensor in iter_tensors(shard):
+            if left == 0:
+                if current is not None:
+                    current.close()
+                file_name, group = next(files)
+                current, left = PlannedFile(out / file_name, group), len(group)
+            target = current.plan[current.index][1]
+            delta = delta_of(name)
+            if name in replaced:
+                stats.tensors_replaced += 1
+                tensor = replaced[name]
+            elif delta is not None:
+                stats.add(name, tensor, delta)
+                tensor = tensor.float() + delta
+            current.write(name, tensor.to(target))
+            left -= 1
+            del tensor, delta
+        release_freed_memory()
+    if current is not None:
+        current.close()
+    if count > 1:
+        weight_map = {entry[0]: file_name for file_name, group in zip(names, groups, strict=True)
+                      for entry in group}
+        total = sum(tensor_bytes(e[1], e[2]) for e in plan)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     copy_model_files(base, out, dtype=dtype if dtype in DTYPES else None,
                      tokenizer_from=tokenizer_from)
-    return stats, files
+    return stats, names
 
 
 def copy_model_files(base: Path, out: Path, *, dtype: str | None,
