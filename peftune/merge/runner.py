@@ -83,10 +83,14 @@ def resolve_job(*, target: str | None, base: str | None, adapter: str | None) ->
     resolved = resolve_target(target, model=base, adapter=adapter, flag="RUN_DIR")
     method = resolved.method
     if method in method_names() and not get_method(method).mergeable:
+        from peftune.adapters.bottleneck_configs import NATIVE_CONFIG
+
         spec = get_method(method)
+        native = resolved.adapter is not None and (resolved.adapter / NATIVE_CONFIG).is_file()
+        loader = ("peftune.adapters.bottleneck.load_bottleneck(model, ADAPTER_DIR), or "
+                  "peftune eval RUN_DIR" if native else "peft.PeftModel.from_pretrained")
         raise InputError(f"RUN_DIR {target}: adapter.method {method} is not mergeable: "
-                         f"{_why_not(method, spec)}; serve it as an adapter "
-                         "(peft.PeftModel.from_pretrained) instead")
+                         f"{_why_not(method, spec)}; serve it as an adapter ({loader}) instead")
     if resolved.adapter is None and (resolved.run is None or method is None
                                      or not get_method(method).trains_base_weights):
         raise InputError(f"RUN_DIR {target}: a model directory without an adapter, so there is "
