@@ -11,10 +11,9 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from peftune.adapters.lora_configs import TargetedConfig
-from peftune.adapters.lowrank.configs import ScaledConfig
+from peftune.adapters.lowrank.configs import NativeTargetedConfig, ScaledConfig
 from peftune.adapters.registry import BNB_4BIT, INT8, MethodSpec, register
 
 
@@ -95,7 +94,7 @@ class LoraSpConfig(ScaledConfig):
         return count
 
 
-class IncreloraConfig(TargetedConfig):
+class IncreloraConfig(NativeTargetedConfig):
     """IncreLoRA (Zhang et al. 2023, "IncreLoRA: Incremental Parameter Allocation Method
     for Parameter-Efficient Fine-tuning", arXiv:2308.12043): every module starts with
     `init_r` rank-one components (A row uniform ±1/√in, B column zero, update
@@ -136,14 +135,6 @@ class IncreloraConfig(TargetedConfig):
 
     rank_key: ClassVar[str | None] = "max_r"
     schedules_by_length: ClassVar[bool] = True
-
-    @field_validator("modules_to_save")
-    @classmethod
-    def _no_modules_to_save(cls, value: list[str] | None) -> list[str] | None:
-        if value:
-            raise ValueError("native low-rank methods do not train full copies of modules; "
-                             "use a peft method (lora) for modules_to_save")
-        return value
 
     @model_validator(mode="after")
     def _ranks(self) -> IncreloraConfig:

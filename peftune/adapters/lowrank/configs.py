@@ -16,7 +16,19 @@ from peftune.adapters.lora_configs import RESIDUAL, Calibration, TargetedConfig
 from peftune.adapters.registry import BNB_4BIT, INT8, MethodSpec, register
 
 
-class LowRankConfig(TargetedConfig):
+class NativeTargetedConfig(TargetedConfig):
+    """Keys of every native low-rank method: the targets, without peft's modules_to_save."""
+
+    @field_validator("modules_to_save")
+    @classmethod
+    def _no_modules_to_save(cls, value: list[str] | None) -> list[str] | None:
+        if value:
+            raise ValueError("native low-rank methods do not train full copies of modules; "
+                             "use a peft method (lora) for modules_to_save")
+        return value
+
+
+class LowRankConfig(NativeTargetedConfig):
     """Keys every native method shares; methods whose factors come from W itself (its SVD,
     LU or Nyström sketch) use them unscaled and have no `alpha`."""
 
@@ -29,14 +41,6 @@ class LowRankConfig(TargetedConfig):
     residual: ClassVar[bool] = False
     sequential: ClassVar[bool] = False
     calibrated: ClassVar[bool] = False
-
-    @field_validator("modules_to_save")
-    @classmethod
-    def _no_modules_to_save(cls, value: list[str] | None) -> list[str] | None:
-        if value:
-            raise ValueError("native low-rank methods do not train full copies of modules; "
-                             "use a peft method (lora) for modules_to_save")
-        return value
 
     def scaling(self) -> float:
         return 1.0
