@@ -150,3 +150,36 @@ def test_validation_data_is_evaluated_without_eval_every(tmp_path, tiny_model_di
                           train={"max_steps": 3, "eval_every": None})
     summary = run_train(load_recipe(recipe), quiet=True)
     assert summary["final_val_loss"] is not None
+
+
+def test_nf4_storage_dtype_stores_the_codes_in_that_dtype_and_trains(tmp_path, tiny_model_dir,
+                                                                     text_data):
+    """quant.storage_dtype (FSDP + QLoRA needs bfloat16): the packed 4-bit weights are held
+    in that dtype, and LoRA trains over them as over the default uint8 storage."""
+    from peftune.train.setup import build_training
+
+    losses = {}
+    for storage in ("uint8", "bfloat16"):
+        recipe = load_recipe(write_recipe(
+            tmp_path / f"{storage}.yaml", model=tiny_model_dir, data=text_data["train"],
+            out=tmp_path / storage, quant={"method": "nf4", "storage_dtype": storage}))
+        built = build_training(recipe, quiet=True)
+        weight = built.unwrapped_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+        assert type(weight).__name__ == "Params4bit"
+        assert weight.dtype == getattr(torch, storage)
+        summary = run_train(recipe, quiet=True)
+        records = [json.loads(line) for line in (tmp_path / storage / "metrics.jsonl").open()]
+        losses[storage] = [r["loss"] for r in records if "loss" in r]
+        assert summary["steps"] == 6 and losses[storage][-1] < losses[storage][0]
+    # the same codes in another container: the same run
+    assert losses["bfloat16"] == pytest.approx(losses["uint8"], rel=1e-4)
+
+
+def test_storage_dtype_is_refused_for_int8(tmp_path, tiny_model_dir, text_data):
+    from peftune.errors import InputError
+
+    path = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                        out=tmp_path / "run", quant={"method": "int8", "storage_dtype": "bfloat16"})
+    with pytest.raises(InputError, match="quant.storage_dtype: applies only to quant.method: "
+                                         "nf4 or fp4, not int8"):
+        load_recipe(path)

@@ -30,7 +30,8 @@ class QuantBackend:
 def _torch_dtype(name: str) -> Any:
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+            "uint8": torch.uint8}[name]
 
 
 def _bnb_4bit(quant_type: str) -> Callable[[QuantSection], Any]:
@@ -42,6 +43,7 @@ def _bnb_4bit(quant_type: str) -> Callable[[QuantSection], Any]:
             bnb_4bit_quant_type=quant_type,
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=_torch_dtype(quant.compute_dtype),
+            bnb_4bit_quant_storage=_torch_dtype(quant.storage_dtype),
         )
 
     return config

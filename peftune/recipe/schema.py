@@ -47,6 +47,10 @@ class QuantSection(Section):
     method: Literal["none", "nf4", "fp4", "int8", "int4"] = "none"
     double_quant: bool = True
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # nf4/fp4 only: the dtype the packed 4-bit codes are stored in (bitsandbytes'
+    # bnb_4bit_quant_storage). FSDP flattens a block's parameters into one dtype, so FSDP +
+    # QLoRA needs it equal to the rest of the model (bfloat16); uint8 is bitsandbytes' default.
+    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
     # int4 only (filled in as 64 when unset); a multiple of 8, as hqq requires.
     group_size: int | None = Field(default=None, gt=0, multiple_of=8, validate_default=True)
 
@@ -66,6 +70,15 @@ class QuantSection(Section):
             raise ValueError("int4 (HQQ) keeps each group's scale and zero unquantized "
                              "(hqq 0.2.8 dropped double quantization); remove the key or set "
                              "it to false")
+        return value
+
+    @field_validator("storage_dtype")
+    @classmethod
+    def _storage_dtype(cls, value: str, info: ValidationInfo) -> str:
+        method = info.data.get("method")
+        if value != "uint8" and method not in (None, "nf4", "fp4"):
+            raise ValueError(f"applies only to quant.method: nf4 or fp4, not {method}; remove "
+                             "it or use quant.method: nf4")
         return value
 
     @field_validator("group_size")
