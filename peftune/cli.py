@@ -412,7 +412,12 @@ def main() -> None:
         print(f"error: {type(err).__name__}: {err} (set PEFTUNE_DEBUG=1 for the traceback)",
               file=sys.stderr)
         sys.exit(1)
-    if isinstance(code, int) and code:  # typer.Exit(code) from a verb
+    code = code if isinstance(code, int) else 0  # an int from typer.Exit(code) in a verb
+    from peftune.train.launch import exit_process, launched
+
+    if launched():  # one of several processes (train, eval, select-data): a clean exit code
+        exit_process(code)
+    if code:
         sys.exit(code)
 
 
