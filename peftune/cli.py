@@ -13,6 +13,13 @@ from typing import Annotated, Any
 import typer
 
 from peftune.errors import InputError, TrainingError
+from peftune.interrupts import (
+    VerbInterrupted,
+    interruptible,
+    remember_launch_flags,
+    signals_raise,
+    train_interrupted,
+)
 
 app = typer.Typer(
     name="peftune",
@@ -63,7 +70,8 @@ def train(
         warn_remote_code(resolved.model)
         check_output_dir(Path(resolved.output.dir), resume=resume, overwrite=overwrite)
         argv = command_argv(ctx, drop={"nproc", "accelerate_config"})
-        code = relaunch(argv, nproc=processes, config=config)
+        remember_launch_flags(processes, config)
+        code = relaunch(argv, nproc=processes, config=config)  # rank 0 says why it stopped
         if code:
             raise typer.Exit(code)
         return
@@ -73,14 +81,11 @@ def train(
     from peftune.train.runner import run_train
 
     try:
-        run_train(resolved, resume=resume, overwrite=overwrite)
-    except RunInterrupted as stop:  # SIGINT/SIGTERM: a checkpoint at a step boundary
-        import shlex
-
-        again = " ".join(shlex.quote(a) for a in ["peftune", "train", str(recipe),
-                                                   *(overrides or []), "--resume"])
-        print(f"{stop}; resume with {again}", file=sys.stderr)
-        raise typer.Exit(stop.exit_code) from None
+        with signals_raise():
+            run_train(resolved, resume=resume, overwrite=overwrite)
+    except (RunInterrupted, KeyboardInterrupt) as stop:  # at a step boundary, or outside the loop
+        raise typer.Exit(train_interrupted(stop, recipe=recipe, overrides=overrides,
+                                           out=Path(resolved.output.dir), resume=resume)) from None
     if launched():  # one of several processes: leave without the interpreter's teardown
         from peftune.train.launch import exit_process
 
@@ -157,7 +162,7 @@ def select_data(
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress or table")] = False,
 ) -> None:
     """Select the k pool rows closest to a target sample (DSIR or ZIP-FIT)."""
-    from peftune.recipe.loader import load_select
+    from peftune.recipe.selection import load_select
 
     recipe, overrides = _recipe_and_overrides(args or [])
     flags = {"method": method, "pool": pool, "target": target, "k": k, "out": out,
@@ -167,7 +172,8 @@ def select_data(
     config = load_select(recipe, overrides, flags)
     from peftune.select.runner import run_select
 
-    run_select(config, out=Path(config.out), overwrite=overwrite, quiet=quiet)
+    with interruptible("select-data", config.out):
+        run_select(config, out=Path(config.out), overwrite=overwrite, quiet=quiet)
 
 
 def _recipe_and_overrides(args: list[str]) -> tuple[Path | None, list[str]]:
@@ -240,9 +246,10 @@ def eval_(
              "max_examples": max_examples, "window": window, "stride": stride,
              "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
              "stop": stop, "metrics": metrics, "normalize": normalize}
-    eval_command(target=target, model=model, adapter=adapter, quant=quant, config=config,
-                 flags=flags, batch_size=batch_size, compare=compare or [], out=out,
-                 overwrite=overwrite, quiet=quiet, lm_eval=lm_eval)
+    with interruptible("eval", out):  # the default --out is named by eval_command
+        eval_command(target=target, model=model, adapter=adapter, quant=quant, config=config,
+                     flags=flags, batch_size=batch_size, compare=compare or [], out=out,
+                     overwrite=overwrite, quiet=quiet, lm_eval=lm_eval)
 
 
 @app.command()
@@ -274,9 +281,10 @@ def merge(
         raise InputError(f"--dtype {dtype}: choose auto, float32, bfloat16 or float16")
     from peftune.merge.runner import run_merge
 
-    run_merge(target=target, base=base, adapter=adapter, out=out, shard_size=shard_size,
-              dtype=dtype, overwrite=overwrite, allow_noop=allow_noop, out_rank=out_rank,
-              quiet=quiet)
+    with interruptible("merge", out):
+        run_merge(target=target, base=base, adapter=adapter, out=out, shard_size=shard_size,
+                  dtype=dtype, overwrite=overwrite, allow_noop=allow_noop, out_rank=out_rank,
+                  quiet=quiet)
 
 
 @app.command("tiny-model")
@@ -396,6 +404,8 @@ def main() -> None:
         if message:  # empty: no arguments at all, and the help has been printed
             print(f"error: {command}: {message} (see {command} --help)", file=sys.stderr)
         sys.exit(err.exit_code)
+    except VerbInterrupted as stop:  # Ctrl-C / SIGTERM in eval, merge, select-data: said
+        code = stop.exit_code
     except typer.Abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(1)

@@ -122,7 +122,7 @@ def test_every_shipped_accelerate_config_loads_with_the_keys_accelerate_reads():
                    (raw.get("deepspeed_config") or {}).get("zero_stage")))
     assert {("NO", False, None), ("MULTI_GPU", False, None), ("FSDP", False, None),
             ("DEEPSPEED", False, 2), ("DEEPSPEED", False, 3), ("MULTI_GPU", True, None)} <= kinds
-    assert len(files) == 9
+    assert len(files) == 10
     qlora = yaml.safe_load((CONFIGS / "fsdp_qlora.yaml").read_text())
     assert qlora["fsdp_config"]["fsdp_use_orig_params"] is False
     assert "bnb_4bit_quant_storage" in (CONFIGS / "fsdp_qlora.yaml").read_text()

@@ -1,7 +1,10 @@
 """Faults: a run killed (SIGKILL) at any step or in the middle of a checkpoint write resumes to
-bitwise the same adapter; SIGINT/SIGTERM stop at a step boundary with a checkpoint; damaged
-checkpoints are detected by their manifest; a read-only or full output location fails before
-training; a failed checkpoint write or a NaN loss leaves the last good checkpoint usable.
+bitwise the same adapter; SIGINT/SIGTERM stop at a step boundary with a checkpoint, on one
+process and on two (Ctrl-C to the process group, SIGTERM to the launcher alone: both processes
+stop at the same step, rank 0 alone speaks); a signal during the export, `eval`, `merge` or
+`select-data` leaves no half-written output and one line; damaged checkpoints are detected by
+their manifest; a read-only or full output location fails before training; a failed
+checkpoint write or a NaN loss leaves the last good checkpoint usable.
 
 The killed runs are real `peftune train` processes. To kill them at a chosen point on a busy
 machine (a tiny step takes ~10 ms), they run through a test-only wrapper that holds the
@@ -36,7 +39,7 @@ from peftune.train import checkpoint as ckpt
 STEPS = 10
 REPO = Path(peftune.__file__).resolve().parent.parent
 
-WRAPPER = r'''
+GATES = r'''
 import json, os, signal, sys, time
 from pathlib import Path
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under a runner
@@ -76,11 +79,44 @@ for kind, step, release in json.loads(os.environ["FAULT_GATES"]):
             loss = _real(model, batch)
             return loss * float("nan") if calls[0] == _step else loss
         loop.token_loss_sum = poisoned
+    elif kind == "steps":  # each process writes the step its loop stopped at
+        from peftune.train import session
+        def run_loop(*args, _real=session.run_loop, _rel=release, **kwargs):
+            state = _real(*args, **kwargs)
+            Path(f"{_rel}.rank{os.environ.get('RANK', '0')}").write_text(str(state.step))
+            return state
+        session.run_loop = run_loop
+    elif kind == "eval-write":  # hold in eval's temp output dir, after the predictions
+        from peftune.evaluate import report
+        def plot(*args, _real=report.plot_metrics, _rel=release, **kwargs):
+            path = _real(*args, **kwargs)
+            Path(_rel + ".held").write_text("")
+            hold(_rel)
+            return path
+        report.plot_metrics = plot
+    elif kind == "export":  # hold inside the export, once the adapter's weights are written
+        from peftune.train import session
+        def export(built, out, _real=session._export, _rel=release):
+            real_export = built.hooks.export
+            def slow(model, tmp, tokenizer):
+                real_export(model, tmp, tokenizer)
+                Path(_rel + ".held").write_text("")
+                hold(_rel)
+            built.hooks.export = slow
+            return _real(built, out)
+        session._export = export
+'''
 
+WRAPPER = GATES + '''
 from peftune.cli import main
 sys.argv = ["peftune", *sys.argv[1:]]
 main()
 '''
+
+# The processes of `--nproc 2` are started by the launcher, not through WRAPPER: they import
+# the gates from a sitecustomize.py on PYTHONPATH (only processes started by a launcher).
+SITECUSTOMIZE = "import os\nif 'RANK' in os.environ and 'FAULT_GATES' in os.environ:\n" + \
+    "".join(f"    {line}\n" for line in GATES.strip().splitlines())
 
 
 def _env(tmp_path: Path) -> dict:
@@ -95,9 +131,12 @@ def _cli(tmp_path: Path, *args: str, prefix: tuple = ()) -> subprocess.Completed
 
 
 class Held:
-    """A `peftune train` process run through the wrapper, held at its gates."""
+    """A `peftune` process run through the wrapper, held at its gates; `launched`: the
+    processes a `--nproc N` launcher starts are held too. Its own process group (as a
+    terminal's foreground job), so that Ctrl-C can be sent to the whole group."""
 
-    def __init__(self, tmp_path: Path, recipe: Path, *args: str, gates: list[tuple[str, int]]):
+    def __init__(self, tmp_path: Path, recipe: Path | None, *args: str,
+                 gates: list[tuple[str, int]], verb: str = "train", launched: bool = False):
         self.releases = [tmp_path / f"release-{kind}-{step}-{time.monotonic_ns()}"
                          for kind, step in gates]
         wrapper = tmp_path / "fault_wrapper.py"
@@ -105,9 +144,16 @@ class Held:
         self.stderr_path = tmp_path / f"stderr-{time.monotonic_ns()}.txt"
         env = {**_env(tmp_path), "FAULT_GATES": json.dumps(
             [[kind, step, str(rel)] for (kind, step), rel in zip(gates, self.releases, strict=True)])}
+        if launched:
+            site = tmp_path / "site"
+            site.mkdir(exist_ok=True)
+            (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+            env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+            env.pop("WORLD_SIZE", None)
+        command = [sys.executable, str(wrapper), verb, *([str(recipe)] if recipe else []), *args]
         with self.stderr_path.open("w") as stderr:
-            self.proc = subprocess.Popen([sys.executable, str(wrapper), "train", str(recipe), *args],
-                                         stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+            self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr,
+                                         env=env, start_new_session=True)
 
     def wait_for(self, condition, what: str, timeout: float = 150) -> None:
         deadline = time.time() + timeout
@@ -125,6 +171,10 @@ class Held:
 
     def signal(self, signum: int) -> None:
         os.kill(self.proc.pid, signum)
+
+    def ctrl_c(self) -> None:
+        """SIGINT to the whole process group, as a terminal sends it."""
+        os.killpg(self.proc.pid, signal.SIGINT)
 
     def finish(self, timeout: float = 150) -> int:
         return self.proc.wait(timeout=timeout)
@@ -292,6 +342,139 @@ def test_signals_wait_while_a_checkpoint_is_written_and_ignored_ones_stay_ignore
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+# ---- SIGINT / SIGTERM on two processes ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference_two(tmp_path_factory, tiny_model_dir, text_data) -> dict:
+    """The uninterrupted 2-process run (gloo) that the interrupted ones must reproduce."""
+    tmp_path = tmp_path_factory.mktemp("reference_two")
+    recipe = _recipe(tmp_path, "run", tiny_model_dir, text_data, save_every=None)
+    result = _cli(tmp_path, "train", str(recipe), "--nproc", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    return {"run": run, "adapter": load_file(run / "adapter" / "adapter_model.safetensors")}
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm-to-launcher"])
+def test_two_processes_stop_at_one_step_with_one_checkpoint_and_resume_bitwise(
+        tmp_path, tiny_model_dir, text_data, reference_two, how):
+    """Ctrl-C (SIGINT to the terminal's process group) or a scheduler's SIGTERM to the
+    launcher alone: the launcher forwards it (torch elastic starts each process in a session
+    of its own, so the terminal's SIGINT reaches the launcher only), both processes agree to
+    stop after step 4 (they agree at every step boundary, so a rank that gets the signal late
+    still stops there), rank 0 writes one checkpoint and says so once, and `--resume --nproc 2`
+    ends bitwise where the straight 2-process run does."""
+    recipe = _recipe(tmp_path, "run", tiny_model_dir, text_data, save_every=None)
+    run = tmp_path / "run"
+    held = Held(tmp_path, recipe, "--nproc", "2", gates=[("metrics", 4), ("steps", 0)],
+                launched=True)
+    held.wait_for(_metrics_line(run, 4), "step 4's metrics line")  # both processes held there
+    signum = signal.SIGINT if how == "ctrl-c" else signal.SIGTERM
+    held.ctrl_c() if how == "ctrl-c" else held.signal(signal.SIGTERM)
+    held.wait_for(lambda: "stopping after the current optimizer step" in held.stderr(),
+                  "rank 0's notice of the signal")
+    held.release(0)
+    assert held.finish(timeout=120) == 128 + signum, held.stderr()
+    stderr = held.stderr()
+    name = signal.Signals(signum).name
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines == [  # rank 0 only, and nothing from the launcher
+        f"{name}: stopping after the current optimizer step and saving a checkpoint",
+        f"interrupted ({name}) at step 4; checkpoint saved to {run}/checkpoints/step-4; "
+        f"resume with peftune train {recipe} --resume --nproc 2"], stderr
+    stopped_at = {rank: Path(f"{held.releases[1]}.rank{rank}").read_text() for rank in (0, 1)}
+    assert stopped_at == {0: "4", 1: "4"}  # the same step boundary on both processes
+    assert _steps(run) == [4] and ckpt.verify_checkpoint(run / "checkpoints" / "step-4") is None
+    assert not list((run / "checkpoints").glob(".tmp-*")) and not (run / "adapter").exists()
+
+    resumed = _cli(tmp_path, "train", str(recipe), "--resume", "--nproc", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("resuming from") == 1
+    _assert_same_adapter(run, reference_two)
+
+
+# ---- SIGINT / SIGTERM after training and outside it ----------------------------------------------
+
+def test_ctrl_c_during_the_export_leaves_no_adapter_and_a_checkpoint_that_resumes(
+        tmp_path, tiny_model_dir, text_data, reference):
+    recipe = _recipe(tmp_path, "run", tiny_model_dir, text_data, save_every=None)
+    run = tmp_path / "run"
+    held = Held(tmp_path, recipe, gates=[("export", 0)])
+    held.wait_for(lambda: Path(f"{held.releases[0]}.held").exists(), "the adapter's export")
+    assert (run / ".tmp-adapter" / "adapter_model.safetensors").is_file()  # half-way there
+    held.ctrl_c()
+    assert held.finish() == 130, held.stderr()
+    lines = held.stderr().strip().splitlines()
+    assert lines[-1] == (
+        f"interrupted (SIGINT) while writing {run}/adapter after step {STEPS}: nothing was "
+        f"written there; the trained weights are in {run}/checkpoints/step-{STEPS}; resume "
+        f"with peftune train {recipe} --resume")
+    assert "Traceback" not in held.stderr() and sum("interrupted" in x for x in lines) == 1
+    assert not (run / "adapter").exists() and not (run / ".tmp-adapter").exists()
+    assert not (run / "summary.json").exists()
+    # no save_every: the checkpoint was written on the interrupt, so the training is not lost
+    assert _steps(run) == [STEPS]
+    assert ckpt.verify_checkpoint(run / "checkpoints" / f"step-{STEPS}") is None
+
+    resumed = _cli(tmp_path, "train", str(recipe), "--resume")  # exports without training
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_adapter(run, reference)
+    assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_eval_writes_nothing_and_exits_128_plus_it(
+        tmp_path, text_data, reference, signum):
+    run = tmp_path / "run"
+    shutil.copytree(reference["run"], run)
+    held = Held(tmp_path, None, str(run), "--task", "perplexity", "--data",
+                str(text_data["val"]), "--compare", "base", "--quiet", verb="eval",
+                gates=[("eval-write", 0)])
+    held.wait_for(lambda: Path(f"{held.releases[0]}.held").exists(), "eval's output write")
+    assert [p.name for p in run.glob(".eval.tmp-*/predictions.jsonl")]  # a temp dir exists
+    held.ctrl_c() if signum == signal.SIGINT else held.signal(signum)
+    assert held.finish() == 128 + signum, held.stderr()
+    lines = [line for line in held.stderr().splitlines() if line.strip()]
+    assert lines == [f"interrupted ({signal.Signals(signum).name}): peftune eval stopped; "
+                     f"nothing was written to {run / 'eval'}"], held.stderr()
+    assert not (run / "eval").exists() and not list(run.glob(".eval.tmp-*"))
+
+
+def _main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    from peftune.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["peftune", *args])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    return stopped.value.code, capsys.readouterr().err
+
+
+def test_ctrl_c_in_merge_and_select_data_says_so_and_leaves_nothing(
+        tmp_path, text_data, reference, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    from peftune.merge import writer
+    from peftune.select import runner as select_runner
+
+    monkeypatch.setattr(writer, "publish", interrupt)  # verified, about to be put in place
+    code, err = _main(monkeypatch, capsys, "merge", str(reference["run"]),
+                      "--out", str(tmp_path / "merged"), "--quiet")
+    assert code == 130
+    assert err.strip() == (f"interrupted (SIGINT): peftune merge stopped; nothing was written "
+                           f"to {tmp_path / 'merged'}")
+    assert list(tmp_path.iterdir()) == []  # no merged/, no .tmp-merge-*
+
+    monkeypatch.setattr(select_runner, "publish", interrupt)
+    out = tmp_path / "selected"
+    code, err = _main(monkeypatch, capsys, "select-data", "--method", "dsir", "--pool",
+                      str(text_data["train"]), "--target", str(text_data["val"]), "--k", "5",
+                      "--out", str(out), "--quiet")
+    assert code == 130
+    assert err.strip() == f"interrupted (SIGINT): peftune select-data stopped; nothing was written to {out}"
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- NaN ---------------------------------------------------------------------------------------

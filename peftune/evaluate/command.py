@@ -39,17 +39,21 @@ def eval_command(*, target: str | None, model: str | None, adapter: str | None,
         section = load_eval_config(config, flags, batch_size=batch_size)
     if out is None:
         out = (primary.run / "eval") if primary.run is not None else Path("runs/eval") / primary.label
-    if lm_eval is not None and section is None:
-        from peftune.evaluate.report import check_out_dir
+    try:
+        if lm_eval is not None and section is None:
+            from peftune.evaluate.report import check_out_dir
 
-        check_out_dir(out, overwrite=overwrite)
-        return run_lm_eval(targets, lm_eval, out=out)
-    from peftune.evaluate.runner import run_eval
+            check_out_dir(out, overwrite=overwrite)
+            return run_lm_eval(targets, lm_eval, out=out)
+        from peftune.evaluate.runner import run_eval
 
-    report = run_eval(targets=targets, config=section, out=out, overwrite=overwrite,
-                      quiet=quiet)
-    if lm_eval is not None:
-        report["lm_eval"] = run_lm_eval(targets, lm_eval, out=out)
+        report = run_eval(targets=targets, config=section, out=out, overwrite=overwrite,
+                          quiet=quiet)
+        if lm_eval is not None:
+            report["lm_eval"] = run_lm_eval(targets, lm_eval, out=out)
+    except KeyboardInterrupt as stop:  # Ctrl-C: the CLI's one line names the output directory
+        stop.out = out
+        raise
     return report
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -47,9 +47,6 @@ from peftune.recipe.guards import (
     value_paths,
 )
 from peftune.recipe.schema import Recipe, cross_field_problems
-
-if TYPE_CHECKING:
-    from peftune.select.config import SelectConfig
 
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
@@ -115,57 +112,6 @@ def load_method_recipe(path: str | Path, method: str, overrides: Sequence[str] =
     if problems or recipe is None:
         raise InputError(*_unique_lines(problems))
     return recipe, [f"adapter.{key}" for key in dropped]
-
-
-def load_select(path: str | Path | None, overrides: Sequence[str] = (),
-                flags: dict[str, Any] | None = None) -> SelectConfig:
-    """A stand-alone selection: a recipe's `select:` block (optional), then `KEY=VALUE`
-    overrides, then command-line flags (each becomes `select.<key>`), validated as one
-    SelectConfig with every problem reported at once, located in the file or at the flag."""
-    from peftune.select.config import SelectConfig
-
-    if path is not None:
-        shown = str(path)
-        data, where, problems = _read_yaml(Path(path), shown, order=0)
-        data, where, problems = _apply_extends(data, where, problems, Path(path), shown)
-    else:
-        data, where, problems = {}, {(): Where((_OVERRIDES_ORDER, -1), "command line")}, []
-    for number, override in enumerate(overrides):
-        problems += _apply_override(data, where, override, number)
-    section = data.setdefault("select", {})
-    where.setdefault(("select",), where[()])
-    if not isinstance(section, dict):
-        raise InputError(f"{locate(('select',), where).text}: select: expected a mapping of "
-                         f"keys (method:, pool:, k:, ...), got {show(section)}")
-    for number, (key, value) in enumerate((flags or {}).items()):
-        if value is None or value == []:
-            continue
-        at = Where((_OVERRIDES_ORDER + 1, number), f"--{key.replace('_', '-')}")
-        section[key] = value
-        for stale in [p for p in where if p[:2] == ("select", key)]:
-            del where[stale]
-        for sub in [("select", key), *value_paths(value, ("select", key))]:
-            where[sub] = at
-    extra = sorted(set(data) - {"select"})
-    if extra:
-        hint = (f" (did you mean select.{extra[0]}?)"
-                if extra[0] in SelectConfig.model_fields else "")
-        problems.append(Problem(locate((extra[0],), where), (extra[0],),
-                                f"a selection recipe has only a select: section{hint}"))
-    config = None
-    try:
-        config = SelectConfig.model_validate(section)
-    except ValidationError as err:
-        problems += pydantic_problems(err.errors(include_url=False), data, where,
-                                      root=SelectConfig, prefix=("select",))
-    if config is not None:
-        for key, flag in (("pool", "--pool"), ("target", "--target"), ("out", "--out")):
-            if not getattr(config, key):
-                problems.append(Problem(locate(("select",), where), ("select", key),
-                                        f"required: give {flag} or select.{key} in a recipe"))
-    if problems or config is None:
-        raise InputError(*_unique_lines(problems))
-    return config
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
@@ -416,7 +362,9 @@ def _validate(data: dict, where: Locations) -> tuple[Recipe | None, list[Problem
                                               root=config_cls, prefix=("adapter",))
     selection = data.get("data", {}).get("select") if isinstance(data.get("data"), dict) else None
     if isinstance(selection, dict):
-        problems += _select_problems(selection, data, where)
+        from peftune.recipe.selection import select_problems
+
+        problems += select_problems(selection, data, where)
     if recipe is None or method_config is None or problems:
         return None, problems
     # model_copy skips validation on purpose: the field is declared as AdapterSection.
@@ -433,26 +381,6 @@ def _validate(data: dict, where: Locations) -> tuple[Recipe | None, list[Problem
     if not problems:  # `~/runs/x` is the home directory's runs/x, as in data paths
         recipe.output.dir = os.path.expanduser(recipe.output.dir)
     return (None if problems else recipe), problems
-
-
-def _select_problems(selection: dict, data: dict, where: Locations) -> list[Problem]:
-    """`data.select` is a SelectConfig whose pool is data.train: pool and out are not keys
-    here, and the text it scores comes from the data section unless set."""
-    from peftune.select.config import TRAINING_FORBIDDEN, SelectConfig
-    prefix = ("data", "select")
-    problems = [Problem(locate(prefix + (key,), where), prefix + (key,), message)
-                for key, message in TRAINING_FORBIDDEN.items() if key in selection]
-    if not selection.get("target"):
-        problems.append(Problem(locate(prefix, where), prefix + ("target",),
-                                "required key is missing (the target sample: a file or a list "
-                                "of files)"))
-    try:
-        SelectConfig.model_validate({k: v for k, v in selection.items()
-                                     if k not in TRAINING_FORBIDDEN})
-    except ValidationError as err:
-        problems += pydantic_problems(err.errors(include_url=False), data, where,
-                                      root=SelectConfig, prefix=prefix)
-    return problems
 
 
 def _unique_lines(problems: list[Problem]) -> list[str]:

@@ -77,14 +77,17 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, *, state: TrainerState, trainable: dict, optimizer: Any,
-                    scheduler: Any, keep: int) -> Path:
+                    scheduler: Any, keep: int, optimizer_state: tuple[Any, str] | None = None
+                    ) -> Path:
+    """`optimizer_state`: (state, format) gathered under a sharding engine (peftune/train/
+    sharded.py), written instead of `optimizer.state_dict()`, which holds one rank's shard."""
     root = run_dir / CHECKPOINTS
     final = root / f"step-{state.step}"
     tmp = root / f".tmp-step-{state.step}"
     with signals_held():
         try:
             _write_checkpoint(tmp, state=state, trainable=trainable, optimizer=optimizer,
-                              scheduler=scheduler)
+                              scheduler=scheduler, optimizer_state=optimizer_state)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             previous = latest_checkpoint(run_dir)
@@ -103,15 +106,19 @@ def save_checkpoint(run_dir: Path, *, state: TrainerState, trainable: dict, opti
 
 
 def _write_checkpoint(tmp: Path, *, state: TrainerState, trainable: dict, optimizer: Any,
-                      scheduler: Any) -> None:
+                      scheduler: Any, optimizer_state: tuple[Any, str] | None) -> None:
     import torch
     from safetensors.torch import save_file
 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable, tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state()}, tmp / "training_state.pt")
+    training = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+    if optimizer_state is not None:
+        training["optimizer"], training["optimizer_format"] = optimizer_state
+    else:
+        training["optimizer"] = optimizer.state_dict()
+    torch.save(training, tmp / "training_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
     write_manifest(tmp)  # last: a checkpoint with a whole manifest was written whole
     _fsync_dir(tmp)
@@ -212,19 +219,23 @@ class RunInterrupted(Exception):  # noqa: N818 - not an error: the user asked to
 class StopRequest:
     """While active, SIGINT and SIGTERM ask the loop to stop at the next step boundary
     instead of killing the process; a second signal only says the stop is under way.
-    A signal the process inherited as ignored (a background job's SIGINT) stays ignored."""
+    A signal the process inherited as ignored (a background job's SIGINT) stays ignored.
+    `announce`: print those notices (rank 0 of a multi-process run only)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, *, announce: bool = True) -> None:
         self.signum: int | None = None
+        self.announce = announce
         self._previous: dict[int, Any] = {}
 
     def __call__(self) -> bool:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is None:
+        if not self.announce:
+            self.signum = signum if self.signum is None else self.signum
+        elif self.signum is None:
             self.signum = signum
             print(f"\n{signal.Signals(signum).name}: stopping after the current optimizer step "
                   "and saving a checkpoint", file=sys.stderr, flush=True)

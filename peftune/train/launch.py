@@ -22,6 +22,11 @@ from typing import Any
 
 from peftune.errors import InputError
 
+# How long the launcher waits for its processes to stop after it forwarded SIGINT/SIGTERM to
+# them (torch elastic's default is 30 s, then SIGKILL): they finish the optimizer step and
+# write a checkpoint first, which can take minutes for a large model.
+SHUTDOWN_TIMEOUT_S = 900
+
 
 def parse_nproc(value: str | None) -> int | None:
     """`--nproc`: a whole number >= 1, or None when not given."""
@@ -73,6 +78,7 @@ def command_argv(ctx: Any, *, drop: set[str]) -> list[str]:
 def relaunch(argv: list[str], *, nproc: int | None, config: Path | None) -> int:
     """Run `python -m peftune.cli ARGV` under a launcher; returns the job's exit code."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the launcher does not warn about it
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     if os.environ.get("PEFTUNE_DEBUG") != "1":
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     module = ["-m", "peftune.cli", *argv]
@@ -84,6 +90,7 @@ def relaunch(argv: list[str], *, nproc: int | None, config: Path | None) -> int:
 def _elastic_launch(nproc: int, module: list[str]) -> int:
     import uuid
 
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, get_args_parser
@@ -93,10 +100,13 @@ def _elastic_launch(nproc: int, module: list[str]) -> int:
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--rdzv-id", uuid.uuid4().hex,
         "--nnodes", "1", "--nproc-per-node", str(nproc), *module])
     config, cmd, cmd_args = config_from_args(args)
+    _quiet_elastic_logs()
     try:
         elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
     except ChildFailedError as failed:
         return _exit_code(failed)
+    except SignalException as stopped:  # the processes got it too and have stopped
+        return 128 + int(stopped.sigval)
     return 0
 
 
@@ -104,21 +114,36 @@ def _accelerate_launch(config: Path, nproc: int | None, module: list[str]) -> in
     import subprocess
 
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     flags = ["--config_file", str(config)]
     if nproc is not None:
         flags += ["--num_processes", str(nproc)]
     args = launch_command_parser().parse_args([*flags, *module])
+    _quiet_elastic_logs()
     try:
         launch_command(args)
     except ChildFailedError as failed:
         return _exit_code(failed)
+    except SignalException as stopped:
+        return 128 + int(stopped.sigval)
     except subprocess.CalledProcessError as failed:  # a one-process config
         return failed.returncode
     except SystemExit as stopped:
         return stopped.code if isinstance(stopped.code, int) else 1
     return 0
+
+
+def _quiet_elastic_logs() -> None:
+    """torch elastic's loggers each get their own level (WARNING) when created: without
+    PEFTUNE_DEBUG=1 they say nothing ("Received 15 death signal, shutting down workers"),
+    the processes say what happened."""
+    if os.environ.get("PEFTUNE_DEBUG") == "1":
+        return
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _exit_code(failed: Any) -> int:

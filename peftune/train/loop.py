@@ -21,6 +21,7 @@ from peftune.adapters.hooks import AdapterHooks
 from peftune.data.formats import IGNORE_INDEX
 from peftune.errors import TrainingError
 from peftune.train.checkpoint import TrainerState
+from peftune.train.sharded import engine, gathered, keep_for_export
 
 BatchesForEpoch = Callable[[int], Sequence[dict]]  # epoch -> that epoch's micro-batches
 
@@ -145,15 +146,24 @@ def evaluate_loss(loop: Loop) -> dict:
 
     model = loop.model
     batches = loop.val_batches or []
+    counted = [True] * len(batches)
     if loop.num_processes > 1:  # each process its share; no DDP forward (it syncs buffers)
         model = loop.accelerator.unwrap_model(model)
-        batches = [batches[i] for i in range(loop.process_index, len(batches), loop.num_processes)]
+        world = loop.num_processes
+        mine = list(range(loop.process_index, len(batches), world))
+        counted = [True] * len(mine)
+        if engine(loop.accelerator) is not None and batches:
+            # A sharded forward is a collective: every rank runs as many, the extra uncounted.
+            extra = -(-len(batches) // world) - len(mine)
+            mine, counted = mine + [0] * extra, counted + [False] * extra
+        batches = [batches[i] for i in mine]
     model.eval()
     total, targets = 0.0, 0
     with torch.no_grad(), loop.accelerator.autocast():
-        for batch in batches:
-            total += float(token_loss_sum(model, _to(batch, loop.accelerator.device)))
-            targets += count_targets(batch)
+        for batch, count in zip(batches, counted, strict=True):
+            loss = float(token_loss_sum(model, _to(batch, loop.accelerator.device)))
+            if count:
+                total, targets = total + loss, targets + count_targets(batch)
     model.train()
     total, targets = global_sums(loop.accelerator, total, targets)
     return {"val_loss": total / max(targets, 1), "val_target_tokens": int(targets)}
@@ -239,8 +249,15 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
         if loop.val_batches and (state.step == loop.total_steps or (
                 loop.eval_every and state.step % loop.eval_every == 0)):
             loop.on_eval({"step": state.step, **evaluate_loss(loop)})
-        if loop.save_every and state.step % loop.save_every == 0:
-            loop.on_save(state)
-        if loop.should_stop():  # a step boundary: the runner saves and exits
+        saved = bool(loop.save_every and state.step % loop.save_every == 0)
+        if saved:
+            with gathered(accelerator, model, optimizer):  # sharded engines: every rank gathers
+                loop.on_save(state)
+        if loop.should_stop():  # a step boundary: save (unless just saved) and exit
+            if not saved and state.step < loop.total_steps:
+                with gathered(accelerator, model, optimizer):
+                    loop.on_save(state)
             break
+    if state.step >= loop.total_steps:  # sharded engines: the full weights rank 0 exports
+        keep_for_export(accelerator, model)
     return state

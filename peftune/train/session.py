@@ -8,10 +8,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from peftune.interrupts import interrupt_signum
 from peftune.train.checkpoint import (
     RunInterrupted,
     StopRequest,
     TrainerState,
+    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     set_rng_state,
@@ -84,7 +86,7 @@ def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
         on_step=display.advance, on_log=on_log, on_eval=on_eval, on_save=on_save,
         num_processes=accelerator.num_processes, process_index=accelerator.process_index,
     )
-    with StopRequest() as stop, display:
+    with StopRequest(announce=main) as stop, display:
         loop.should_stop = any_rank(accelerator, stop)  # all ranks stop at the same step
         state = run_loop(loop, state, timer=timer)
         if state.step < built.total_steps and loop.should_stop():  # SIGINT/SIGTERM: save, exit
@@ -97,35 +99,93 @@ def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
         return {"steps": state.step, "tokens": state.tokens, "process_index": accelerator.process_index}
 
     peak = peak_memory_bytes(built.accelerator.device)  # of training, before export and plot
-    artifact = _export(built, out)
+    try:
+        artifact = _export(built, out)
+    except KeyboardInterrupt as stop_export:  # Ctrl-C / SIGTERM while the adapter is written
+        raise _export_interrupted(built, out, state, stop_export, elapsed=train_seconds) from None
     records = metrics.read()
     plot = plot_losses(records, out / "loss.png")
     summary = _summary(built, state, records, artifact, plot, train_seconds, peak)
     if eval_tasks:  # the recipe's eval: block, on the trained model, into out/eval
-        summary["eval"] = eval_after_training(recipe, eval_tasks, out=out, quiet=built.quiet,
-                                              model=built.unwrapped_model, tokenizer=built.tokenizer)
+        try:
+            summary["eval"] = eval_after_training(
+                recipe, eval_tasks, out=out, quiet=built.quiet, model=built.unwrapped_model,
+                tokenizer=built.tokenizer)
+        except KeyboardInterrupt as stop_eval:  # the run is whole; only its eval is missing
+            with _signals_recorded(stop_eval):
+                write_summary(out / "summary.json", summary)
+                accelerator.wait_for_everyone()  # the other ranks wait here for rank 0
+            raise FinishInterrupted(
+                interrupt_signum(stop_eval), state.step, artifact,
+                f"during the recipe's eval after training: {artifact} and summary.json are "
+                f"complete, {out / 'eval'} was not written (peftune eval {out} runs it)",
+                resumable=False) from None
     write_summary(out / "summary.json", summary)
     _print_footer(display, out, summary)
     accelerator.wait_for_everyone()
     return summary
 
 
+class FinishInterrupted(RunInterrupted):
+    """SIGINT/SIGTERM after the last optimizer step: while exporting or evaluating."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path, what: str, *,
+                 resumable: bool = True):
+        super().__init__(signum, step, checkpoint)
+        self.resumable = resumable
+        self.args = (f"interrupted ({signal.Signals(signum).name}) {what}",)
+
+
+def _signals_recorded(err: BaseException) -> StopRequest:
+    """While active, a further SIGINT/SIGTERM only says the stop is under way."""
+    hold = StopRequest()
+    hold.signum = interrupt_signum(err)
+    return hold
+
+
+def _export_interrupted(built: Any, out: Path, state: TrainerState, err: BaseException, *,
+                        elapsed: float) -> FinishInterrupted:
+    """The export was cut short: remove its temp dir and make sure a checkpoint holds the
+    trained weights (written now when the last step has none), so --resume exports them."""
+    with _signals_recorded(err):
+        shutil.rmtree(out / f".tmp-{built.hooks.artifact}", ignore_errors=True)
+        latest = latest_checkpoint(out)
+        if latest is None or latest.name != f"step-{state.step}":
+            latest = checkpoint_now(built, out, state, elapsed=elapsed)
+        built.accelerator.wait_for_everyone()  # the other ranks wait here for rank 0's export
+    return FinishInterrupted(
+        interrupt_signum(err), state.step, latest,
+        f"while writing {out / built.hooks.artifact} after step {state.step}: nothing was "
+        f"written there; the trained weights are in {latest}")
+
+
 def restore(built: Any, checkpoint: Path) -> TrainerState:
     """Load a checkpoint into the built run: weights, optimizer, scheduler, RNG; the state."""
+    from peftune.train.sharded import engine, load_optimizer, load_trainable
+
     state, trainable, training = load_checkpoint(checkpoint)
-    built.hooks.load_trainable_state(built.unwrapped_model, trainable)
-    built.optimizer.load_state_dict(training["optimizer"])
+    if engine(built.accelerator) is None:
+        built.hooks.load_trainable_state(built.unwrapped_model, trainable)
+    else:  # full tensors in the checkpoint, shards in the model
+        load_trainable(built.accelerator, built.model, built.hooks.load_trainable_state, trainable)
+    load_optimizer(built.accelerator, built.model, built.optimizer, training["optimizer"],
+                   training.get("optimizer_format"))
     built.scheduler.load_state_dict(training["scheduler"])
     set_rng_state(training["rng"])
     return state
 
 
 def checkpoint_now(built: Any, out: Path, state: TrainerState, *, elapsed: float) -> Path:
+    from peftune.train.sharded import BY_NAME, full_parameters, snapshot
+
+    gathered = snapshot(built.accelerator, built.unwrapped_model)  # FSDP/DeepSpeed: full
+    with full_parameters(built.unwrapped_model, gathered and gathered.trainable):
+        trainable = built.hooks.trainable_state(built.unwrapped_model)
     return save_checkpoint(
-        out, state=replace(state, elapsed_s=elapsed),
-        trainable=built.hooks.trainable_state(built.unwrapped_model),
+        out, state=replace(state, elapsed_s=elapsed), trainable=trainable,
         optimizer=built.optimizer, scheduler=built.scheduler,
         keep=built.recipe.train.keep_checkpoints,
+        optimizer_state=(gathered.optimizer, BY_NAME) if gathered else None,
     )
 
 
@@ -133,8 +193,12 @@ def _export(built: Any, out: Path) -> Path:
     """Write the final adapter/ (or model/) through a temp dir, so it is whole or absent."""
     final = out / built.hooks.artifact
     tmp = out / f".tmp-{built.hooks.artifact}"
+    from peftune.train.sharded import full_parameters, snapshot
+
     shutil.rmtree(tmp, ignore_errors=True)
-    built.hooks.export(built.unwrapped_model, tmp, built.tokenizer)
+    gathered = snapshot(built.accelerator, built.unwrapped_model, take=True)  # FSDP/DeepSpeed
+    with full_parameters(built.unwrapped_model, gathered and gathered.trainable):
+        built.hooks.export(built.unwrapped_model, tmp, built.tokenizer)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

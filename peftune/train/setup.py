@@ -178,12 +178,38 @@ def _accelerator(precision: str, handlers: Sequence[Any] = ()) -> Any:
     a second run in the same process (a notebook, the tests) may ask for another precision, so
     the per-run part of that state is reset (the process-group part is kept)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     current = AcceleratorState._shared_state.get("_mixed_precision", precision)
     if getattr(current, "value", current) != precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=precision, cpu=_no_gpu(), kwargs_handlers=list(handlers))
+    fsdp_on_cpu = _fsdp_on_cpu()  # before Accelerator(), which fails on these settings
+    accelerator = Accelerator(mixed_precision=precision, cpu=_no_gpu(),
+                              kwargs_handlers=list(handlers))
+    if fsdp_on_cpu and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from FSDP_* vars
+        # Both states: every AcceleratorState() copies the process state's type over its own.
+        PartialState().distributed_type = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
+    return accelerator
+
+
+def _fsdp_on_cpu() -> bool:
+    """Launched with an FSDP config on a machine without a GPU, Accelerate (1.x) forms a gloo
+    group but quietly trains with DDP: its FSDP branch is for GPU process types only. FSDP
+    version 2 (torch's fully_shard) shards over gloo on CPU, so peftune then switches the state
+    to FSDP with the plugin read from the launcher's FSDP_* variables (True here). Version 1
+    cannot run on CPU (torch: "Inconsistent compute device and `device_id`: cpu vs cpu:0"):
+    refused, rather than run as DDP under a name it is not."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or not _no_gpu():
+        return False
+    if os.environ.get("FSDP_VERSION", "1") != "2":  # every rank finds it; rank 0 prints it
+        err = InputError("fsdp_config.fsdp_version: FSDP version 1 needs a GPU; on CPU use "
+                         "fsdp_version: 2 (configs/fsdp_cpu.yaml)")
+        err.shown_by_main = int(os.environ.get("RANK", "0")) != 0
+        raise err
+    return True
 
 
 def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
@@ -201,7 +227,7 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
     state = process_state()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     accelerator = _accelerator(mixed_precision(recipe.train.precision, device),
-                               handlers=strategy_handlers(recipe.train))
+                               handlers=strategy_handlers(recipe.train, recipe.adapter))
     agree(state, lambda: check_engine(recipe, accelerator))
     # Data first (it needs only the tokenizer): bad data fails before the model loads.
     tokenizer = agree(state, lambda: load_tokenizer(
@@ -279,10 +305,19 @@ def any_rank(state: Any, flag: Any) -> Any:
 
 def check_engine(recipe: Recipe, accelerator: Any) -> None:
     """What the loop needs from a DeepSpeed run: it steps the engine once per optimizer step
-    (so no accumulation inside it) and must know the micro-batch (no dataloader is prepared)."""
+    (so no accumulation inside it) and must know the micro-batch (no dataloader is prepared).
+    Under FSDP and ZeRO-3 the recipe's eval: block cannot run after training: rank 0 evaluates
+    alone, and a sharded model's forward needs every process."""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+    kind = accelerator.distributed_type
+    sharded = kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and (
+        accelerator.state.deepspeed_plugin.zero_stage == 3))
+    if sharded and recipe.eval.tasks:
+        raise InputError(f"eval: the model is sharded across the processes ({kind.value}), so "
+                         "the eval: block cannot run after training; move it to a file and run "
+                         "`peftune eval RUN_DIR --config FILE` on the finished run")
+    if kind != DistributedType.DEEPSPEED:
         return
     if recipe.train.grad_accum != 1:
         raise InputError("train.grad_accum: under DeepSpeed peftune steps the engine every "

@@ -35,16 +35,21 @@ from peftune.recipe.schema import TrainSection
 LISA_STATE = "peftune.lisa.state"  # [period, active layer indices...] in a checkpoint
 
 
-def ddp_kwargs(cfg: TrainSection) -> dict:
-    """What the strategy needs of `DistributedDataParallelKwargs` under several processes."""
-    return {"find_unused_parameters": True} if cfg.strategy and cfg.strategy.name == "lisa" else {}
+def ddp_kwargs(cfg: TrainSection, adapter: Any = None) -> dict:
+    """What the strategy (or the adapter method) needs of `DistributedDataParallelKwargs`
+    under several processes: LISA, and methods whose trainable parameters may take no part
+    in a step (`ddp_unused_parameters`, e.g. IncreLoRA's not-yet-active components), need
+    DDP to find the unused ones."""
+    lisa = cfg.strategy is not None and cfg.strategy.name == "lisa"
+    unused = lisa or getattr(adapter, "ddp_unused_parameters", False)
+    return {"find_unused_parameters": True} if unused else {}
 
 
-def strategy_handlers(cfg: TrainSection) -> list:
-    """Accelerate's `kwargs_handlers` for the strategy (LISA: DDP finds unused parameters)."""
+def strategy_handlers(cfg: TrainSection, adapter: Any = None) -> list:
+    """Accelerate's `kwargs_handlers` for the strategy and method (see `ddp_kwargs`)."""
     from accelerate.utils import DistributedDataParallelKwargs
 
-    kwargs = ddp_kwargs(cfg)
+    kwargs = ddp_kwargs(cfg, adapter)
     return [DistributedDataParallelKwargs(**kwargs)] if kwargs else []
 
 

@@ -135,6 +135,8 @@ class IncreloraConfig(NativeTargetedConfig):
 
     rank_key: ClassVar[str | None] = "max_r"
     schedules_by_length: ClassVar[bool] = True
+    # Components not yet activated hold trainable parameters that take no part in a step.
+    ddp_unused_parameters: ClassVar[bool] = True
 
     @model_validator(mode="after")
     def _ranks(self) -> IncreloraConfig:
