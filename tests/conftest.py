@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 import yaml
@@ -78,3 +80,75 @@ def write_recipe(path: Path, *, model: Path, data: Path, out: Path, val: Path | 
             recipe.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def recipe_refusal(tmp_path: Path, *, model: Path, data: Path, **sections) -> str:
+    """The one line `load_recipe` refuses a `write_recipe` recipe with (it must refuse, with
+    exactly one line)."""
+    from peftune.errors import InputError
+    from peftune.recipe import load_recipe
+
+    path = write_recipe(tmp_path / "r.yaml", model=model, data=data, out=tmp_path / "run",
+                        **sections)
+    with pytest.raises(InputError) as err:
+        load_recipe(path)
+    (line,) = err.value.lines
+    return line
+
+
+def train_in_session(recipe_path: Path) -> tuple[Any, Any, dict, list[float], Path]:
+    """Train a recipe through the steps `peftune train` takes, keeping what it built:
+    (recipe, built run, summary, the logged losses, the output directory)."""
+    from peftune.recipe import load_recipe
+    from peftune.train.runner import check_output_dir
+    from peftune.train.session import run_session
+    from peftune.train.setup import build_training
+
+    recipe = load_recipe(recipe_path)
+    out = Path(recipe.output.dir)
+    check_output_dir(out, resume=False, overwrite=False)
+    built = build_training(recipe, quiet=True)
+    out.mkdir(parents=True)
+    summary = run_session(built, out, None)
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r]
+    return recipe, built, summary, losses, out
+
+
+class ResumedRun(NamedTuple):
+    whole: Path  # the run trained in one go
+    resumed: Path  # the same run stopped at its halfway checkpoint, then resumed
+    whole_weights: dict
+    resumed_weights: dict
+
+
+def assert_resume_matches_uninterrupted(tmp_path: Path, *, model: Path, data: Path,
+                                        adapter: dict, steps: int = 6,
+                                        weights: str = "adapter_model.safetensors") -> ResumedRun:
+    """Train `steps` steps in one go (tmp_path/a), and the same run as if it had been killed
+    just after its halfway checkpoint (a copy without what came later), resumed (tmp_path/b).
+    Asserts that both export bitwise-equal `weights` (the same tensor names) and that the
+    resumed run's metrics.jsonl logs each step once; returns both for the caller's checks."""
+    import torch
+    from safetensors.torch import load_file
+
+    from peftune.recipe import load_recipe
+    from peftune.train.runner import run_train
+
+    recipe = write_recipe(tmp_path / "r.yaml", model=model, data=data, out=tmp_path / "a",
+                          adapter=adapter, train={"max_steps": steps, "save_every": steps // 2,
+                                                  "keep_checkpoints": 2})
+    run_train(load_recipe(recipe), quiet=True)
+    whole, resumed = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(whole, resumed)
+    for written_later in ("adapter", f"checkpoints/step-{steps}"):  # both must have been written
+        shutil.rmtree(resumed / written_later)
+    for written_later in ("summary.json", "loss.png"):
+        (resumed / written_later).unlink(missing_ok=True)
+    run_train(load_recipe(recipe, [f"output.dir={resumed}"]), resume=True, quiet=True)
+    first, second = load_file(whole / "adapter" / weights), load_file(resumed / "adapter" / weights)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    logged = [r["step"] for r in map(json.loads, (resumed / "metrics.jsonl").open()) if "loss" in r]
+    assert logged == list(range(1, steps + 1))
+    return ResumedRun(whole, resumed, first, second)

@@ -7,14 +7,17 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import (
+    assert_resume_matches_uninterrupted,
+    recipe_refusal,
+    train_in_session,
+    write_recipe,
+)
 from safetensors.torch import load_file
 
 from peftune.adapters.bottleneck import (
@@ -32,7 +35,6 @@ from peftune.adapters.bottleneck_configs import (
     CompacterConfig,
 )
 from peftune.errors import InputError
-from peftune.recipe import load_recipe
 
 IDS = torch.tensor([[1, 69, 70, 71, 72, 73, 74, 75, 76]])
 
@@ -168,21 +170,6 @@ def test_kronecker_sum_weight_and_the_compacter_parameter_count():
 
 # ---- training, reload, resume, eval, merge ---------------------------------------------------
 
-def _train(recipe_path: Path):
-    from peftune.train.runner import check_output_dir
-    from peftune.train.session import run_session
-    from peftune.train.setup import build_training
-
-    recipe = load_recipe(recipe_path)
-    out = Path(recipe.output.dir)
-    check_output_dir(out, resume=False, overwrite=False)
-    built = build_training(recipe, quiet=True)
-    out.mkdir(parents=True)
-    run_session(built, out, None)
-    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r]
-    return recipe, built, losses, out
-
-
 @pytest.mark.parametrize("adapter", [
     {"method": "bottleneck", "placement": "series", "sublayers": ["attn"], "bottleneck_size": 8},
     {"method": "compacter", "placement": "parallel", "sublayers": ["attn", "mlp"],
@@ -194,7 +181,7 @@ def test_training_lowers_the_loss_and_the_loader_reproduces_the_trained_logits(
 
     path = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                         out=tmp_path / "run", adapter=adapter, train={"max_steps": 10})
-    recipe, built, losses, out = _train(path)
+    recipe, built, _, losses, out = train_in_session(path)
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     trained = _logits(built.unwrapped_model)
     described = json.loads((out / "adapter" / NATIVE_CONFIG).read_text())
@@ -217,36 +204,19 @@ def test_training_lowers_the_loss_and_the_loader_reproduces_the_trained_logits(
 def test_resume_from_a_checkpoint_ends_with_the_same_adapter(tmp_path, tiny_model_dir, text_data):
     """6 steps in one go, and the same run restarted from its step-3 checkpoint as if it
     had been killed there, export identical weights (trainable_state / load_trainable_state)."""
-    from peftune.train.runner import run_train
-
     adapter = {"method": "compacter", "sublayers": ["attn", "mlp"], "bottleneck_size": 8,
                "phm_dim": 4}
-    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
-                          out=tmp_path / "a", adapter=adapter,
-                          train={"max_steps": 6, "save_every": 3, "keep_checkpoints": 2})
-    run_train(load_recipe(recipe), quiet=True)
-    crashed = tmp_path / "b"
-    shutil.copytree(tmp_path / "a", crashed)
-    for name in ("adapter", "checkpoints/step-6", "summary.json", "loss.png"):
-        if (crashed / name).is_dir():
-            shutil.rmtree(crashed / name)
-        elif (crashed / name).exists():
-            (crashed / name).unlink()
-    run_train(load_recipe(recipe, [f"output.dir={crashed}"]), resume=True, quiet=True)
-    first = load_file(tmp_path / "a" / "adapter" / NATIVE_WEIGHTS)
-    second = load_file(crashed / "adapter" / NATIVE_WEIGHTS)
-    assert first.keys() == second.keys() and "phm_rule" in first
-    for key in first:
-        assert torch.equal(first[key], second[key]), key
-    start = load_file(crashed / "checkpoints" / "step-3" / next(
-        p.name for p in (crashed / "checkpoints" / "step-3").iterdir()
-        if p.name.endswith(".safetensors") and "optim" not in p.name))
+    runs = assert_resume_matches_uninterrupted(tmp_path, model=tiny_model_dir,
+                                               data=text_data["train"], adapter=adapter,
+                                               weights=NATIVE_WEIGHTS)
+    first = runs.whole_weights
+    assert "phm_rule" in first
+    step_3 = runs.resumed / "checkpoints" / "step-3"
+    start = load_file(step_3 / next(p.name for p in step_3.iterdir()
+                                    if p.name.endswith(".safetensors") and "optim" not in p.name))
     moved = [k for k in first if f"{ATTRIBUTE}.{k}" in start
              and not torch.equal(start[f"{ATTRIBUTE}.{k}"], first[k])]
     assert moved  # steps 4-6 changed the adapter: the comparison above is not vacuous
-    steps = [json.loads(line)["step"] for line in (crashed / "metrics.jsonl").open()
-             if "loss" in json.loads(line)]
-    assert steps == list(range(1, 7))
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, text_data):
@@ -259,7 +229,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, 
                             data=text_data["train"], out=tmp_path / f"run-{checkpointing}",
                             adapter=adapter, train={"max_steps": 4,
                                                     "gradient_checkpointing": checkpointing})
-        runs.append(_train(path)[2])
+        runs.append(train_in_session(path)[3])
     assert runs[0][0] != runs[0][-1]  # the adapter trained
     assert runs[1] == pytest.approx(runs[0], rel=1e-5)
 
@@ -362,11 +332,7 @@ def test_a_model_without_a_layer_list_is_refused():
     ({"method": "bottleneck", "r": 8}, "adapter.r: unknown key for adapter method bottleneck"),
 ])
 def test_recipe_refusals(tmp_path, tiny_model_dir, text_data, adapter, expected):
-    path = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
-                        out=tmp_path / "run", adapter=adapter)
-    with pytest.raises(InputError) as err:
-        load_recipe(path)
-    (line,) = err.value.lines
+    line = recipe_refusal(tmp_path, model=tiny_model_dir, data=text_data["train"], adapter=adapter)
     assert expected.lower() in line.lower(), line
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,66 @@ def test_overwrite_accepts_only_an_earlier_comparison(tmp_path):
     check_compare_dir(tmp_path / "new", overwrite=False)
     with pytest.raises(InputError, match="not a peftune compare directory"):
         check_compare_dir(_non_empty(tmp_path / "other", compare=False), overwrite=True)
+
+
+def _tree(root: Path) -> list[str]:
+    """Every path below `root`, links included and not followed."""
+    return sorted(os.path.relpath(os.path.join(top, name), root)
+                  for top, dirs, files in os.walk(root) for name in dirs + files)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--out", "loop"], "--out: loop is a symbolic link loop"),
+    ([], "--out (default: output.dir + -compare): {tmp}/runs/run-compare is a symbolic link loop"),
+    (["--out", "dangling"], "--out: dangling is a broken symbolic link"),
+    (["--out", "recipe.yaml"], "--out: recipe.yaml exists and is not a directory"),
+    (["--out", "recipe.yaml/cmp"], "--out: cannot create recipe.yaml/cmp (Not a directory)"),
+    (["--out", "sub/../.."], "--out: sub/../.. resolves to {parent}, above the current directory"),
+    (["--out", "home"], "--out: home is the home directory"),
+    (["--out", "to-notes", "--overwrite"],
+     "--overwrite: to-notes is not a peftune compare directory (no compare.json)"),
+], ids=["symlink-loop", "default-out-loop", "broken-link", "a-file", "under-a-file", "traversal",
+        "home", "link-to-non-comparison"])
+def test_the_output_directory_policy_of_train_applies_to_out(tmp_path, tiny_model_dir, text_data,
+                                                             monkeypatch, capsys, args, expected):
+    """recipe.guards.output_dir_problem (train's policy) for --out: exit 2, one line naming
+    --out and the fix, no traceback, nothing created, deleted or followed."""
+    from peftune.cli import main
+
+    recipe = _recipe(tmp_path, tiny_model_dir, text_data)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "run-compare").symlink_to("run-compare")
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "dangling").symlink_to("nowhere")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "to-notes").symlink_to(_non_empty(tmp_path / "notes", compare=False))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PEFTUNE_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["peftune", "compare", recipe.name, "--methods", "lora,full",
+                                      "--quiet", *args])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    stderr = capsys.readouterr().err
+    assert stopped.value.code == 2, stderr
+    (line,) = stderr.splitlines()
+    assert line.startswith("error: " + expected.format(tmp=tmp_path,
+                                                       parent=tmp_path.resolve().parent)), line
+    assert "name a new directory" in line or "choose another --out" in line.lower(), line
+    assert _tree(tmp_path) == before
+
+
+def test_overwrite_through_a_link_replaces_the_earlier_comparison_it_points_to(tmp_path):
+    from peftune.compare.runner import make_compare_dir
+
+    earlier = _non_empty(tmp_path / "earlier", compare=True)
+    (earlier / "lora").mkdir()
+    link = tmp_path / "latest"
+    link.symlink_to(earlier)
+    with pytest.raises(InputError, match="latest is not empty; pass --overwrite"):
+        check_compare_dir(link, overwrite=False)
+    check_compare_dir(link, overwrite=True)
+    make_compare_dir(link)
+    assert link.is_symlink() and link.resolve() == earlier.resolve()
+    assert list(earlier.iterdir()) == []

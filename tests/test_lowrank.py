@@ -5,12 +5,11 @@ native method are rows of the method matrix in test_methods.py.)"""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import assert_resume_matches_uninterrupted, recipe_refusal, write_recipe
 from safetensors.torch import load_file
 from torch import nn
 
@@ -150,25 +149,8 @@ RESUMED = {"dylora": {"r": 4}, "lamda": {"r": 4}, "dyrank": {"r": 4, "target_r":
 def test_resume_from_a_checkpoint_ends_bitwise_equal(tmp_path, tiny_model_dir, text_data, method):
     """A run of 6 steps, and the same run restarted from its step-3 checkpoint as if it had
     been killed there, end with identical adapters (the hooks' schedules included)."""
-    from peftune.train.runner import run_train
-
-    adapter = {"method": method, **RESUMED[method]}
-    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
-                          out=tmp_path / "a", adapter=adapter,
-                          train={"max_steps": 6, "save_every": 3, "keep_checkpoints": 2})
-    run_train(load_recipe(recipe), quiet=True)
-    crashed = tmp_path / "b"
-    shutil.copytree(tmp_path / "a", crashed)
-    for name in ("adapter", "checkpoints/step-6", "summary.json", "loss.png"):
-        shutil.rmtree(crashed / name) if (crashed / name).is_dir() else (crashed / name).unlink()
-    run_train(load_recipe(recipe, [f"output.dir={crashed}"]), resume=True, quiet=True)
-    first = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
-    second = load_file(crashed / "adapter" / "adapter_model.safetensors")
-    assert first.keys() == second.keys()
-    for key in first:
-        assert torch.equal(first[key], second[key]), key
-    losses = [json.loads(line) for line in (crashed / "metrics.jsonl").open()]
-    assert [r["step"] for r in losses if "loss" in r] == list(range(1, 7))
+    assert_resume_matches_uninterrupted(tmp_path, model=tiny_model_dir, data=text_data["train"],
+                                        adapter={"method": method, **RESUMED[method]})
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -182,11 +164,7 @@ def test_resume_from_a_checkpoint_ends_bitwise_equal(tmp_path, tiny_model_dir, t
     ({"method": "svfit", "modules_to_save": ["lm_head"]}, "native low-rank methods do not train"),
 ])
 def test_native_recipe_refusals(tmp_path, tiny_model_dir, text_data, adapter, expected):
-    path = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
-                        out=tmp_path / "run", adapter=adapter)
-    with pytest.raises(InputError) as err:
-        load_recipe(path)
-    (line,) = err.value.lines
+    line = recipe_refusal(tmp_path, model=tiny_model_dir, data=text_data["train"], adapter=adapter)
     assert expected in line, line
 
 

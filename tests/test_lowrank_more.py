@@ -1,23 +1,21 @@
 """MoS, LoRA-SP and IncreLoRA on the native low-rank layer: their formulas, IncreLoRA's
-growth and optimizer state, exact resume, refusals. (Training, export round trips,
-merging, quantized bases and the validate-time counts are rows of the method matrix in
-test_methods.py.)"""
+growth and optimizer state (also under 2-process DDP), exact resume, refusals. (Training,
+export round trips, merging, quantized bases and the validate-time counts are rows of the
+method matrix in test_methods.py.)"""
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import assert_resume_matches_uninterrupted, recipe_refusal, write_recipe
 from safetensors.torch import load_file
 from torch import nn
 
 from peftune.adapters import apply_adapter
 from peftune.adapters.lowrank.budget_configs import IncreloraConfig, LoraSpConfig, MosConfig
 from peftune.adapters.lowrank.layer import lowrank_layers
-from peftune.errors import InputError
 from peftune.recipe import load_recipe
 
 
@@ -235,11 +233,8 @@ def test_increlora_refusals(tmp_path, tiny_model_dir, text_data):
          "3 must divide the dimensions of every targeted layer"),
         ({"method": "lora-sp", "frozen_fraction": 1.0}, "adapter.frozen_fraction", "must be < 1, got 1"),
     ):
-        path = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
-                            out=tmp_path / "run", adapter=adapter, train={"max_steps": 6})
-        with pytest.raises(InputError) as err:
-            load_recipe(path)
-        (line,) = err.value.lines
+        line = recipe_refusal(tmp_path, model=tiny_model_dir, data=text_data["train"],
+                              adapter=adapter, train={"max_steps": 6})
         assert key in line and expected in line, line
 
 
@@ -264,32 +259,18 @@ def test_increlora_resume_is_bitwise_equal_and_exports_per_module_ranks(tmp_path
     """6 steps, and 3 + 3 from the step-3 checkpoint, with components added at steps 3 and 5
     (one before the checkpoint, one after, chosen by importance averages that span the
     checkpoint): identical adapters and rank patterns."""
-    from peftune.train.runner import run_train
-
     adapter = {"method": "increlora", "init_r": 2, "max_r": 4, "target_r": 3, "alpha": 8,
                "warmup_steps": 1, "add_interval": 2, "add_until": 1.0, "components_per_add": 2}
-    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
-                          out=tmp_path / "a", adapter=adapter,
-                          train={"max_steps": 6, "save_every": 3, "keep_checkpoints": 2})
-    run_train(load_recipe(recipe), quiet=True)
-    crashed = tmp_path / "b"
-    shutil.copytree(tmp_path / "a", crashed)
-    for name in ("adapter", "checkpoints/step-6", "summary.json", "loss.png"):
-        shutil.rmtree(crashed / name) if (crashed / name).is_dir() else (crashed / name).unlink()
-    run_train(load_recipe(recipe, [f"output.dir={crashed}"]), resume=True, quiet=True)
-    first = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
-    second = load_file(crashed / "adapter" / "adapter_model.safetensors")
-    assert first.keys() == second.keys()
-    for key in first:
-        assert torch.equal(first[key], second[key]), key
+    runs = assert_resume_matches_uninterrupted(tmp_path, model=tiny_model_dir,
+                                               data=text_data["train"], adapter=adapter)
     configs = [json.loads((run / "adapter" / "adapter_config.json").read_text())
-               for run in (tmp_path / "a", crashed)]
+               for run in (runs.whole, runs.resumed)]
     assert configs[0]["rank_pattern"] == configs[1]["rank_pattern"]
     ranks = list(configs[0]["rank_pattern"].values())
     modules = len(ranks)
     assert sum(ranks) == 2 * modules + 2 * 2  # two additions of two components each
     assert min(ranks) == 2 and max(ranks) <= 4
-    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    summary = json.loads((runs.whole / "summary.json").read_text())
     assert summary["trainable_params"] > 0
 
 
@@ -298,19 +279,39 @@ def test_increlora_resume_is_bitwise_equal_and_exports_per_module_ranks(tmp_path
 def test_mos_and_lora_sp_resume_bitwise_equal(tmp_path, tiny_model_dir, text_data, adapter):
     """Shared pools (saved once, on their owner layer) and free entries come back exactly;
     routing indices and frozen values are regenerated from the seed."""
+    assert_resume_matches_uninterrupted(tmp_path, model=tiny_model_dir, data=text_data["train"],
+                                        adapter=adapter, steps=4)
+
+
+def test_increlora_under_two_process_ddp_trains_what_one_process_trains_with_accumulation_2(
+        tmp_path, tiny_model_dir, text_data):
+    """2 processes x micro-batch 2 (gloo) against 1 process x micro-batch 2 x accumulation 2:
+    the same components added (the importance averages read the all-reduced gradients) and
+    the same adapter, so an inactive component keeps a gradient of None under DDP (a zero
+    gradient would give it Adam state before it is added)."""
+    import os
+    import subprocess
+    import sys
+
     from peftune.train.runner import run_train
 
+    adapter = {"method": "increlora", "init_r": 2, "max_r": 4, "target_r": 3, "alpha": 8,
+               "warmup_steps": 1, "add_interval": 2, "add_until": 1.0}
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
-                          out=tmp_path / "a", adapter=adapter,
-                          train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 2})
-    run_train(load_recipe(recipe), quiet=True)
-    crashed = tmp_path / "b"
-    shutil.copytree(tmp_path / "a", crashed)
-    for name in ("adapter", "checkpoints/step-4", "summary.json", "loss.png"):
-        shutil.rmtree(crashed / name) if (crashed / name).is_dir() else (crashed / name).unlink()
-    run_train(load_recipe(recipe, [f"output.dir={crashed}"]), resume=True, quiet=True)
-    first = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
-    second = load_file(crashed / "adapter" / "adapter_model.safetensors")
-    assert first.keys() == second.keys()
-    for key in first:
-        assert torch.equal(first[key], second[key]), key
+                          out=tmp_path / "two", adapter=adapter,
+                          train={"max_steps": 4, "batch_size": 2, "weight_decay": 0.1})
+    env = {**os.environ, "PEFTUNE_DEBUG": "", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run([sys.executable, "-m", "peftune.cli", "train", str(recipe), "--nproc",
+                           "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_train(load_recipe(recipe, ["train.grad_accum=2", f"output.dir={tmp_path / 'one'}"]),
+              quiet=True)
+    two, one = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors")
+                for run in ("two", "one"))
+    assert two.keys() == one.keys()
+    assert max(float((two[key] - one[key]).abs().max()) for key in one) <= 1e-6
+    assert max(float(t.abs().max()) for key, t in one.items() if "lora_B" in key) > 1e-4  # trained
+    patterns = [json.loads((tmp_path / run / "adapter" / "adapter_config.json").read_text())
+                ["rank_pattern"] for run in ("two", "one")]
+    assert patterns[0] == patterns[1] and sum(patterns[0].values()) > 2 * len(patterns[0])  # grew

@@ -190,6 +190,20 @@ def test_non_positive_numbers(key, value, shown):
     assert problems(text) == [f"recipe.yaml:5: train.{key}: must be > 0, got {shown}"]
 
 
+@pytest.mark.parametrize("value", ["[0.9]", "[0.9, 1.5]", "[0.9, 0.99, 0.999]", "0.9",
+                                   "[-0.1, 0.9]", "[.nan, 0.9]", "[true, 0.9]", "[a, b]"])
+def test_adam_betas_is_one_line_naming_the_key_the_range_and_an_example(value):
+    text = "model: ./m\ndata:\n  train: t.jsonl\ntrain:\n" + f"  adam_betas: {value}\n"
+    assert problems(text) == [
+        "recipe.yaml:5: train.adam_betas: expected two numbers in [0, 1) (Adam's beta1 and "
+        f"beta2), e.g. [0.9, 0.999], got {value}"]
+    assert problems(GOOD, f"train.adam_betas={value}") == [  # as an override, the same line
+        f"override 'train.adam_betas={value}': train.adam_betas: expected two numbers in "
+        f"[0, 1) (Adam's beta1 and beta2), e.g. [0.9, 0.999], got {value}"]
+    write("good.yaml", GOOD + "  adam_betas: [0, 0.95]\n")
+    assert load_recipe("good.yaml").train.adam_betas == (0.0, 0.95)
+
+
 def test_several_errors_at_once_through_the_cli():
     write("recipe.yaml", """\
         model:

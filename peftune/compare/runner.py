@@ -69,16 +69,17 @@ def run_compare(*, recipe_path: str | Path, methods: str | Sequence[str],
 
     runs = load_runs(recipe_path, methods, overrides, method_overrides)
     shared = runs[0].recipe
+    key = "--out" if out is not None else "--out (default: output.dir + -compare)"
     out = Path(out) if out is not None else Path(os.path.normpath(shared.output.dir) + "-compare")
-    check_compare_dir(out, overwrite=overwrite)
+    check_compare_dir(out, overwrite=overwrite, key=key)
+    from peftune.train.checkpoint import probe_output_location
     from peftune.train.runner import check_data_paths
 
     for run in runs:  # each method's own paths too (adapter.calibration.data)
         check_data_paths(run.recipe)
+    probe_output_location(out, key=key)  # read-only or full: fail now, not after a method
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    make_compare_dir(out, key=key)
     report = {"recipe": str(recipe_path), "methods": [r.method for r in runs],
               "overrides": list(overrides), "out": str(out),
               "steps": shared.train.max_steps, "epochs": shared.train.epochs,
@@ -216,22 +217,48 @@ def _key_of(override: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in override.partition("=")[0].split("."))
 
 
-def check_compare_dir(out: Path, *, overwrite: bool) -> None:
-    """train's rules (runner.check_output_dir) for the comparison directory: a new or empty
-    one, or with --overwrite an earlier comparison (it has compare.json), never anything else."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out: {out} exists and is not a directory; choose another --out")
+def check_compare_dir(out: Path, *, overwrite: bool, key: str = "--out") -> None:
+    """train's output-directory policy for the comparison directory, with compare.json where
+    a run has recipe.yaml. A new or empty directory gets `output_dir_problem` whole (never
+    the filesystem root, the home or current directory or one above it, a git repository's
+    root, a file, a broken link or a symlink loop; `..` and links count where they resolve).
+    A non-empty one needs --overwrite and must be an earlier comparison (it holds
+    compare.json), and is never the current directory or one above it."""
+    from peftune.recipe.guards import output_dir_problem
+
+    try:
+        non_empty = out.is_dir() and any(out.iterdir())
+    except OSError as err:  # a directory it may not list
+        raise InputError(f"{key}: {out}: cannot inspect it ({err.strerror or err}); choose "
+                         "another --out") from None
+    if not non_empty:
+        problem = output_dir_problem(str(out))
+        if problem is not None:
+            raise InputError(f"{key}: {problem}")
+        return
+    if not overwrite:
+        raise InputError(f"{key}: {out} is not empty; pass --overwrite to replace an earlier "
+                         "comparison, or choose another --out")
+    if not (out / MARKER).is_file():
+        raise InputError(f"--overwrite: {out} is not a peftune compare directory (no "
+                         f"{MARKER}); refusing to delete it. Choose another --out")
     resolved, cwd = out.resolve(), Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
-        raise InputError(f"--out: {out} is the current directory or contains it; choose a new "
+        raise InputError(f"{key}: {out} is the current directory or contains it; choose a new "
                          "directory for the comparison")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise InputError(f"--out: {out} is not empty; pass --overwrite to replace an "
-                             "earlier comparison, or choose another --out")
-        if not (out / MARKER).is_file():
-            raise InputError(f"--overwrite: {out} is not a peftune compare directory (no "
-                             f"{MARKER}); refusing to delete it. Choose another --out")
+
+
+def make_compare_dir(out: Path, *, key: str = "--out") -> None:
+    """An empty `out`, once check_compare_dir has passed it: an earlier comparison there is
+    deleted (through a link, the directory the link points to, so the link stays)."""
+    target = out.resolve()
+    try:
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+    except OSError as err:  # a file where a parent directory should be
+        raise InputError(f"{key}: cannot create {out} ({err.strerror or err}); choose another "
+                         "--out") from None
 
 
 def _row(run: MethodRun, out: Path) -> dict[str, Any]:

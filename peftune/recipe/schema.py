@@ -201,6 +201,19 @@ class TrainSection(Section):
     # a training strategy for adapter.method: full: {name: lisa, ...} or {name: galore, ...}
     strategy: StrategySection | None = None
 
+    @field_validator("adam_betas", mode="before")
+    @classmethod
+    def _adam_betas(cls, value: Any) -> Any:
+        # one line for the key as a whole (pydantic's own would be "adam_betas[1]: required
+        # key is missing" for [0.9]): what it takes, an example, and what was given
+        numbers = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 <= beta < 1
+            for beta in value)
+        if not numbers:
+            raise ValueError("expected two numbers in [0, 1) (Adam's beta1 and beta2), e.g. "
+                             "[0.9, 0.999]")
+        return value
+
     def warmup_for(self, total_steps: int) -> int:
         """Warm-up steps of a run of `total_steps` (train and validate use this one rule)."""
         if self.warmup_steps is not None:
