@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import train_in_session, write_recipe
 
 from peftune.adapters.registry import all_methods, get_method, method_names
 from peftune.errors import InputError
@@ -108,21 +108,6 @@ def _recipe(tmp_path: Path, model: Path, data: dict, method: str, quant: str = "
     return path
 
 
-def _train(recipe_path: Path):
-    from peftune.train.runner import check_output_dir
-    from peftune.train.session import run_session
-    from peftune.train.setup import build_training
-
-    recipe = load_recipe(recipe_path)
-    out = Path(recipe.output.dir)
-    check_output_dir(out, resume=False, overwrite=False)
-    built = build_training(recipe, quiet=True)
-    out.mkdir(parents=True)
-    summary = run_session(built, out, None)
-    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r]
-    return recipe, built, summary, losses, out
-
-
 def _logits(model, **extra):
     model.eval()
     with torch.no_grad():
@@ -159,7 +144,7 @@ def test_method_trains_exports_reloads_and_merges(tmp_path, tiny_model_dir, text
 
     spec = get_method(method)
     quant = "nf4" if method == "loftq" else "none"
-    recipe, built, summary, losses, out = _train(_recipe(tmp_path, tiny_model_dir, text_data,
+    recipe, built, summary, losses, out = train_in_session(_recipe(tmp_path, tiny_model_dir, text_data,
                                                          method, quant))
     assert sum(losses[-2:]) < sum(losses[:2]), losses  # it learns
     trained = _logits(built.unwrapped_model, **_extra(method))
@@ -195,7 +180,7 @@ QUANTIZED = [(m, q) for q in ("nf4", "int8", "int4") for m in sorted(ROWS)
 
 @pytest.mark.parametrize(("method", "quant"), QUANTIZED)
 def test_method_trains_over_a_quantized_base(tmp_path, tiny_model_dir, text_data, method, quant):
-    recipe, built, _, losses, out = _train(_recipe(tmp_path, tiny_model_dir, text_data, method,
+    recipe, built, _, losses, out = train_in_session(_recipe(tmp_path, tiny_model_dir, text_data, method,
                                                    quant, steps=6))
     assert sum(losses[-2:]) < sum(losses[:2]), losses
     loaded = _reload(recipe, out / "adapter")
@@ -273,7 +258,7 @@ def test_lora_on_the_head_alone_and_prompt_tuning_from_text(tmp_path, tiny_model
                             adapter=adapter, train={"max_steps": 2})
         if adapter["method"] == "prompt":
             path.write_text(path.read_text().replace("max_length: 64", "max_length: 64\n  packing: false"))
-        recipe, built, _, losses, _ = _train(path)
+        recipe, built, _, losses, _ = train_in_session(path)
         assert built.trainable_params > 0 and len(losses) == 2
     prompt = built.unwrapped_model.prompt_encoder["default"].embedding.weight
     words = built.tokenizer("alpha beta", add_special_tokens=False)["input_ids"]
