@@ -292,6 +292,64 @@ def test_zipfit_scores_equal_the_formula(compressor):
         assert abs(score - expected) <= 1e-12
 
 
+@pytest.mark.skipif(not compressor_available("lz4"), reason="lz4 is not installed")
+@pytest.mark.parametrize("level", [0, 2, -3])
+def test_lz4_block_lengths_equal_lz4_frame_compress(level):
+    """The fast lz4 path (each pair a block of one open frame) must give exactly
+    `len(lz4.frame.compress(data))`: real pairs, incompressible bytes (stored blocks), sizes
+    around lz4's 4 KiB table reset and the 64 KiB block, and after many inputs."""
+    import lz4.frame
+
+    from peftune.select.zipfit import Lz4FrameLengths
+
+    prose, code = _prose_and_code()
+    rng = random.Random(level)
+    fast = Lz4FrameLengths.make(level, [t.encode() for t in prose[:20]])
+    assert fast is not None
+    texts = [t.encode() for t in prose + code]
+    data = [rng.choice(texts) + rng.choice(texts) for _ in range(3000)]
+    blob = b"\n".join(texts)
+    for size in (1, 12, 13, 100, 4095, 4096, 4097, 40000, 65535, 65536):
+        data += [rng.randbytes(size), blob[:size], bytes(rng.choice(b"ab") for _ in range(size)),
+                 rng.randbytes(size // 2) + blob[:size - size // 2]]
+    rng.shuffle(data)
+    expected = [len(lz4.frame.compress(d, compression_level=level)) for d in data]
+    assert fast.lengths(data).tolist() == expected
+    # The scorer: a row over one block takes lz4.frame.compress itself, with the same score.
+    targets = [t.encode() for t in rng.sample(prose, 6)]
+    docs = [t.encode() for t in rng.sample(code, 5)] + [blob[:70000]]
+    scorer = ZipFitScorer(targets, compressor="lz4", level=level)
+    assert scorer._lz4 is not None
+    c = lambda b: len(lz4.frame.compress(b, compression_level=level))  # noqa: E731
+    for doc, score in zip(docs, scorer.scores(docs), strict=True):
+        expected = 1 - sum(ncd(c(doc), c(y), c(doc + y)) for y in targets) / len(targets)
+        assert abs(score - expected) <= 1e-12
+
+
+def test_zipfit_scores_repeated_rows_once_with_the_same_scores():
+    prose, code = _prose_and_code()
+    targets = [t.encode() for t in prose[:8]]
+    docs = [t.encode() for t in code[:6]]
+    scorer = ZipFitScorer(targets, compressor="gzip", level=1)
+    repeated = [docs[i] for i in (0, 1, 0, 2, 3, 3, 4, 5, 0)]
+    expected = [scorer.scores([doc])[0] for doc in repeated]
+    assert scorer.scores(repeated).tolist() == expected
+
+
+def test_distinct_is_np_unique_up_to_which_occurrence():
+    from peftune.select.hashtable import distinct
+
+    rng = np.random.default_rng(0)
+    for shape in ((500,), (500, 2), (1,), (0,)):
+        keys = rng.integers(1, 40, size=shape).astype(np.uint64)
+        new, first, inverse = distinct(keys)
+        axis = None if keys.ndim == 1 else 0
+        unique, unique_inverse = np.unique(keys, return_inverse=True, axis=axis)
+        assert np.array_equal(new, unique)
+        assert np.array_equal(inverse, unique_inverse.reshape(-1))
+        assert np.array_equal(keys[first], new)
+
+
 def test_zipfit_prefers_the_target_domain(mixture, tmp_path):
     """ZIP-FIT favours short rows on this text (visible in the report's lengths); it still
     picks prose well above its 26% share of the pool."""

@@ -22,6 +22,28 @@ _FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # 2**64 divided by the golden ratio,
 _STEP = np.uint64(0xC2B2AE3D27D4EB4F)  # another odd multiplier, for the probe step
 
 
+def distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the distinct keys, sorted; a position of each in `keys`; each key's index in the
+    distinct keys), like `np.unique(keys, return_index=True, return_inverse=True)` for keys
+    of shape (n,) or rows of (n, width), but the position is any one of a key's
+    occurrences, which lets the sort be unstable: ~2x faster (and ~3x for rows)."""
+    if keys.ndim == 1:
+        order = np.argsort(keys)
+        ordered = keys[order]
+        fresh = np.empty(len(keys), dtype=bool)
+        fresh[:1] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=fresh[1:])
+    else:
+        order = np.lexsort(keys.T[::-1])  # by the first word, then the next, ...
+        ordered = keys[order]
+        fresh = np.empty(len(keys), dtype=bool)
+        fresh[:1] = True
+        np.any(ordered[1:] != ordered[:-1], axis=1, out=fresh[1:])
+    inverse = np.empty(len(keys), dtype=np.int64)
+    inverse[order] = np.cumsum(fresh) - 1
+    return ordered[fresh], order[fresh], inverse
+
+
 class IntTable:
     """Distinct keys (`width` uint64 words, the last non-zero) -> int64 values; nothing is
     ever removed. Keys are arrays of shape (n,) for width 1, (n, width) otherwise."""

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from peftune.select.hashtable import IntTable
+from peftune.select.hashtable import IntTable, distinct
 
 try:  # CPython's own sha256 (3.12+: _sha2): on strings this short it is ~25% faster than
     # OpenSSL's through hashlib, whose per-call setup dominates; the digests are the same.
@@ -179,8 +179,7 @@ class NgramHasher:
         found, slots = self._pairs.find(keys)
         missing = found < 0
         if missing.any():
-            new, first, inverse = np.unique(keys[missing], return_index=True,
-                                            return_inverse=True)
+            new, first, inverse = distinct(keys[missing])
             pairs = new - np.uint64(1)
             word = self._vocab.words.__getitem__
             left = map(word, (pairs >> np.uint64(32)).tolist())

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from peftune.select.hashtable import IntTable
+from peftune.select.hashtable import IntTable, distinct
 
 SPACE, WORD, OTHER = 0, 1, 2
 _UNKNOWN = 255
@@ -159,9 +159,7 @@ class Vocabulary:
             found, slots = table.find(keys)
             missing = found < 0
             if missing.any():
-                new, first, inverse = np.unique(keys[missing], return_index=True,
-                                                return_inverse=True,
-                                                axis=None if keys.ndim == 1 else 0)
+                new, first, inverse = distinct(keys[missing])
                 fresh = self._learn(tokens.strings(at[np.flatnonzero(missing)[first]]))
                 table.add(new, fresh, slots[missing][first])
                 found[missing] = fresh[inverse.reshape(-1)]
