@@ -231,6 +231,9 @@ def load_model(model_cfg: Any, quant_cfg: Any, *, device: Any,
     quiet_libraries()
 
     quant = quantization_config(quant_cfg)
+    # A checkpoint saved quantized (bitsandbytes) loads quantized whatever the recipe says; it
+    # then needs the same preparation as a base quantized at load (the CPU fix above all).
+    prequantized = quant is None and _saved_quantized(path, model_cfg.trust_remote_code)
     dtype = _model_dtype(model_cfg.dtype, device=device, trains_base_weights=trains_base_weights)
     kwargs: dict[str, Any] = dict(
         dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
@@ -238,13 +241,13 @@ def load_model(model_cfg: Any, quant_cfg: Any, *, device: Any,
     )
     if quant is not None:
         kwargs["quantization_config"] = quant
-        if device.type == "cuda":
-            kwargs["device_map"] = {"": device}
+    if (quant is not None or prequantized) and device.type == "cuda":
+        kwargs["device_map"] = {"": device}
     # use_safetensors None: safetensors when the model has them, else its pickle files
     # (allowed above); True refuses pickle weights, from a local directory or the hub.
     model = AutoModelForCausalLM.from_pretrained(
         path, use_safetensors=None if allow_pickle else True, **kwargs)
-    if quant_cfg.method != "none":  # int4 loads unquantized and is quantized here
+    if quant_cfg.method != "none" or prequantized:  # int4 loads unquantized, quantized here
         model = prepare_quantized_model(model, quant_cfg, device=device,
                                         gradient_checkpointing=gradient_checkpointing)
     else:
@@ -253,6 +256,13 @@ def load_model(model_cfg: Any, quant_cfg: Any, *, device: Any,
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
+
+
+def _saved_quantized(path: str, trust_remote_code: bool) -> bool:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return getattr(config, "quantization_config", None) is not None
 
 
 def _model_dtype(name: str, *, device: Any, trains_base_weights: bool) -> Any:

@@ -65,6 +65,9 @@ def measure(code: str, *args: str) -> tuple[float, float]:
 
 
 def build(root: Path, *, hidden: int, layers: int, shard_size: str) -> tuple[Path, Path, int, float]:
+    """The benchmark's base (ROOT/base, saved in shards of `shard_size`, with the tokenizer and
+    chat template) and its LoRA (ROOT/adapter); also used by scripts/merge_memory.py. Returns
+    (base, adapter, number of shards, weights' MiB)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -142,6 +142,57 @@ def test_a_wrong_merge_fails_verification_and_leaves_nothing(tmp_path, runs, mon
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".tmp-merge-*"))
 
 
+Q_PROJ, O_PROJ = "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight"
+WRONG_DELTAS = {  # what a wrong ΔW looks like: each is caught by the check of that module
+    "scale off by 1%": lambda d, name: None if d(name) is None else 1.01 * d(name),
+    "transposed": lambda d, name: d(name).T.contiguous() if name in (Q_PROJ, O_PROJ) else d(name),
+    "one module left out": lambda d, name: None if name == Q_PROJ else d(name),
+    "added to the wrong module": lambda d, name: (d(O_PROJ) if name == Q_PROJ else
+                                                  d(Q_PROJ) if name == O_PROJ else d(name)),
+}
+
+
+@pytest.mark.parametrize("wrong", list(WRONG_DELTAS))
+def test_every_wrong_delta_is_caught_by_the_module_check(tmp_path, runs, monkeypatch, wrong):
+    from peftune.merge import runner
+
+    real = runner._lazy_deltas
+    monkeypatch.setattr(runner, "_lazy_deltas",
+                        lambda lora: lambda name: WRONG_DELTAS[wrong](real(lora), name))
+    with pytest.raises(TrainingError, match=r"merge verification failed: model\.layers\.\d\."):
+        run_merge(target=str(runs["lora"]), out=tmp_path / "bad", quiet=True)
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".tmp-merge-*"))
+
+
+WRONG_FILES = {  # right in memory, wrong on disk: the end-to-end logits check catches it
+    "an adapted weight's rows shifted": (O_PROJ, lambda t: torch.roll(t, 1, 0)),
+    "a norm weight 10% off": ("model.layers.0.input_layernorm.weight", lambda t: 0.9 * t),
+    "one probe token's embedding zeroed": ("model.embed_tokens.weight",
+                                                lambda t: t.index_fill(0, torch.tensor([76]), 0)),
+}
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+@pytest.mark.parametrize("wrong", list(WRONG_FILES))
+def test_a_wrong_written_file_fails_the_logits_check(tmp_path, runs, monkeypatch, wrong, dtype):
+    from peftune.merge.stio import PlannedFile
+
+    name, corrupt = WRONG_FILES[wrong]
+    real = PlannedFile.write
+    monkeypatch.setattr(PlannedFile, "write", lambda self, n, t: real(
+        self, n, corrupt(t) if n == name else t))
+    with pytest.raises(TrainingError, match="merged model's logits differ from base"):
+        run_merge(target=str(runs["lora"]), out=tmp_path / "bad", dtype=dtype, quiet=True)
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".tmp-merge-*"))
+
+
+def test_the_module_check_covers_every_adapted_module(tmp_path, runs):
+    report = run_merge(target=str(runs["lora"]), out=tmp_path / "ok", quiet=True)
+    check = report["verification"]["module_check"]
+    assert check["modules_checked"] == report["modules_changed"] == 14
+    assert 0 <= check["max_module_error"] < 1e-6 < check["module_tolerance"]
+
+
 def test_full_runs_are_already_merged_or_copied(tmp_path, runs, capsys):
     report = run_merge(target=str(runs["full"]))
     assert report["kind"] == "already_merged"
@@ -284,3 +335,52 @@ def test_lazy_model_logits_equal_the_loaded_model_and_see_the_lora_path(runs, ti
     torch.testing.assert_close(plain[0], expected[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(with_lora[0], base_plus_adapter(tiny_model_dir, adapter),
                                rtol=0, atol=1e-5)  # the LoRA forward, as peft computes it
+
+
+def test_small_work_runs_on_one_thread_and_the_count_is_restored():
+    from peftune.merge.writer import PARALLEL_WORK, threads_for
+
+    before = torch.get_num_threads()
+    with threads_for(1000):
+        assert torch.get_num_threads() == 1
+        with threads_for(PARALLEL_WORK):  # a large model's tensor: torch's own count
+            assert torch.get_num_threads() == before
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_a_fresh_process_merges_while_transformers_is_still_importing(tmp_path, runs,
+                                                                       tiny_model_dir):
+    """The CLI imports transformers in a thread while the merge streams; a tiny model's merge
+    ends first, so the verification's own import must wait for that thread, not race it."""
+    import subprocess
+
+    out = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-m", "peftune.cli", "merge", "--base",
+                           str(tiny_model_dir), "--adapter", str(runs["lora"] / "adapter"),
+                           "--out", str(out), "--quiet"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "merge_report.json").read_text())["verification"]["ok"]
+
+
+def test_the_module_check_sees_a_small_adapters_delta_halved():
+    """‖ΔW‖/‖W‖ ~ 1e-5: inside the relative tolerance, but the merge must still have moved W
+    most of the way to W + ΔW (a quarter of the adapter's own effect at most)."""
+    from peftune.merge.deltas import LoraAdapter
+    from peftune.merge.verify import ModuleCheck
+
+    g = torch.Generator().manual_seed(0)
+    lora = LoraAdapter(path=Path("x"), config={"r": 2, "lora_alpha": 2},
+                       factors={"m": {"lora_A": torch.randn(2, 32, generator=g),
+                                      "lora_B": torch.randn(64, 2, generator=g)}})
+    weight = torch.randn(64, 32, generator=g)
+    delta = lora.delta("m")
+    delta *= 1e-5 * float(weight.norm() / delta.norm())
+    lora.factors["m"]["lora_B"] *= float(delta.norm() / lora.delta("m").norm())
+    check = ModuleCheck(lora)
+    check.before("m.weight", weight)
+    check.after("m.weight", weight + lora.delta("m"))  # the right merge passes
+    check.before("m.weight", weight)
+    with pytest.raises(TrainingError, match="m.weight: the merged weight differs"):
+        check.after("m.weight", weight + 0.5 * lora.delta("m"))

@@ -51,8 +51,8 @@ class LoraAdapter:
         f = self.factors[module]
         s = self.scale(module)
         if "lora_embedding_A" in f:  # A: (r, num_embeddings), B: (dim, r)
-            return s * (f["lora_embedding_B"].float() @ f["lora_embedding_A"].float()).T
-        delta = s * (f["lora_B"].float() @ f["lora_A"].float())
+            return (f["lora_embedding_B"].float() @ f["lora_embedding_A"].float()).mul_(s).T
+        delta = (f["lora_B"].float() @ f["lora_A"].float()).mul_(s)  # s·(B·A), as peft: in place
         return delta.T if self.config.get("fan_in_fan_out") else delta
 
     def units(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,8 +32,7 @@ class ModelFiles:
     """One model directory's tensors by name, read one at a time (one open shard)."""
 
     def __init__(self, path: Path, label: str):
-        from peftune.merge.stio import read_header
-        from peftune.merge.writer import base_shards
+        from peftune.merge.writer import base_shards, tensor_locations
 
         if not path.is_dir():
             raise InputError(f"{label}: {path}: no such model directory")
@@ -43,16 +42,14 @@ class ModelFiles:
             raise InputError(f"{label}: {path} has no model.safetensors or "
                              "model.safetensors.index.json; merging reads safetensors "
                              "weights") from None
-        self.path, self.location = path, {}
-        for shard in shards:
-            if not shard.is_file():
-                raise InputError(f"{label}: {shard} is listed in the index but missing")
-            header, start = read_header(shard)
-            self.location.update({n: (shard, start, info) for n, info in header.items()})
+        missing = next((shard for shard in shards if not shard.is_file()), None)
+        if missing is not None:
+            raise InputError(f"{label}: {missing} is listed in the index but missing")
+        self.path, self.location = path, tensor_locations(shards)
         self._open: tuple[Path, object] | None = None
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.location[name][2]["shape"])
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(info["shape"]) for name, (_, _, info) in self.location.items()}
 
     def read(self, name: str) -> torch.Tensor:
         from peftune.merge.stio import _DTYPES
@@ -78,16 +75,21 @@ class ModelFiles:
 
 
 def check_same_layout(base: ModelFiles, models: list[ModelFiles], where) -> None:
+    """Every model holds exactly the base's tensors, with the base's shapes (the headers'
+    check a LoRA merge makes too: `writer.first_mismatch`)."""
+    from peftune.merge.writer import first_mismatch, shape_text
+
+    base_shapes = base.shapes()
     for i, model in enumerate(models):
         at = f"{where_text(where, 'models', i, 'path')}: merge.models[{i}].path: {model.path}"
-        for name in base.location:
-            if name not in model.location:
+        found = first_mismatch(base_shapes, model.shapes())
+        if found is not None:
+            name, in_base, here = found
+            if here is None:
                 raise InputError(f"{at} has no tensor {name} of merge.base: not a fine-tune of "
                                  "that base (different architecture)")
-            if model.shape(name) != base.shape(name):
-                raise InputError(f"{at} does not match merge.base: {name} is "
-                                 f"{'x'.join(map(str, model.shape(name)))} here but "
-                                 f"{'x'.join(map(str, base.shape(name)))} in the base")
+            raise InputError(f"{at} does not match merge.base: {name} is {shape_text(here)} "
+                             f"here but {shape_text(in_base)} in the base")
         extra = sorted(set(model.location) - set(base.location))
         if extra:
             raise InputError(f"{at} has tensor {extra[0]}, which merge.base lacks: not a "

@@ -181,12 +181,12 @@ class CombinedDelta:
 
 def _logits_with_deltas(base: Path, deltas: dict[str, torch.Tensor]):
     """Probe logits of the fp32 base, and of the base with `deltas` added to its weights."""
-    from peftune.merge.runner import _load_base
     from peftune.merge.verify import probe_inputs, probe_logits
+    from peftune.merge.whole_model import load_base
     from peftune.models import load_tokenizer
 
     inputs = probe_inputs(load_tokenizer(str(base)))
-    model = _load_base(base, dequantize=False)
+    model = load_base(base, dequantize=False)
     before = probe_logits(model, inputs)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -197,15 +197,16 @@ def _logits_with_deltas(base: Path, deltas: dict[str, torch.Tensor]):
 
 def _into_base(base: Path, combined: CombinedDelta, tmp: Path, *, dtype: str,
                shard_bytes: int) -> dict:
-    from peftune.merge.runner import _merged_logits, _stored_dtype
+    from peftune.merge.runner import _stored_dtype
     from peftune.merge.verify import compare
+    from peftune.merge.whole_model import merged_logits
     from peftune.merge.writer import write_merged
 
     stats, files = write_merged(base=base, out=tmp, delta_of=combined, replaced={}, dtype=dtype,
                                 shard_bytes=shard_bytes, tokenizer_from=combined.loras[0].path)
     reference, before, _ = _logits_with_deltas(base, {n: combined(n) for n in combined.modules})
     written = dtype if dtype != "auto" else _stored_dtype(base)
-    check = compare(merged=_merged_logits(tmp), reference=reference, base=before, dtype=written)
+    check = compare(merged=merged_logits(tmp), reference=reference, base=before, dtype=written)
     return {**stats.as_dict(), "mode": "streaming, into the base", "dtype": written,
             "shards": files, "verification": check.as_dict()}
 
@@ -240,9 +241,9 @@ def _as_lora(base: Path, combined: CombinedDelta, tmp: Path, *, rank: int) -> di
                base_model_name_or_path=str(base)).save_pretrained(str(tmp))
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     reference, before, inputs = _logits_with_deltas(base, truncated)
-    from peftune.merge.runner import _load_base
+    from peftune.merge.whole_model import load_base
 
-    loaded = PeftModel.from_pretrained(_load_base(base, dequantize=False), str(tmp))
+    loaded = PeftModel.from_pretrained(load_base(base, dequantize=False), str(tmp))
     check = compare(merged=probe_logits(loaded, inputs), reference=reference, base=before,
                     dtype="float32")
     return {"modules_changed": stats.modules_changed, "relative_delta_norm": None,

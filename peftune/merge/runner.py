@@ -7,12 +7,14 @@ method), `--base PATH --adapter DIR`, or a merge.yaml (several LoRAs, `peftune.m
   which all export plain LoRA) stream: ΔW = scale·B·A is added to each base tensor as its
   shard is read (`writer`), in fp32, exactly.
 - Other mergeable methods (DoRA, LoHa, LoKr, VeRA, OFT, IA3, ...) merge through peft's own
-  `merge_and_unload` on the fp32 base, which is exact for them, then are written the same way.
+  `merge_and_unload` on the fp32 base, which is exact for them, then are written the same way
+  (`whole_model`).
 - A run trained over a 4-/8-bit base merges into the original unquantized weights at
   `model.path`; a base that exists only quantized is dequantized first, with a warning.
-- Every merge is verified (`verify`; streamed plain LoRA module by module, so the check does
-  not hold the model either) before it appears at --out: written to a temp dir
+- Every merge is verified (`verify`) before it appears at --out: written to a temp dir
   beside it, renamed into place only when the logits match; nothing is left otherwise.
+  Streamed plain LoRA checks each adapted weight as it is merged (`verify.ModuleCheck`),
+  then the written files' logits module by module, so the check does not hold the model.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from peftune.errors import InputError, TrainingError
+from peftune.merge.whole_model import merge_in_memory, merged_logits, reference_logits
 
 NOT_MERGEABLE = {
     "PROMPT_TUNING": "it prepends learned virtual tokens to every input",
@@ -162,12 +165,16 @@ def _merge(job: dict, *, out: Path, shard_bytes: int, dtype: str, allow_noop: bo
     base: Path = job["base"]
     adapter: Path | None = job["adapter"]
     quantized_checkpoint = "quantization_config" in json.loads((base / "config.json").read_text())
-    if job["quant"] != "none" and adapter is not None:
+    if job["quant"] != "none" and adapter is not None and not quantized_checkpoint:
         say(quiet, f"note: trained over a {job['quant']} base; merging into the unquantized "
                    f"weights of {base} (the original model)")
     config = read_adapter_config(adapter) if adapter is not None else None
     streaming = config is None or (is_plain_lora(config) and not quantized_checkpoint)
     tmp = temp_dir_for(out)
+    if streaming and config is not None and (config.get("rank_pattern") or
+                                             config.get("alpha_pattern")):
+        import peft.utils.other  # noqa: F401 - the patterns' scale needs it: not alongside the prefetch
+    prefetch = _prefetch_model_classes(base) if streaming else None
     try:
         if streaming:
             stats, files, mode = _stream(base, adapter, tmp, dtype=dtype, shard_bytes=shard_bytes)
@@ -176,9 +183,10 @@ def _merge(job: dict, *, out: Path, shard_bytes: int, dtype: str, allow_noop: bo
                 warnings.append(f"{base} holds only quantized weights: merging into their "
                                 "dequantized values (the unquantized original is not available)")
                 warn(warnings[-1])
-            stats, files, mode = _in_memory(base, adapter, tmp, dtype=dtype,
+            stats, files, mode = merge_in_memory(base, adapter, tmp, dtype=dtype,
                                             shard_bytes=shard_bytes,
-                                            dequantize=quantized_checkpoint)
+                                            dequantize=quantized_checkpoint,
+                                            trust_remote_code=job["trust_remote_code"])
         if adapter is not None and stats.modules_changed == 0 and stats.tensors_replaced == 0:
             message = (f"--adapter {adapter}: the adapter changes nothing (every ΔW is zero: "
                        "an untrained or fully pruned adapter)")
@@ -188,12 +196,17 @@ def _merge(job: dict, *, out: Path, shard_bytes: int, dtype: str, allow_noop: bo
             warn(message)
         from peftune.merge.verify import compare
 
+        if prefetch is not None:  # transformers' lazy imports are not thread-safe: one at a time
+            prefetch.join()
         written_dtype = dtype if dtype != "auto" else _stored_dtype(base)
         reference, base_logits, merged_logits, how = _verification_logits(
-            base, adapter, tmp, lazy=streaming, dequantize=quantized_checkpoint)
+            base, adapter, tmp, lazy=streaming, dequantize=quantized_checkpoint,
+            trust_remote_code=job["trust_remote_code"],
+            modules_checked=stats.module_check is not None)
         check = compare(merged=merged_logits, reference=reference, base=base_logits,
                         dtype=written_dtype)
         check.how = how
+        check.modules = stats.module_check
         report = {
             "kind": "adapter" if adapter is not None else "copy", "mode": mode,
             "run": job["run"], "method": job["method"], "base": str(base),
@@ -214,8 +227,36 @@ def _merge(job: dict, *, out: Path, shard_bytes: int, dtype: str, allow_noop: bo
         publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if prefetch is not None:
+            prefetch.join()  # never leave the interpreter with an import half done
     _print_summary(report, out, quiet)
     return report
+
+
+def _prefetch_model_classes(base: Path) -> Any:
+    """Import transformers' model and tokenizer classes for `base` in a background thread,
+    started as the streaming merge begins: importing is Python (it holds the GIL) while the
+    merge is file reads and writes and torch kernels (which release it), so on two cores the
+    two overlap. The caller joins the thread before it touches transformers itself (its lazy
+    module is not safe to import from two threads at once) and on every way out; the merge
+    in between imports nothing from transformers (peft, which the scale of an adapter with
+    rank/alpha patterns needs, is imported before the thread starts). Any failure is left to
+    the verification's own import, which reports it."""
+    import threading
+
+    def load() -> None:
+        try:
+            from transformers import AutoConfig
+            from transformers.models.auto import modeling_auto, tokenization_auto  # noqa: F401
+
+            config = AutoConfig.from_pretrained(base)
+            modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports its module
+        except Exception:  # noqa: BLE001, S110 - the verification imports again and reports
+            pass
+
+    thread = threading.Thread(target=load, name="peftune-merge-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 def _stored_dtype(base: Path) -> str:
@@ -232,12 +273,15 @@ def _stream(base: Path, adapter: Path | None, tmp: Path, *, dtype: str, shard_by
                                     dtype=dtype, shard_bytes=shard_bytes, tokenizer_from=None)
         return stats, files, "copy"
     from peftune.merge.deltas import load_lora_adapter
+    from peftune.merge.verify import ModuleCheck
 
     lora = load_lora_adapter(adapter)
     check_adapter_matches(lora, base)
+    check = ModuleCheck(lora)
     stats, files = write_merged(base=base, out=tmp, delta_of=_lazy_deltas(lora),
                                 replaced=lora.replaced, dtype=dtype, shard_bytes=shard_bytes,
-                                tokenizer_from=adapter)
+                                tokenizer_from=adapter, check=check)
+    stats.module_check = check.as_dict()
     return stats, files, "streaming ΔW = scale·B·A"
 
 
@@ -253,118 +297,42 @@ def _lazy_deltas(lora: Any):
 
 def check_adapter_matches(lora: Any, base: Path, *, flag: str = "--adapter") -> None:
     """Every module the adapter changes exists in the base, with the delta's shape."""
-    from peftune.merge.writer import base_tensor_shapes
+    from peftune.merge.writer import base_tensor_shapes, first_mismatch, shape_text
 
-    shapes = base_tensor_shapes(base)
+    changed = {**lora.shapes(), **{k: tuple(v.shape) for k, v in lora.replaced.items()}}
+    found = first_mismatch(changed, base_tensor_shapes(base))
+    if found is None:
+        return
+    name, shape, in_base = found
     trained_on = lora.config.get("base_model_name_or_path")
-    for name, shape in {**lora.shapes(), **{k: tuple(v.shape) for k, v in lora.replaced.items()}}.items():
-        if name not in shapes:
-            raise InputError(f"{flag} {lora.path} does not match the base {base}: the base has "
-                             f"no tensor {name} (the adapter was trained on {trained_on}); merge "
-                             "it into the base it was trained on")
-        if shapes[name] != shape:
-            raise InputError(f"{flag} {lora.path} does not match the base {base}: {name} is "
-                             f"{'x'.join(map(str, shapes[name]))} in the base but "
-                             f"{'x'.join(map(str, shape))} in the adapter (trained on "
-                             f"{trained_on}); merge it into the base it was trained on")
-
-
-def _load_base(base: Path, *, dequantize: bool) -> Any:
-    """The base in fp32 on CPU; a quantized checkpoint dequantized into plain nn.Linear."""
-    import torch
-
-    from peftune.models import load_model
-    from peftune.recipe.schema import ModelSection, QuantSection
-
-    if not dequantize:
-        return load_model(ModelSection(path=str(base), dtype="float32"), QuantSection(),
-                          device=torch.device("cpu"))
-    from peft.utils.integrations import dequantize_bnb_weight
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, device_map={"": "cpu"}, use_safetensors=True)
-    for name, module in list(model.named_modules()):
-        weight = getattr(module, "weight", None)
-        if weight is not None and type(weight).__name__ in ("Params4bit", "Int8Params"):
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False  # see ENVIRONMENT.md
-            plain = torch.nn.Linear(module.in_features, module.out_features,
-                                    bias=module.bias is not None)
-            plain.weight.data = dequantize_bnb_weight(weight, state=getattr(module, "state", None)).float()
-            if module.bias is not None:
-                plain.bias.data = module.bias.data.float()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, plain)
-    model.float()
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
-    model.config.__dict__.pop("quantization_config", None)
-    model.is_quantized = False
-    return model
-
-
-def _attach(model: Any, base: Path, adapter: Path) -> Any:
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as err:
-        lines = str(err).strip().splitlines()
-        detail = next((line.strip() for line in lines if "size mismatch" in line),
-                      lines[0] if lines else type(err).__name__)
-        raise InputError(f"--adapter {adapter} does not match the base {base}: {detail[:200]}; "
-                         "merge it into the base it was trained on") from None
-
-
-def _in_memory(base: Path, adapter: Path, tmp: Path, *, dtype: str, shard_bytes: int,
-               dequantize: bool):
-    """peft's own merge (exact for the method) on the fp32 base, then the same writer."""
-    import torch
-
-    from peftune.merge.writer import DTYPES, MergeStats, ShardWriter, copy_model_files
-
-    peft_model = _attach(_load_base(base, dequantize=dequantize), base, adapter)
-    before = {n.replace(".base_layer.", "."): p.detach().clone()
-              for n, p in peft_model.get_base_model().state_dict().items()}
-    merged = peft_model.merge_and_unload()
-    state = merged.state_dict()
-    stats, writer = MergeStats(), ShardWriter(tmp, shard_bytes)
-    names = list(_checkpoint_names(base)) if not dequantize else list(state)
-    for name in names:
-        key = name if name in state else next((k for k in state if k.endswith(name)), None)
-        if key is None:
-            continue
-        tensor = state[key]
-        old = before.get(key)
-        if old is not None and old.shape == tensor.shape and not torch.equal(old, tensor):
-            stats.add(name, old.float(), tensor.float() - old.float())
-        target = DTYPES.get(dtype, tensor.dtype) if tensor.is_floating_point() else tensor.dtype
-        writer.add(name, tensor.to(target))
-    files = writer.close()
-    copy_model_files(base, tmp, dtype=dtype if dtype in DTYPES else
-                     ("float32" if dequantize else None), tokenizer_from=adapter)
-    return stats, files, "peft merge_and_unload (fp32)"
-
-
-def _checkpoint_names(base: Path):
-    from peftune.merge.writer import base_tensor_shapes
-
-    return base_tensor_shapes(base).keys()
+    if in_base is None:
+        raise InputError(f"{flag} {lora.path} does not match the base {base}: the base has "
+                         f"no tensor {name} (the adapter was trained on {trained_on}); merge "
+                         "it into the base it was trained on")
+    raise InputError(f"{flag} {lora.path} does not match the base {base}: {name} is "
+                     f"{shape_text(in_base)} in the base but {shape_text(shape)} in the adapter "
+                     f"(trained on {trained_on}); merge it into the base it was trained on")
 
 
 def _verification_logits(base: Path, adapter: Path | None, tmp: Path, *, lazy: bool,
-                         dequantize: bool):
+                         dequantize: bool, trust_remote_code: bool = False,
+                         modules_checked: bool = False):
     """(reference, base, merged) probe logits and how they were computed. Streaming merges of
     plain LoRA verify module by module (`verify.LazyWeights`: one module's weights in memory at
     a time): merged files against the base files with the adapter's own forward
-    x·W + scale·B(A x) added at each adapted layer; other merges load whole models (peft)."""
+    x·W + scale·B(A x) added at each adapted layer; other merges load whole models (peft).
+    When every adapted weight was already checked during the merge (`verify.ModuleCheck`),
+    the probes are cut to SHORT_PROBE_TOKENS: what is left to check is the written files and
+    the model as a whole, which a few tokens through every layer do."""
+    from peftune.merge import verify
     from peftune.merge.verify import MissingTensor, lazy_logits, lora_forward, probe_inputs
     from peftune.models import load_tokenizer
 
     if lazy:
         from peftune.merge.deltas import load_lora_adapter
 
-        inputs = probe_inputs(load_tokenizer(str(tmp)))
+        inputs = probe_inputs(load_tokenizer(str(tmp)), max_tokens=verify.SHORT_PROBE_TOKENS
+                              if modules_checked else verify.PROBE_TOKENS)
         lora = load_lora_adapter(adapter) if adapter is not None else None
         extra = lora_forward(lora) if lora is not None else None
         if lora is None or extra is not None:
@@ -377,40 +345,18 @@ def _verification_logits(base: Path, adapter: Path | None, tmp: Path, *, lazy: b
                 else:  # one pass: the probes without and with the LoRA path
                     base_logits, reference = lazy_logits(base, inputs, extra=extra, paired=True)
                 merged = lazy_logits(tmp, inputs)
-                return (reference, base_logits if lora is not None else None, merged,
-                        "module by module: merged files vs base files + the LoRA forward")
+                how = "module by module: merged files vs base files + the LoRA forward"
+                if modules_checked:
+                    how = ("module by module: every merged weight W' against W·x + "
+                           "scale·B(A·x) on random x during the merge, then the merged files "
+                           "vs base files + the LoRA forward on short probes")
+                return reference, base_logits if lora is not None else None, merged, how
             except MissingTensor:
                 pass  # a layer the lazy LoRA path does not cover: the whole-model check
-    reference, base_logits = _reference_logits(base, adapter, dequantize=dequantize)
-    return (reference, base_logits, _merged_logits(tmp),
+    reference, base_logits = reference_logits(base, adapter, dequantize=dequantize,
+                                               trust_remote_code=trust_remote_code)
+    return (reference, base_logits, merged_logits(tmp),
             "whole models: merged model vs base + adapter through peft")
-
-
-def _reference_logits(base: Path, adapter: Path | None, *, dequantize: bool):
-    """Logits of base + adapter (unmerged, through peft) and of the base, in fp32."""
-    from peftune.merge.verify import probe_inputs, probe_logits
-    from peftune.models import load_tokenizer
-
-    inputs = probe_inputs(load_tokenizer(str(base)))
-    model = _load_base(base, dequantize=dequantize)
-    base_logits = probe_logits(model, inputs)
-    if adapter is None:
-        return base_logits, None
-    model = _attach(model, base, adapter)
-    reference = probe_logits(model, inputs)
-    del model
-    return reference, base_logits
-
-
-def _merged_logits(tmp: Path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from peftune.merge.verify import probe_inputs, probe_logits
-    from peftune.models import load_tokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)
-    return probe_logits(model, probe_inputs(load_tokenizer(str(tmp))))
 
 
 def _print_summary(report: dict, out: Path, quiet: bool) -> None:

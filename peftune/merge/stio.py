@@ -31,8 +31,12 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
-def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of one file in storage order, each read alone into its own buffer."""
+def iter_tensors(path: Path, *, scratch: bytearray | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of one file in storage order, each read alone into its own buffer, or,
+    with `scratch` (at least the largest tensor's size), into that one reused buffer: each
+    tensor is then valid only until the next is read (no fresh pages to fault in and zero
+    for every tensor)."""
     header, start = read_header(path)
     with open(path, "rb") as fh:
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
@@ -42,8 +46,12 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, torch.empty(info["shape"], dtype=dtype)
                 continue
             fh.seek(start + begin)
-            buffer = bytearray(end - begin)
-            fh.readinto(buffer)
+            if scratch is None:
+                buffer = bytearray(end - begin)
+            else:
+                buffer = memoryview(scratch)[: end - begin]
+            if fh.readinto(buffer) != end - begin:
+                raise OSError(f"{path}: truncated safetensors file (tensor {name})")
             yield name, torch.frombuffer(buffer, dtype=dtype).view(info["shape"])
 
 

@@ -1,9 +1,10 @@
 """Writing a merged model directory, one base shard at a time (streaming).
 
-Each tensor of each base shard is read alone (safetensors `safe_open`), its delta (if any)
-is added in fp32, and it is cast to the output dtype and buffered until the output shard
-reaches `--shard-size`; the buffer is then written and dropped. Peak memory: about one
-output shard plus the adapter, whatever the model's size. The output is a Hugging Face
+Each tensor of each base shard is read alone (plain file reads, `stio`), its delta (if any)
+is added in fp32, and it is cast to the output dtype and written straight into an output
+shard planned from the base's headers (`--shard-size`). Peak memory: about one tensor plus
+the adapter, whatever the model's size (`ShardWriter`, which buffers one output shard, is
+for the in-memory merges of other methods). The output is a Hugging Face
 model directory: `model.safetensors` or `model-0000i-of-0000n.safetensors` with
 `model.safetensors.index.json`, config.json (its dtype updated), generation config and the
 tokenizer with its chat template.
@@ -11,12 +12,15 @@ tokenizer with its chat template.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,16 +61,36 @@ def base_shards(base: Path) -> list[Path]:
                      "safetensors weights (re-save the base with safe_serialization=True)")
 
 
+def tensor_locations(shards: list[Path]) -> dict[str, tuple[Path, int, dict]]:
+    """name -> (shard, offset of its data section, header entry), from the safetensors
+    headers alone (no tensor is read): the map every streaming reader works from."""
+    from peftune.merge.stio import read_header
+
+    found = {}
+    for shard in shards:
+        header, start = read_header(shard)
+        found.update({name: (shard, start, info) for name, info in header.items()})
+    return found
+
+
 def base_tensor_shapes(base: Path) -> dict[str, tuple[int, ...]]:
     """Every base tensor's shape, read from the file headers (no tensor is loaded)."""
-    from safetensors import safe_open
+    return {name: tuple(info["shape"])
+            for name, (_, _, info) in tensor_locations(base_shards(base)).items()}
 
-    shapes = {}
-    for shard in base_shards(base):
-        with safe_open(str(shard), framework="pt") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    return shapes
+
+def first_mismatch(expected: dict[str, tuple[int, ...]], actual: dict[str, tuple[int, ...]]
+                   ) -> tuple[str, tuple[int, ...], tuple[int, ...] | None] | None:
+    """(name, expected shape, actual shape or None when missing) for the first tensor of
+    `expected` that `actual` lacks or holds with another shape; None when all agree."""
+    for name, shape in expected.items():
+        if actual.get(name) != shape:
+            return name, shape, actual.get(name)
+    return None
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
 
 
 @dataclass
@@ -79,6 +103,7 @@ class MergeStats:
     weight_sq: float = 0.0
     max_relative: float = 0.0
     largest: list[tuple[str, float]] = field(default_factory=list)
+    module_check: dict | None = None  # `verify.ModuleCheck.as_dict()` when one ran
 
     def add(self, name: str, weight: torch.Tensor, delta: torch.Tensor) -> None:
         # fp32 norms (a report figure, not the merge): double copies of every weight were slow
@@ -150,16 +175,52 @@ class ShardWriter:
         return names
 
 
+# multiply-adds below which an op runs on one thread: the streamed merge and its verification
+# are many small, memory-bound ops (a rank-r product, an add, a few-row product, a tiny-batch
+# forward), where torch's fork/join across cores costs more than it gains, and on a busy
+# machine the waiting threads take the cores the work needs (measured: 2x the CPU time)
+PARALLEL_WORK = 2**30
+
+
+@contextlib.contextmanager
+def threads_for(work: int) -> Iterator[None]:
+    """One intra-op thread while doing `work` multiply-adds, if fewer than PARALLEL_WORK;
+    torch's own thread count (e.g. a large model's tensors) otherwise."""
+    default = _default_threads()  # first read by the outermost call, before any change
+    wanted = 1 if work < PARALLEL_WORK else default
+    before = torch.get_num_threads()
+    if before == wanted:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@functools.cache
+def _default_threads() -> int:
+    return torch.get_num_threads()
+
+
 def release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them otherwise, so a process that
     frees one shard and allocates the next would grow as if it held every shard)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
     import ctypes
     import ctypes.util
 
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    try:  # find_library runs ldconfig in a subprocess: once per process, not once per shard
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+        return None
 
 
 def iter_base_tensors(base: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -175,16 +236,19 @@ def iter_base_tensors(base: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def write_merged(*, base: Path, out: Path, delta_of: Callable[[str], torch.Tensor | None],
                  replaced: dict[str, torch.Tensor], dtype: str, shard_bytes: int,
-                 tokenizer_from: Path | None) -> tuple[MergeStats, list[str]]:
+                 tokenizer_from: Path | None, check: Any = None) -> tuple[MergeStats, list[str]]:
     """Stream the base into `out` with every delta added; returns the stats and the shards.
     The output shards are planned from the base's headers (names, shapes, output dtypes), so
-    each tensor is read, merged and written alone (`stio`): memory is about one tensor."""
+    each tensor is read, merged and written alone (`stio`): memory is about one tensor.
+    `check` (a `verify.ModuleCheck`) sees each tensor it covers before and after its delta."""
     from peftune.merge.stio import _DTYPES, PlannedFile, iter_tensors, read_header, tensor_bytes
 
     plan: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    largest = 0
     for shard in base_shards(base):
         header, _ = read_header(shard)
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            largest = max(largest, info["data_offsets"][1] - info["data_offsets"][0])
             stored = _DTYPES[info["dtype"]]
             target = DTYPES.get(dtype, stored) if stored.is_floating_point else stored
             plan.append((name, target, tuple(info["shape"])))
@@ -203,27 +267,38 @@ def write_merged(*, base: Path, out: Path, delta_of: Callable[[str], torch.Tenso
     stats = MergeStats()
     files = iter(zip(names, groups, strict=True))
     current, left = None, 0
+    scratch = bytearray(largest)  # every base tensor is read into this one buffer in turn
     for shard in base_shards(base):
-        for name, tensor in iter_tensors(shard):
+        for name, tensor in iter_tensors(shard, scratch=scratch):
             if left == 0:
                 if current is not None:
                     current.close()
                 file_name, group = next(files)
                 current, left = PlannedFile(out / file_name, group), len(group)
             target = current.plan[current.index][1]
-            delta = delta_of(name)
-            if name in replaced:
-                stats.tensors_replaced += 1
-                tensor = replaced[name]
-            elif delta is not None:
-                stats.add(name, tensor, delta)
-                tensor = tensor.float() + delta
-            current.write(name, tensor.to(target))
+            with threads_for(tensor.numel() * 64):  # ΔW of rank <= 64 and its add, roughly
+                delta = delta_of(name)
+                checked = check is not None and name in check
+                if name in replaced:
+                    stats.tensors_replaced += 1
+                    tensor = replaced[name]
+                else:
+                    if checked:
+                        check.before(name, tensor)
+                    if delta is not None:
+                        stats.add(name, tensor, delta)
+                        tensor = tensor.float().add_(delta)  # fp32: in place, in the read buffer
+                    if checked:
+                        check.after(name, tensor)
+                tensor = tensor.to(target)
+            current.write(name, tensor)
             left -= 1
             del tensor, delta
         release_freed_memory()
     if current is not None:
         current.close()
+    if check is not None:
+        check.finish()
     if count > 1:
         weight_map = {entry[0]: file_name for file_name, group in zip(names, groups, strict=True)
                       for entry in group}

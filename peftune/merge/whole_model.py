@@ -1,0 +1,130 @@
+"""Merges and checks that load whole models (through transformers and peft) rather than
+stream tensor by tensor: the fp32 base (dequantized into plain linears when the checkpoint
+holds only bitsandbytes weights), peft's own `merge_and_unload` for the methods that are not
+plain LoRA (DoRA, LoHa, LoKr, VeRA, OFT, IA3, ...), and the probe logits of whole models for
+the verification of those merges (`peftune.merge.verify`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from peftune.errors import InputError
+
+
+def load_base(base: Path, *, dequantize: bool, trust_remote_code: bool = False) -> Any:
+    """The base in fp32 on CPU; a quantized checkpoint dequantized into plain nn.Linear.
+    `trust_remote_code`: the recipe's model.trust_remote_code (off by default), on both paths."""
+    import torch
+
+    from peftune.models import load_model
+    from peftune.recipe.schema import ModelSection, QuantSection
+
+    if not dequantize:
+        return load_model(ModelSection(path=str(base), dtype="float32",
+                                       trust_remote_code=trust_remote_code), QuantSection(),
+                          device=torch.device("cpu"))
+    from peftune.models import quiet_libraries
+
+    quiet_libraries()  # before bitsandbytes is imported: no loading bars or kernel notices
+    from peft.utils.integrations import dequantize_bnb_weight
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, device_map={"": "cpu"}, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    for name, module in list(model.named_modules()):
+        weight = getattr(module, "weight", None)
+        if weight is not None and type(weight).__name__ in ("Params4bit", "Int8Params"):
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False  # see ENVIRONMENT.md
+            plain = torch.nn.Linear(module.in_features, module.out_features,
+                                    bias=module.bias is not None)
+            plain.weight.data = dequantize_bnb_weight(weight, state=getattr(module, "state", None)).float()
+            if module.bias is not None:
+                plain.bias.data = module.bias.data.float()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, plain)
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    model.is_quantized = False  # before .float(), which transformers refuses on a quantized model
+    model.float()
+    return model
+
+
+def attach_adapter(model: Any, base: Path, adapter: Path) -> Any:
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as err:
+        lines = str(err).strip().splitlines()
+        detail = next((line.strip() for line in lines if "size mismatch" in line),
+                      lines[0] if lines else type(err).__name__)
+        raise InputError(f"--adapter {adapter} does not match the base {base}: {detail[:200]}; "
+                         "merge it into the base it was trained on") from None
+
+
+def merge_in_memory(base: Path, adapter: Path, tmp: Path, *, dtype: str, shard_bytes: int,
+               dequantize: bool, trust_remote_code: bool = False):
+    """peft's own merge (exact for the method) on the fp32 base, then the same writer."""
+    import torch
+
+    from peftune.merge.writer import DTYPES, MergeStats, ShardWriter, copy_model_files
+
+    peft_model = attach_adapter(load_base(base, dequantize=dequantize,
+                                    trust_remote_code=trust_remote_code), base, adapter)
+    before = {n.replace(".base_layer.", "."): p.detach().clone()
+              for n, p in peft_model.get_base_model().state_dict().items()}
+    merged = peft_model.merge_and_unload()
+    state = merged.state_dict()
+    stats, writer = MergeStats(), ShardWriter(tmp, shard_bytes)
+    names = list(checkpoint_names(base)) if not dequantize else list(state)
+    for name in names:
+        key = name if name in state else next((k for k in state if k.endswith(name)), None)
+        if key is None:
+            continue
+        tensor = state[key]
+        old = before.get(key)
+        if old is not None and old.shape == tensor.shape and not torch.equal(old, tensor):
+            stats.add(name, old.float(), tensor.float() - old.float())
+        target = DTYPES.get(dtype, tensor.dtype) if tensor.is_floating_point() else tensor.dtype
+        writer.add(name, tensor.to(target))
+    files = writer.close()
+    copy_model_files(base, tmp, dtype=dtype if dtype in DTYPES else
+                     ("float32" if dequantize else None), tokenizer_from=adapter)
+    return stats, files, "peft merge_and_unload (fp32)"
+
+
+def checkpoint_names(base: Path):
+    from peftune.merge.writer import base_tensor_shapes
+
+    return base_tensor_shapes(base).keys()
+
+
+def reference_logits(base: Path, adapter: Path | None, *, dequantize: bool,
+                      trust_remote_code: bool = False):
+    """Logits of base + adapter (unmerged, through peft) and of the base, in fp32."""
+    from peftune.merge.verify import probe_inputs, probe_logits
+    from peftune.models import load_tokenizer
+
+    inputs = probe_inputs(load_tokenizer(str(base)))
+    model = load_base(base, dequantize=dequantize, trust_remote_code=trust_remote_code)
+    base_logits = probe_logits(model, inputs)
+    if adapter is None:
+        return base_logits, None
+    model = attach_adapter(model, base, adapter)
+    reference = probe_logits(model, inputs)
+    del model
+    return reference, base_logits
+
+
+def merged_logits(tmp: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from peftune.merge.verify import probe_inputs, probe_logits
+    from peftune.models import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)
+    return probe_logits(model, probe_inputs(load_tokenizer(str(tmp))))
