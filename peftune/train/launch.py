@@ -159,6 +159,14 @@ def _exit_code(failed: Any) -> int:
     return code
 
 
+def found_on_every_rank(message: str) -> InputError:
+    """A bad input every rank finds alike: rank 0 prints it, the others exit quietly
+    (`quiet_on_this_rank`)."""
+    err = InputError(message)
+    err.shown_by_main = os.environ.get("RANK", "0") != "0"
+    return err
+
+
 def quiet_on_this_rank(err: BaseException) -> bool:
     """A bad-input error that rank 0 also raised and prints: the other ranks exit without
     printing it, a moment later, so that rank 0's exit code is the job's. Either way the

@@ -205,10 +205,10 @@ def _fsdp_on_cpu() -> bool:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or not _no_gpu():
         return False
     if os.environ.get("FSDP_VERSION", "1") != "2":  # every rank finds it; rank 0 prints it
-        err = InputError("fsdp_config.fsdp_version: FSDP version 1 needs a GPU; on CPU use "
-                         "fsdp_version: 2 (configs/fsdp_cpu.yaml)")
-        err.shown_by_main = int(os.environ.get("RANK", "0")) != 0
-        raise err
+        from peftune.train.launch import found_on_every_rank
+
+        raise found_on_every_rank("fsdp_config.fsdp_version: FSDP version 1 needs a GPU; on "
+                                  "CPU use fsdp_version: 2 (configs/fsdp_cpu.yaml)")
     return True
 
 

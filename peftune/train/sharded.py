@@ -210,14 +210,9 @@ def raise_deepspeed_resume() -> None:
 
 
 def _raise_on_every_rank(message: str) -> None:
-    """Every rank finds the same problem; rank 0 prints it."""
-    import os
+    from peftune.train.launch import found_on_every_rank
 
-    from peftune.errors import InputError
-
-    err = InputError(message)
-    err.shown_by_main = int(os.environ.get("RANK", "0")) != 0
-    raise err
+    raise found_on_every_rank(message)
 
 
 def _inner(optimizer: Any) -> Any:
