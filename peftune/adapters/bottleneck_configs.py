@@ -133,7 +133,9 @@ class CompacterConfig(BottleneckConfig):
 
 def _hidden_size(model_path: str) -> int | None:
     """The hidden size from a local model's config.json (Llama-style or GPT-2 keys)."""
-    config_file = Path(model_path).expanduser() / "config.json"
+    from peftune.models.sources import local_config_dir
+
+    config_file = (local_config_dir(model_path) or Path(model_path).expanduser()) / "config.json"
     try:
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     except (OSError, ValueError):

@@ -131,7 +131,9 @@ def _tokenizer(target: Target) -> Any:
 def context_length(target: Target) -> int:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(target.model.path,
+    from peftune.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(target.model.path),
                                         trust_remote_code=target.model.trust_remote_code)
     return int(getattr(config, "max_position_embeddings", None) or 2048)
 

@@ -122,15 +122,21 @@ def run_base(target: Target) -> Target:
 
 
 def _model_dir(model: str, flag: str) -> str:
+    from peftune.models.catalogue import looks_like_catalogue_name
+    from peftune.models.sources import is_gguf, resolve_model_path
+
     path = Path(model).expanduser()
+    if is_gguf(model) or looks_like_catalogue_name(model):  # converted once, then cached
+        return resolve_model_path(model, key=flag)
     if path.is_dir() and (path / "config.json").is_file():
         return str(path)
     if path.is_dir():
         raise InputError(f"{flag} {model}: a directory without config.json; point it at a "
                          "Hugging Face model directory")
     if path.exists() or _looks_local(model):
-        raise InputError(f"{flag} {model}: no such model directory; build one with "
-                         f"`peftune tiny-model {model}` or give a hub id in the local cache")
+        raise InputError(f"{flag} {model}: no such model directory or .gguf file; give a model "
+                         "directory, a .gguf file, a catalogue model (peftune pull lists them) "
+                         "or a hub id in the local cache")
     return model  # a hub id: the loader says when it is not in the cache
 
 

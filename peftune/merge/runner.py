@@ -125,10 +125,16 @@ def _why_not(method: str, spec: Any) -> str:
 
 
 def local_model_dir(path: str) -> Path:
-    """A local model directory, or a hub id's snapshot in the local cache."""
+    """A local model directory, a GGUF file's or catalogue model's converted directory, or a
+    hub id's snapshot in the local cache."""
+    from peftune.models.catalogue import looks_like_catalogue_name
+    from peftune.models.sources import is_gguf, resolve_model_path
+
     local = Path(path).expanduser()
     if local.is_dir():
         return local
+    if is_gguf(path) or looks_like_catalogue_name(path):
+        return Path(resolve_model_path(path, key="--base"))
     try:
         from huggingface_hub import snapshot_download
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 COUNTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -141,8 +140,14 @@ def strategy_problems(recipe: Any) -> list[tuple[tuple[str, ...], str]]:
 
 
 def read_model_config(path: str) -> dict | None:
-    """The config.json of a local model directory, or None (a hub id, or unreadable)."""
-    config_file = Path(path).expanduser() / "config.json"
+    """The config.json of a model on disk (a local directory, or a GGUF / catalogue model
+    converted earlier), or None (a hub id, not converted yet, or unreadable)."""
+    from peftune.models.sources import local_config_dir
+
+    directory = local_config_dir(path)
+    if directory is None:
+        return None
+    config_file = directory / "config.json"
     try:
         return json.loads(config_file.read_text()) if config_file.is_file() else None
     except (OSError, ValueError):

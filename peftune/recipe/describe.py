@@ -76,9 +76,12 @@ def _schedule_summary(recipe: Recipe) -> str:
 
 
 def _trainable_summary(recipe: Recipe) -> str:
-    config_file = Path(recipe.model.path).expanduser() / "config.json"
+    from peftune.models.sources import local_config_dir
+
+    directory = local_config_dir(recipe.model.path)
+    config_file = (directory or Path(recipe.model.path).expanduser()) / "config.json"
     if not config_file.is_file():
-        return "computed at train start (model.path is not a local model directory)"
+        return "computed at train start (the model is not on disk, or not converted, yet)"
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as err:

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from peftune.adapters.registry import get_method, method_names
 from peftune.errors import InputError
 from peftune.models import pickle_weights_problem
+from peftune.models.sources import model_source_problem
 from peftune.recipe.architecture import model_problems, strategy_problems
 from peftune.recipe.errors import (
     Locations,
@@ -373,8 +374,10 @@ def _validate(data: dict, where: Locations) -> tuple[Recipe | None, list[Problem
         problems.append(Problem(locate(tuple(path), where), tuple(path), message))
     problems += ceiling_problems(recipe, where)
     pickled = pickle_weights_problem(recipe.model.path, allow_pickle=recipe.model.allow_pickle)
-    if pickled:  # a local model directory with only .bin weights
-        problems.append(Problem(locate(("model", "path"), where), ("model", "path"), pickled))
+    source = model_source_problem(recipe.model.path)
+    for problem in (pickled, source):  # .bin-only weights; an unreadable .gguf, unknown name
+        if problem:
+            problems.append(Problem(locate(("model", "path"), where), ("model", "path"), problem))
     if not problems:  # the adapter against the model's layers, when config.json is at hand
         for path, message in [*model_problems(recipe), *strategy_problems(recipe)]:
             problems.append(Problem(locate(tuple(path), where), tuple(path), message))

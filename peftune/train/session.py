@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from peftune.interrupts import interrupt_signum
+from peftune.models.sources import describe_source
 from peftune.train.checkpoint import (
     RunInterrupted,
     StopRequest,
@@ -42,7 +43,7 @@ def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
 
     def start_files() -> Any:
         eval_tasks = prepare_recipe_eval(recipe, built.tokenizer, out)  # bad eval data: stop now
-        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        (out / "recipe.yaml").write_text(_source_comment(recipe.model.path) + recipe_to_yaml(recipe))
         return eval_tasks
 
     eval_tasks = run_on_main(accelerator, start_files)
@@ -226,7 +227,20 @@ def _summary(built: Any, state: TrainerState, records: list[dict], artifact: Pat
         "artifact": str(artifact),
         "plot": str(plot) if plot else None,
         "data": built.data_stats,
+        "model_source": describe_source(built.recipe.model.path),
     }
+
+
+def _source_comment(model_path: str) -> str:
+    """recipe.yaml's first lines for a GGUF or catalogue model: the file and its sha256."""
+    source = describe_source(model_path)
+    if source is None:
+        return ""
+    lines = [f"# model.path {model_path}: " + (f"catalogue model, {source['package']}, "
+                                                 if "catalogue" in source else "") + "GGUF file",
+             f"#   {source['gguf']}", f"#   sha256 {source['sha256']}",
+             f"#   converted to {source['converted']}"]
+    return "\n".join(lines) + "\n"
 
 
 def _print_header(built: Any, display: ProgressDisplay, *, resumed_from: Path | None) -> None:
