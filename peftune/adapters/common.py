@@ -30,8 +30,13 @@ def load_trainable_state(model: Any, state: dict) -> None:
 
 
 def save_with_tokenizer(model: Any, out_dir: Any, tokenizer: Any = None) -> None:
-    """`save_pretrained` in safetensors, with the tokenizer beside it when there is one."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+    """`save_pretrained` in safetensors, with the tokenizer beside it when there is one.
+
+    A PEFT model never saves its base embedding / output layers (peft does by default when
+    an adapter targets lm_head or embed_tokens: a 115 MB "adapter" for a 135M model): peftune
+    does not resize vocabularies, so those weights are the base's own, unchanged."""
+    extra = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 

@@ -107,7 +107,7 @@ def export_peft_adapter(model: Any, out_dir: Path, tokenizer: Any = None) -> Non
 def export_residual_as_lora(model: Any, out_dir: Path, tokenizer: Any = None, *,
                             initial: Any) -> None:
     """A plain LoRA on the original base: [B, -B0]·[A; A0] (rank 2r, alpha doubled)."""
-    model.save_pretrained(out_dir, safe_serialization=True,
+    model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False,
                           path_initial_model_for_weight_conversion=str(Path(initial.name) / "initial"))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

@@ -113,6 +113,8 @@ def load_lora_adapter(path: Path) -> LoraAdapter:
         match = _LORA.match(name)
         if match:
             adapter.factors.setdefault(match["module"], {})[match["kind"]] = tensor
+        elif ".base_layer." in name:  # the frozen base weight peft saves beside an adapted
+            continue                  # lm_head / embedding: the base's own tensor, unchanged
         else:  # modules_to_save: the trained copy of a whole module's tensor
             adapter.replaced[name.replace(".modules_to_save.default", "")] = tensor
     broken = [m for m, f in adapter.factors.items()

@@ -282,11 +282,12 @@ def _stream(base: Path, adapter: Path | None, tmp: Path, *, dtype: str, shard_by
     from peftune.merge.verify import ModuleCheck
 
     lora = load_lora_adapter(adapter)
-    check_adapter_matches(lora, base)
+    untie = tied_head_sources(lora, base)
+    check_adapter_matches(lora, base, untied=untie)
     check = ModuleCheck(lora)
     stats, files = write_merged(base=base, out=tmp, delta_of=_lazy_deltas(lora),
                                 replaced=lora.replaced, dtype=dtype, shard_bytes=shard_bytes,
-                                tokenizer_from=adapter, check=check)
+                                tokenizer_from=adapter, check=check, untie=untie)
     stats.module_check = check.as_dict()
     return stats, files, "streaming ΔW = scale·B·A"
 
@@ -301,12 +302,42 @@ def _lazy_deltas(lora: Any):
     return delta_of
 
 
-def check_adapter_matches(lora: Any, base: Path, *, flag: str = "--adapter") -> None:
-    """Every module the adapter changes exists in the base, with the delta's shape."""
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
+def tied_head_sources(lora: Any, base: Path) -> dict[str, str]:
+    """{output head weight: input embedding weight} when the adapter changes the output head of
+    a base whose head is tied to (stored as) its input embedding. A LoRA on such a head adapts
+    the output projection only, so the merge writes the head as its own tensor (the embedding
+    plus ΔW) and unties it; merging ΔW into the shared tensor would change the inputs too."""
+    from peftune.merge.writer import base_tensor_shapes
+
+    config = json.loads((base / "config.json").read_text())
+    text = config.get("text_config") or {}
+    if not config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)):
+        return {}
+    shapes = base_tensor_shapes(base)
+    changed = lora.shapes()
+    found = {}
+    for name, shape in changed.items():
+        if name in shapes or not name.split(".")[-2].endswith("lm_head"):
+            continue
+        source = [n for n, s in shapes.items() if n.endswith(_EMBEDDING_SUFFIXES) and s == shape]
+        if len(source) == 1:
+            found[name] = source[0]
+    return found
+
+
+def check_adapter_matches(lora: Any, base: Path, *, flag: str = "--adapter",
+                          untied: dict[str, str] | None = None) -> None:
+    """Every module the adapter changes exists in the base, with the delta's shape (a tied
+    head in `untied` exists as the embedding it shares)."""
     from peftune.merge.writer import base_tensor_shapes, first_mismatch, shape_text
 
     changed = {**lora.shapes(), **{k: tuple(v.shape) for k, v in lora.replaced.items()}}
-    found = first_mismatch(changed, base_tensor_shapes(base))
+    shapes = base_tensor_shapes(base)
+    shapes.update({new: shapes[src] for new, src in (untied or {}).items()})
+    found = first_mismatch(changed, shapes)
     if found is None:
         return
     name, shape, in_base = found

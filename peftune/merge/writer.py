@@ -236,11 +236,15 @@ def iter_base_tensors(base: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def write_merged(*, base: Path, out: Path, delta_of: Callable[[str], torch.Tensor | None],
                  replaced: dict[str, torch.Tensor], dtype: str, shard_bytes: int,
-                 tokenizer_from: Path | None, check: Any = None) -> tuple[MergeStats, list[str]]:
+                 tokenizer_from: Path | None, check: Any = None,
+                 untie: dict[str, str] | None = None) -> tuple[MergeStats, list[str]]:
     """Stream the base into `out` with every delta added; returns the stats and the shards.
     The output shards are planned from the base's headers (names, shapes, output dtypes), so
     each tensor is read, merged and written alone (`stio`): memory is about one tensor.
-    `check` (a `verify.ModuleCheck`) sees each tensor it covers before and after its delta."""
+    `check` (a `verify.ModuleCheck`) sees each tensor it covers before and after its delta.
+    `untie` {new name: base name}: tensors the base shares (a tied output head is the input
+    embedding) written as their own tensor, the base's copy plus the new name's delta, after
+    all the others; config.json then says the embeddings are no longer tied."""
     from peftune.merge.stio import _DTYPES, PlannedFile, iter_tensors, read_header, tensor_bytes
 
     plan: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
@@ -252,6 +256,10 @@ def write_merged(*, base: Path, out: Path, delta_of: Callable[[str], torch.Tenso
             stored = _DTYPES[info["dtype"]]
             target = DTYPES.get(dtype, stored) if stored.is_floating_point else stored
             plan.append((name, target, tuple(info["shape"])))
+            untie_dtypes = {src: target for src in (untie or {}).values() if src == name}
+            plan += [(new, untie_dtypes[src], tuple(info["shape"]))
+                     for new, src in (untie or {}).items() if src in untie_dtypes]
+    plan.sort(key=lambda entry: entry[0] in (untie or {}))  # untied copies last, stable
     groups: list[list] = [[]]
     size = 0
     for entry in plan:
@@ -267,34 +275,45 @@ def write_merged(*, base: Path, out: Path, delta_of: Callable[[str], torch.Tenso
     stats = MergeStats()
     files = iter(zip(names, groups, strict=True))
     current, left = None, 0
+    untie = untie or {}
+    kept: dict[str, torch.Tensor] = {}  # base tensors an untied copy starts from
+
+    def emit(name: str, tensor: torch.Tensor) -> None:
+        nonlocal current, left
+        if left == 0:
+            if current is not None:
+                current.close()
+            file_name, group = next(files)
+            current, left = PlannedFile(out / file_name, group), len(group)
+        target = current.plan[current.index][1]
+        with threads_for(tensor.numel() * 64):  # ΔW of rank <= 64 and its add, roughly
+            delta = delta_of(name)
+            checked = check is not None and name in check
+            if name in replaced:
+                stats.tensors_replaced += 1
+                tensor = replaced[name]
+            else:
+                if checked:
+                    check.before(name, tensor)
+                if delta is not None:
+                    stats.add(name, tensor, delta)
+                    tensor = tensor.float().add_(delta)  # fp32: in place, in the read buffer
+                if checked:
+                    check.after(name, tensor)
+            tensor = tensor.to(target)
+        current.write(name, tensor)
+        left -= 1
+
     scratch = bytearray(largest)  # every base tensor is read into this one buffer in turn
     for shard in base_shards(base):
         for name, tensor in iter_tensors(shard, scratch=scratch):
-            if left == 0:
-                if current is not None:
-                    current.close()
-                file_name, group = next(files)
-                current, left = PlannedFile(out / file_name, group), len(group)
-            target = current.plan[current.index][1]
-            with threads_for(tensor.numel() * 64):  # ΔW of rank <= 64 and its add, roughly
-                delta = delta_of(name)
-                checked = check is not None and name in check
-                if name in replaced:
-                    stats.tensors_replaced += 1
-                    tensor = replaced[name]
-                else:
-                    if checked:
-                        check.before(name, tensor)
-                    if delta is not None:
-                        stats.add(name, tensor, delta)
-                        tensor = tensor.float().add_(delta)  # fp32: in place, in the read buffer
-                    if checked:
-                        check.after(name, tensor)
-                tensor = tensor.to(target)
-            current.write(name, tensor)
-            left -= 1
-            del tensor, delta
+            if name in untie.values():  # before its own delta, out of the reused buffer
+                kept[name] = tensor.clone()
+            emit(name, tensor)
+            del tensor
         release_freed_memory()
+    for new, src in untie.items():
+        emit(new, kept.pop(src))
     if current is not None:
         current.close()
     if check is not None:
@@ -306,12 +325,12 @@ def write_merged(*, base: Path, out: Path, delta_of: Callable[[str], torch.Tenso
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     copy_model_files(base, out, dtype=dtype if dtype in DTYPES else None,
-                     tokenizer_from=tokenizer_from)
+                     tokenizer_from=tokenizer_from, untied=bool(untie))
     return stats, names
 
 
 def copy_model_files(base: Path, out: Path, *, dtype: str | None,
-                     tokenizer_from: Path | None) -> None:
+                     tokenizer_from: Path | None, untied: bool = False) -> None:
     """config.json (with the output dtype), generation config, tokenizer and chat template:
     every non-weight file of the base, then the adapter's tokenizer files where it has them
     (a run saves its tokenizer, chat template included, beside the adapter)."""
@@ -323,11 +342,16 @@ def copy_model_files(base: Path, out: Path, *, dtype: str | None,
             if (tokenizer_from / name).is_file():
                 shutil.copy2(tokenizer_from / name, out / name)
     config_path = out / "config.json"
-    if dtype is not None and config_path.is_file():
+    if (dtype is not None or untied) and config_path.is_file():
         config = json.loads(config_path.read_text())
-        config.pop("torch_dtype", None)
-        config["dtype"] = dtype
-        config.pop("quantization_config", None)
+        if dtype is not None:
+            config.pop("torch_dtype", None)
+            config["dtype"] = dtype
+            config.pop("quantization_config", None)
+        if untied:  # the merged head has its own weight now
+            config["tie_word_embeddings"] = False
+            if isinstance(config.get("text_config"), dict):
+                config["text_config"]["tie_word_embeddings"] = False
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

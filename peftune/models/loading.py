@@ -92,6 +92,9 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    # peft on a LoRA over a tied lm_head: peftune adapts the head alone on purpose, exports
+    # only the factors, and `peftune merge` unties the head (validate says so)
+    warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
 
 
 def load_tokenizer(model: Any, *, trust_remote_code: bool = False) -> Any:

@@ -56,7 +56,24 @@ def derived_numbers(recipe: Recipe) -> dict[str, str]:
                                  f" of {train.batch_size} per optimizer step",
         "learning rate": _schedule_summary(recipe),
         "trainable parameters": _trainable_summary(recipe),
+        **({"note": note} if (note := _tied_head_note(recipe)) else {}),
     }
+
+
+def _tied_head_note(recipe: Recipe) -> str | None:
+    """What targeting lm_head means when the model ties it to its input embedding."""
+    from peftune.recipe.architecture import read_model_config
+
+    targets = getattr(recipe.adapter, "targets", None)
+    if not isinstance(targets, list) or not any(t.split(".")[-1] == "lm_head" for t in targets):
+        return None
+    config = read_model_config(recipe.model.path) or {}
+    if not config.get("tie_word_embeddings", False):
+        return None
+    return ("lm_head is tied to the input embedding (one shared weight): the LoRA adapts the "
+            "output projection only; the adapter holds just its factors, and `peftune merge` "
+            "writes the head as its own tensor (tie_word_embeddings: false, "
+            f"+{config.get('vocab_size', 0) * config.get('hidden_size', 0):,} parameters)")
 
 
 def _schedule_summary(recipe: Recipe) -> str:
