@@ -253,6 +253,41 @@ def eval_(
 
 
 @app.command()
+def chat(
+    target: Annotated[str, typer.Argument(
+        metavar="RUN|MODEL", help="a training run directory, a model directory, a .gguf file, "
+        "a catalogue model (e.g. smollm2-135m-instruct) or a hub id", show_default=False)],
+    adapter: Annotated[str | None, typer.Option(help="PEFT adapter directory on MODEL",
+                                                show_default=False)] = None,
+    prompt: Annotated[str | None, typer.Option(
+        help="answer this once and exit (only the answer goes to stdout)",
+        show_default=False)] = None,
+    compare: Annotated[str | None, typer.Option(
+        help="base: also answer with the model without its adapter", show_default=False)] = None,
+    raw: Annotated[bool, typer.Option(
+        "--raw", help="no chat template: feed the text as is (history concatenated)")] = False,
+    system: Annotated[str | None, typer.Option(help="system prompt", show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens per answer at most")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling (with --temperature)")] = 1.0,
+    seed: Annotated[int, typer.Option(help="sampling seed (turn N draws with seed + N)")] = 0,
+    quant: Annotated[str | None, typer.Option(
+        help="quantize the base: none, nf4, fp4, int8 or int4 (default: the run's)",
+        show_default=False)] = None,
+) -> None:
+    """Chat with a run or a model in the terminal, streamed (/reset, /quit; --prompt: once)."""
+    from peftune.chat import run_chat
+
+    try:
+        run_chat(target=target, adapter=adapter, prompt=prompt, compare=compare, raw=raw,
+                 system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+                 top_p=top_p, seed=seed, quant=quant)
+    except KeyboardInterrupt:  # at the prompt or while loading (an answer stops by itself)
+        print("interrupted (SIGINT): peftune chat stopped", file=sys.stderr)
+        raise VerbInterrupted(130) from None
+
+
+@app.command()
 def merge(
     target: Annotated[str | None, typer.Argument(
         help="a training run directory, or a merge.yaml combining several LoRAs",

@@ -166,3 +166,74 @@ def test_the_real_model_answers_a_chat_question(real_model):
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What does json.dumps return?"},
+     {"role": "assistant", "content": "A str holding the JSON text."}],
+    [{"role": "system", "content": "Answer in one line."},
+     {"role": "user", "content": "Name a sorting function."},
+     {"role": "assistant", "content": "sorted()"},
+     {"role": "user", "content": "And one that sorts in place?"},
+     {"role": "assistant", "content": "list.sort()"}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"},
+     {"role": "user", "content": "bye"}, {"role": "assistant", "content": "Goodbye."}],
+]
+
+
+def _expected_targets(tokenizer, ids) -> list[bool]:
+    """Independently of peftune: a token is a target when its characters lie in an assistant
+    turn's content or its closing `<|im_end|>\\n`, located in the rendered text."""
+    import re
+
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    spans = [m.span(1) for m in re.finditer(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>\n?)",
+                                            text, re.DOTALL)]
+    flags, position = [], 0
+    for token in ids:
+        piece = tokenizer.decode([token], skip_special_tokens=False)
+        start, position = position, position + len(piece)
+        flags.append(any(a <= start and position <= b for a, b in spans))
+    assert position == len(text)
+    return flags
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_chat_labels_on_the_real_template_are_the_assistant_turns_only(real_model, tmp_path,
+                                                                       packing):
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from peftune.data import build_datasets, pack_rows
+    from peftune.recipe.schema import DataSection
+
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS])
+    splits = build_datasets(DataSection(train=str(data), format="chat", max_length=512,
+                                        packing=packing), tokenizer, seed=0,
+                            cache_dir=tmp_path / "cache")
+    rows = pack_rows(splits.train, max_length=512, packing=packing, seed=0)
+    assert len(rows) == (1 if packing else 3)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    seen = 0
+    for row in rows:
+        offset = 0
+        for index, length in zip(row.example_indices, row.lengths, strict=True):
+            ids = row.input_ids[offset:offset + length].tolist()
+            labels = row.labels[offset:offset + length]
+            offset += length
+            messages = CONVERSATIONS[index]
+            assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, tokenize=False)
+            expected = _expected_targets(tokenizer, ids)
+            assert [bool(x != -100) for x in labels] == expected  # token by token
+            assert all(labels[i] == ids[i] for i in np.flatnonzero(labels != -100))
+            # every assistant turn's <|im_end|> is a target, no other <|im_end|> is (SmolLM2's
+            # template adds its default system turn when a conversation has none)
+            roles = [m["role"] for m in messages]
+            roles = roles if roles[0] == "system" else ["system", *roles]
+            ends = [i for i, t in enumerate(ids) if t == end_of_turn]
+            assert [bool(labels[i] != -100) for i in ends] == [r == "assistant" for r in roles]
+            assert tokenizer.decode(np.asarray(ids)[labels != -100].tolist()) == "".join(
+                f"{m['content']}<|im_end|>\n" for m in messages if m["role"] == "assistant")
+            seen += 1
+    assert seen == 3

@@ -34,6 +34,10 @@ def resolve_model_path(path: str, *, key: str = "model.path", quiet: bool = Fals
                              "Hugging Face model directory")
         return str(local)
     if is_gguf(path):
+        if not local.is_file():
+            raise InputError(f"{key}: {path} does not exist" + (
+                f" (relative to {Path.cwd()})" if not local.is_absolute() else "") +
+                "; give the path of a .gguf file")
         return str(gguf.ensure_converted(local, key=key, quiet=quiet))
     if local.is_file():
         raise InputError(f"{key}: {path} is a file; give a Hugging Face model directory (the one "
