@@ -430,12 +430,30 @@ def test_bad_rows_are_all_reported_with_locations(tmp_path: Path, tokenizer: Any
 
 
 def test_many_bad_rows_are_summarised(tmp_path: Path, tokenizer: Any) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", [{"nope": i} for i in range(25)])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": i} for i in range(25)])
     with pytest.raises(InputError) as excinfo:
         build(tmp_path, tokenizer, train=path)
     lines = error_lines(excinfo)
     assert len(lines) == 11
     assert lines[10] == "... and 15 more bad rows (data.on_bad_row: skip leaves bad rows out)"
+
+
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+def test_a_field_missing_from_every_row_is_one_line(tmp_path: Path, tokenizer: Any,
+                                                     on_bad_row: str) -> None:
+    """Pointing a recipe at a new dataset with the wrong field: one line naming the field,
+    the key, what the rows hold and the format that fits them, not one line per row."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": f"q{i}", "answer": "a"} for i in range(25)])
+    with pytest.raises(InputError) as excinfo:
+        build(tmp_path, tokenizer, train=path, on_bad_row=on_bad_row)
+    assert error_lines(excinfo) == [
+        f"data.train: {path}: no row has the field 'text' (data.text_field, format text); the "
+        "first row's fields: answer, question; set data.text_field to the one that holds it, "
+        "or data.format: instruction with prompt_field and response_field"]
+    chats = write_jsonl(tmp_path / "c.jsonl", [{"messages": []}, {"messages": []}])
+    with pytest.raises(InputError) as excinfo:
+        build(tmp_path, tokenizer, train=chats, on_bad_row=on_bad_row)
+    assert error_lines(excinfo)[0].endswith("or data.format: chat for conversations")
 
 
 def test_skip_bad_rows(tmp_path: Path, tokenizer: Any) -> None:
@@ -448,7 +466,7 @@ def test_skip_bad_rows(tmp_path: Path, tokenizer: Any) -> None:
 
 
 def test_all_rows_bad_and_skipped(tmp_path: Path, tokenizer: Any) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", [{"nope": 1}])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": None}])
     with pytest.raises(InputError, match="no usable examples"):
         build(tmp_path, tokenizer, train=path, on_bad_row="skip")
 

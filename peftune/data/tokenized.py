@@ -186,6 +186,23 @@ def _load_or_tokenize(cfg: DataSection, tokenizer: Any, *, path: str, key: str,
     return data, {**meta, "cache_hit": False}
 
 
+def _field_nowhere(cfg: DataSection, key: str, display: str, name: str | None, has: str) -> str:
+    """One line for a field that no row has: the field, the key naming it, what rows hold."""
+    keys = [k for k in ("text_field", "prompt_field", "input_field", "response_field",
+                        "messages_field") if getattr(cfg, k, None) == name]
+    which = f"data.{keys[0]}" if keys else "the format's field"
+    fields = has.removeprefix("the row has: ")
+    present = set(fields.split(", "))
+    hint = ""
+    if cfg.format != "chat" and present & {"messages", "conversations"}:
+        hint = ", or data.format: chat for conversations"
+    elif cfg.format == "text" and len(present) >= 2:
+        hint = ", or data.format: instruction with prompt_field and response_field"
+    return (f"{key}: {display}: no row has the field '{name}' ({which}, format "
+            f"{cfg.format}); the first row's fields: {fields or 'none'}; set {which} to the "
+            f"one that holds it{hint}")
+
+
 def tokenize_source(cfg: DataSection, tokenizer: Any, *, source: Path, key: str, display: str,
                     limit: int | None) -> tuple[TokenizedSet, dict[str, Any]]:
     """Tokenize every good row of one source, collecting bad rows: with on_bad_row: error all
@@ -218,15 +235,8 @@ def tokenize_source(cfg: DataSection, tokenizer: Any, *, source: Path, key: str,
             chunks.append(encoder.encode(pending))
             pending = []
     names = {name for name, _ in lacking}
-    columnar = source.suffix.lower() in (".csv", ".parquet")  # one header for every row
-    if columnar and bad and len(lacking) == rows_read and len(names) == 1:  # a missing column
-        name = names.pop()
-        keys = [k for k in ("text_field", "prompt_field", "input_field", "response_field",
-                            "messages_field") if getattr(cfg, k, None) == name]
-        which = f"data.{keys[0]}" if keys else "the format's field"
-        has = lacking[0][1].removeprefix("the row has: ") or "none"
-        raise InputError(f"{key}: {display}: no row has the field '{name}' ({which}); the "
-                         f"first row's fields: {has}; set {which} to the one that holds it")
+    if bad and len(lacking) == rows_read and len(names) == 1:  # the usual new-dataset mistake
+        raise InputError(_field_nowhere(cfg, key, display, names.pop(), lacking[0][1]))
     if bad and cfg.on_bad_row == "error":
         # One line per bad row (the CLI prints each as `error: ...`); the skip hint goes on
         # the summary line, so that a file with one bad row gives exactly one line.
