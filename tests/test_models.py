@@ -15,7 +15,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
 import yaml
 from conftest import REAL_MODEL, write_jsonl
 
