@@ -334,6 +334,9 @@ def test_recipe_refusals(tmp_path, tiny_model_dir, text_data, adapter, sections,
     ({"method": "lora", "target_modules": ["qkv"]},
      "adapter.target_modules: ['qkv'] matches no linear layer of the model; its linear layers "
      "are: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+    ({"method": "lora", "target_modules": ["q_proj", "value"]},
+     "adapter.target_modules: 'value' matches no layer of the model; its linear layers are: "
+     "down_proj, gate_proj"),
     ({"method": "dora", "r": 24}, "adapter.r: 24 is larger than layer model.layers.0.self_attn.k_proj "
      "(32 x 16) allows; use at most 16"),
     ({"method": "vblora", "vector_length": 24},
@@ -365,3 +368,18 @@ def test_docs_list_every_method():
     rows = (Path(__file__).parent.parent / "docs" / "methods.md").read_text()
     for name in method_names():
         assert f"| `{name}` |" in rows, name
+
+
+def test_one_wrong_target_name_is_refused_on_the_built_model_too(tiny_model_dir):
+    """A hub model has no config.json for validate to read: the built model is checked."""
+    from transformers import AutoModelForCausalLM
+
+    from peftune.adapters.lora_configs import LoraConfig
+    from peftune.adapters.targets import peft_targets
+    from peftune.errors import InputError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(InputError, match=r"adapter.target_modules: 'value' matches no layer"):
+        peft_targets(model, LoraConfig(method="lora", target_modules=["q_proj", "value"]))
+    assert peft_targets(model, LoraConfig(method="lora", target_modules=["q_proj", "v_proj"])) \
+        == ["q_proj", "v_proj"]

@@ -41,6 +41,13 @@ def targeted_layers(model: Any, targets: str | list[str], *,
             if _matches(name, targets)}
 
 
+def unmatched_targets(chosen: Any, targets: str | list[str]) -> list[str]:
+    """The entries of a `target_modules` list that match none of the `chosen` layer names."""
+    if isinstance(targets, str):
+        return []
+    return [t for t in targets if not any(_matches(name, [t]) for name in chosen)]
+
+
 def _matches(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
@@ -62,10 +69,14 @@ def peft_targets(model: Any, config: Any) -> str | list[str] | None:
     if targets is None:
         return None
     chosen = targeted_layers(model, targets, embeddings=getattr(config, "targets_embeddings", False))
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in linear_layers(model)})
     if not chosen:
-        kinds = sorted({name.rsplit(".", 1)[-1] for name in linear_layers(model)})
         raise InputError(f"adapter.target_modules: {targets} matches no linear layer of the "
                          f"model; its linear layers are: {', '.join(kinds)}")
+    unmatched = unmatched_targets(chosen, targets)
+    if unmatched:  # a typo beside good names would otherwise train the others silently
+        raise InputError(f"adapter.target_modules: {', '.join(map(repr, unmatched))} matches no "
+                         f"layer of the model; its linear layers are: {', '.join(kinds)}")
     problem = config.layers_problem(chosen)
     if problem:
         raise InputError(f"adapter.{problem[0]}: {problem[1]}")

@@ -178,5 +178,12 @@ def model_problems(recipe: Any) -> list[tuple[tuple[str, ...], str]]:
         kinds = sorted({m.name.rsplit(".", 1)[-1] for m in modules if m.linear})
         return [(("adapter", "target_modules"), f"{recipe.adapter.targets} matches no linear "
                  f"layer of the model; its linear layers are: {', '.join(kinds)}")]
+    targets = recipe.adapter.targets
+    unmatched = [t for t in targets if not any(matches(m.name, [t]) for m in chosen)] \
+        if isinstance(targets, list) else []
+    if unmatched:  # a typo beside good names would otherwise train the others silently
+        kinds = sorted({m.name.rsplit(".", 1)[-1] for m in modules if m.linear})
+        return [(("adapter", "target_modules"), f"{', '.join(map(repr, unmatched))} matches no "
+                 f"layer of the model; its linear layers are: {', '.join(kinds)}")]
     problem = recipe.adapter.layers_problem({m.name: m.dims for m in chosen})
     return [(("adapter", problem[0]), problem[1])] if problem else []
