@@ -170,6 +170,10 @@ def model_problems(recipe: Any) -> list[tuple[tuple[str, ...], str]]:
     that match nothing, a rank above a layer's, block sizes that do not divide. Nothing for
     a model this table does not know (the run checks the built model the same way)."""
     config = read_model_config(recipe.model.path)
+    context = (config or {}).get("max_position_embeddings")
+    if isinstance(context, int) and recipe.data.max_length > context:
+        return [(("data", "max_length"), f"{recipe.data.max_length} is more than the model's "
+                 f"context of {context} positions (max_position_embeddings); use at most {context}")]
     modules = model_modules(config) if config is not None else None
     chosen = targeted_modules(modules, recipe.adapter) if modules is not None else None
     if chosen is None or any(m.dims is None for m in chosen):

@@ -47,6 +47,7 @@ class TrainerState:
     tokens: int = 0  # non-padding tokens seen
     target_tokens: int = 0  # tokens that counted in the loss
     elapsed_s: float = 0.0  # training wall time before this process started
+    val_s: float = 0.0  # of the run's wall time, spent in validation passes
 
 
 def rng_state() -> dict:

@@ -181,9 +181,22 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
     accelerator = loop.accelerator
     trainable = [p for p in model.parameters() if p.requires_grad]
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": timer.elapsed()}
+
+    def paused(work: Any, *, validation: bool = False) -> None:
+        """Run `work` outside the throughput window: tokens/s counts training time only."""
+        began = timer.elapsed()
+        work()
+        spent = timer.elapsed() - began
+        window["start"] += spent
+        if validation:
+            state.val_s += spent
+
+    def validate() -> None:
+        loop.on_eval({"step": state.step, **evaluate_loss(loop)})
+
     model.train()
     if state.step == 0 and loop.val_batches:
-        loop.on_eval({"step": 0, **evaluate_loss(loop)})  # the baseline the run improves on
+        paused(validate, validation=True)  # the baseline the run improves on
 
     while state.step < loop.total_steps:
         micro_batches = next_micro_batches(loop, state)
@@ -248,11 +261,14 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
             window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": timer.elapsed()}
         if loop.val_batches and (state.step == loop.total_steps or (
                 loop.eval_every and state.step % loop.eval_every == 0)):
-            loop.on_eval({"step": state.step, **evaluate_loss(loop)})
+            paused(validate, validation=True)
         saved = bool(loop.save_every and state.step % loop.save_every == 0)
         if saved:
-            with gathered(accelerator, model, optimizer):  # sharded engines: every rank gathers
-                loop.on_save(state)
+            def save() -> None:
+                with gathered(accelerator, model, optimizer):  # sharded: every rank gathers
+                    loop.on_save(state)
+
+            paused(save)
         if loop.should_stop():  # a step boundary: save (unless just saved) and exit
             if not saved and state.step < loop.total_steps:
                 with gathered(accelerator, model, optimizer):

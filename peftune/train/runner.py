@@ -44,6 +44,10 @@ def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None
             raise InputError(f"--resume: no checkpoint in {out}/checkpoints; start the run "
                              "without --resume (set train.save_every to write checkpoints)")
         return checkpoint
+    if non_empty and not overwrite and _stopped_before_anything(out):
+        print(f"note: {out} holds a run that stopped before its first checkpoint or export; "
+              "starting it again", file=sys.stderr)
+        return None
     if non_empty and not overwrite:
         raise InputError(f"output.dir: {out} is not empty; pass --resume to continue it, "
                          "--overwrite to replace it, or choose another output.dir")
@@ -52,6 +56,18 @@ def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None
         raise InputError(f"--overwrite: {out} is not a peftune run directory (no recipe.yaml); "
                          "refusing to delete it. Choose another output.dir")
     return None
+
+
+def _stopped_before_anything(out: Path) -> bool:
+    """A run directory with its recipe but no checkpoint, artifact or summary: nothing to
+    resume and nothing to lose, so a plain rerun may start it again (it was left by a run
+    killed early: a crash while loading, the kernel's OOM killer)."""
+    if not (out / "recipe.yaml").is_file():
+        return False
+    kept = {"recipe.yaml", "metrics.jsonl", "checkpoints"}
+    names = {item.name for item in out.iterdir()}
+    checkpoints = out / "checkpoints"
+    return names <= kept and not (checkpoints.is_dir() and any(checkpoints.iterdir()))
 
 
 def run_train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,

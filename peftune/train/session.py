@@ -212,14 +212,15 @@ def _summary(built: Any, state: TrainerState, records: list[dict], artifact: Pat
     return {
         "method": built.recipe.adapter.method,
         "steps": state.step,
-        "epochs": state.epoch + (1 if state.batch_in_epoch else 0),
+        "epochs": _epochs_done(built, state),
         "final_loss": train[-1]["loss"] if train else None,
         "final_val_loss": val[-1]["val_loss"] if val else None,
         "tokens": state.tokens,
         "target_tokens": state.target_tokens,
-        "train_seconds": round(seconds, 3),
+        "train_seconds": round(seconds - state.val_s, 3),  # optimizer steps only
+        "val_seconds": round(state.val_s, 3),
         "setup_seconds": round(built.setup_s, 3),
-        "tokens_per_s": state.tokens / seconds if seconds > 0 else None,
+        "tokens_per_s": state.tokens / (seconds - state.val_s) if seconds > state.val_s else None,
         "trainable_params": built.trainable_params,
         "adapter_init": built.hooks.init_report,
         "total_params": built.total_params,
@@ -229,6 +230,12 @@ def _summary(built: Any, state: TrainerState, records: list[dict], artifact: Pat
         "data": built.data_stats,
         "model_source": describe_source(built.recipe.model.path),
     }
+
+
+def _epochs_done(built: Any, state: TrainerState) -> float:
+    """Epochs of data consumed, as a fraction (0.21 after a fifth of one)."""
+    per_epoch = len(built.batches_for_epoch(state.epoch))
+    return round(state.epoch + (state.batch_in_epoch / per_epoch if per_epoch else 0), 4)
 
 
 def _source_comment(model_path: str) -> str:

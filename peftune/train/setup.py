@@ -260,6 +260,11 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
             gradient_checkpointing=recipe.train.gradient_checkpointing,
             trains_base_weights=spec.trains_base_weights,
         )
+        context = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(context, int) and recipe.data.max_length > context:  # a hub model
+            raise InputError(f"data.max_length: {recipe.data.max_length} is more than the "
+                             f"model's context of {context} positions "
+                             f"(max_position_embeddings); use at most {context}")
         model, hooks = apply_adapter(
             model, recipe.adapter, tokenizer=tokenizer, total_steps=steps,
             learning_rate=recipe.train.lr, seed=recipe.train.seed,
