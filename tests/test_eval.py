@@ -300,3 +300,20 @@ def test_task_names_are_the_registry():
     from peftune.evaluate.registry import task_names
 
     assert list(get_args(EvalTask.model_fields["task"].annotation)) == task_names()
+
+
+def test_models_with_the_same_directory_name_get_unique_labels_and_deltas(tmp_path, text_data):
+    """Three `.../merged` directories: three labels, two deltas, one column each."""
+    from peftune.models import build_tiny_model
+
+    paths = [build_tiny_model(tmp_path / side / "merged", hidden_size=32, seed=seed)
+             for seed, side in enumerate("abc")]
+    report = _eval(paths[0], tmp_path, [{"task": "perplexity", "data": str(text_data["val"])}],
+                   compare=paths[1:])
+    assert [m["label"] for m in report["models"]] == ["merged", "merged-2", "merged-3"]
+    assert list(report["deltas"]) == ["merged - merged-2", "merged - merged-3"]
+    loss = [_metric(report, "perplexity", "loss", model=i) for i in range(3)]
+    delta = report["deltas"]["merged - merged-3"]["perplexity"]["loss"]
+    assert delta == pytest.approx(loss[0] - loss[2])
+    lines = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").open()]
+    assert {line["model"] for line in lines} == {"merged", "merged-2", "merged-3"}

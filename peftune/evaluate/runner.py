@@ -71,7 +71,7 @@ def run_eval(*, targets: list[Target], config: EvalSection, out: Path | None,
         tick = time.perf_counter()
         model = loaded if number == 0 and loaded is not None else \
             load_target(target, device=ranks.device())
-        entry = {"label": labels[number], **target.identity(),
+        entry = {**target.identity(), "label": labels[number],  # unique, even for equal names
                  "parameters": model.parameters, "dtype": str(_dtype(model.model)),
                  "load_seconds": round(time.perf_counter() - tick, 3), "tasks": {}}
         for item in prepared[number]:
