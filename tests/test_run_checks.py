@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import write_recipe
 
 
@@ -83,3 +84,23 @@ def test_throughput_leaves_out_validation_and_epochs_are_a_fraction(tmp_path, ti
         <= summary["tokens_per_s"] * 0.001
     per_epoch = len(built.batches_for_epoch(0))  # 64 rows, batch 4: 16 micro-batches
     assert summary["epochs"] == round(4 / per_epoch, 4) and 0 < summary["epochs"] < 1
+
+
+def test_resume_with_a_new_length_extends_a_constant_rate_and_refuses_a_decaying_one(
+        tmp_path, tiny_model_dir, text_data):
+    from peftune.errors import InputError
+    from peftune.recipe import load_recipe
+    from peftune.train.runner import run_train
+
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                          out=tmp_path / "run", train={"max_steps": 2, "save_every": 2,
+                                                       "scheduler": "cosine"})
+    run_train(load_recipe(recipe), quiet=True)
+    with pytest.raises(InputError, match=r"--resume: train.max_steps is 4, the run's recipe.yaml "
+                                         r"has 2; its cosine schedule is laid over"):
+        run_train(load_recipe(recipe, ["train.max_steps=4"]), resume=True, quiet=True)
+    constant = ["train.scheduler=constant", f"output.dir={tmp_path / 'flat'}"]
+    run_train(load_recipe(recipe, constant), quiet=True)
+    summary = run_train(load_recipe(recipe, [*constant, "train.max_steps=4"]), resume=True,
+                        quiet=True)
+    assert summary["steps"] == 4

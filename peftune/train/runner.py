@@ -159,9 +159,30 @@ def _check_same_recipe(recipe: Recipe, out: Path) -> None:
     if length and recipe.adapter.schedules_by_length:
         raise InputError(f"--resume: adapter.method {recipe.adapter.method} schedules by the "
                          f"run's length, so {length[0]} must stay as the run's recipe.yaml has it")
+    if length and not changed:
+        _check_extension(recipe, saved, length[0])
     if changed:
         raise InputError(f"--resume: the recipe differs from the run's recipe.yaml in "
                          f"{', '.join(changed)}; resume with the same recipe or use --overwrite")
+
+
+def _check_extension(recipe: Recipe, saved: dict, key: str) -> None:
+    """A new length on --resume: fine for a constant learning rate (said in one line); a
+    decaying schedule is laid over the run's length, so a new one would make the rate jump
+    (a finished cosine run climbs back from 0): refused."""
+    train = recipe.train
+    old = saved["train"][key.split(".")[1]]
+    new = getattr(train, key.split(".")[1])
+    if train.scheduler == "constant" and (train.warmup_steps is not None or train.warmup_ratio == 0):
+        print(f"note: --resume with {key} {new} (the run had {old}): the learning rate stays "
+              f"constant at {train.lr:g}", file=sys.stderr)
+        return
+    raise InputError(
+        f"--resume: {key} is {new}, the run's recipe.yaml has {old}; its {train.scheduler} "
+        f"schedule{' and warmup_ratio are' if train.warmup_ratio else ' is'} laid over the run's "
+        f"length, so the learning rate would jump (a finished run would climb back from its "
+        f"final rate); resume with {key}={old}, or train a new run (scheduler: constant with "
+        "warmup_steps can be extended)")
 
 
 def _flat_diff(a: dict, b: dict, prefix: str = "") -> set[str]:
