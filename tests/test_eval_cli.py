@@ -245,3 +245,26 @@ def test_bench_eval_quick_measures_both_loops_on_the_same_tokens(tmp_path):
     assert report["peftune"]["tokens_per_s"] > 0 and report["bare"]["tokens_per_s"] > 0
     assert isinstance(report["overhead"]["pass"], bool)
     assert "peftune eval overhead vs bare loop" in done.stdout
+
+
+def test_a_chat_runs_eval_takes_the_runs_data_format(tiny_model_dir, tmp_path):
+    """`peftune eval RUN --task perplexity --data chat.jsonl`: the run trained on chat rows,
+    so the rows are read as chat (was: a 'missing field text' line per row)."""
+    from peftune.evaluate.command import eval_command
+
+    chats = write_jsonl(tmp_path / "chat.jsonl", [
+        {"conversation": [{"role": "user", "content": p["prompt"]},
+                          {"role": "assistant", "content": p["response"]}]} for p in PAIRS])
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=chats,
+                          out=tmp_path / "run", train={"max_steps": 2})
+    spec = yaml.safe_load(recipe.read_text())
+    spec["data"].update({"format": "chat", "messages_field": "conversation"})
+    recipe.write_text(yaml.safe_dump(spec))
+    assert _cli("train", recipe).returncode == 0
+    report = eval_command(target=str(tmp_path / "run"), model=None, adapter=None, quant=None,
+                          config=None, flags={"task": "perplexity", "data": str(chats)},
+                          batch_size=None, compare=[], out=tmp_path / "ev", overwrite=False,
+                          quiet=True, lm_eval=None)
+    (task,) = report["config"]["tasks"]
+    assert task["format"] == "chat" and task["messages_field"] == "conversation"
+    assert report["models"][0]["tasks"]["perplexity"]["metrics"]["loss"]["n"] == len(PAIRS)

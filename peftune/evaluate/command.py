@@ -32,6 +32,9 @@ def eval_command(*, target: str | None, model: str | None, adapter: str | None,
         lm_eval = None
         if config is None and flags.get("task") is None:
             return {}
+    if primary.run is not None and config is None and flags.get("task") is not None \
+            and flags.get("format") is None:
+        flags = {**flags, **_run_data_format(primary.run)}
     wants_tasks = config is not None or flags.get("task") is not None
     if not wants_tasks and lm_eval is not None:
         section = None
@@ -55,6 +58,21 @@ def eval_command(*, target: str | None, model: str | None, adapter: str | None,
         stop.out = out
         raise
     return report
+
+
+_DATA_KEYS = ("format", "text_field", "prompt_field", "input_field", "response_field",
+              "messages_field", "prompt_template", "add_eos")
+
+
+def _run_data_format(run: Path) -> dict[str, Any]:
+    """A run's data format and field names, which `--task` uses unless `--format` is given:
+    the data evaluated is usually shaped like the data trained on."""
+    from peftune.recipe import load_recipe
+
+    data = load_recipe(run / "recipe.yaml").data
+    fields = type(data).model_fields
+    return {key: getattr(data, key) for key in _DATA_KEYS
+            if key == "format" or getattr(data, key) != fields[key].default}
 
 
 def run_lm_eval(targets: list[Target], tasks: str, *, out: Path) -> dict:
