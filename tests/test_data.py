@@ -473,16 +473,19 @@ def test_all_rows_bad_and_skipped(tmp_path: Path, tokenizer: Any) -> None:
 
 def test_chat_bad_rows(tmp_path: Path, tokenizer: Any) -> None:
     rows = [{"messages": []}, {"messages": [{"role": "robot", "content": "hi"}]},
-            {"messages": [{"role": "user", "content": "hi"}]}, {"messages": "x"}]
+            {"messages": [{"role": "user", "content": "hi"}]}, {"messages": "x"},
+            {"messages": [{"role": "assistant", "content": "Hello!"}]}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(InputError) as excinfo:
         build(tmp_path, tokenizer, train=path, format="chat")
-    assert error_lines(excinfo)[:4] == [
+    assert error_lines(excinfo)[:5] == [
         f"{path}:1: empty list of messages (field 'messages')",
         f"{path}:2: message 0: unknown role 'robot'; use system, user, assistant "
         "(field 'messages')",
         f"{path}:3: no assistant message, so nothing to train on (field 'messages')",
         f"{path}:4: expected a list of messages, got a string that is not JSON (field 'messages')",
+        f"{path}:5: the only assistant message opens the conversation (no user turn before it "
+        "to answer), so nothing to train on (field 'messages')",
     ]
 
 

@@ -178,6 +178,9 @@ def chat_format(row: dict[str, Any], cfg: DataSection, tokenizer: Any) -> Segmen
                 "the same whatever follows, or data.format: instruction", fatal=True)
         parts += [(full[done:len(before)], False), (full[len(before):len(through)], True)]
         done = len(through)
+    if not any(target for _, target in parts):
+        raise RowError("the only assistant message opens the conversation (no user turn before "
+                       "it to answer), so nothing to train on", cfg.messages_field)
     parts.append((full[done:], False))
     return Segments([part for part in parts if part[0]], bos=False, eos=False)
 
