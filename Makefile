@@ -42,4 +42,4 @@ bench: $(STAMP)
 	$(PYTHON) scripts/bench_optimizer_memory.py
 
 clean:
-	rm -rf .make runs/demo build *.egg-info
+	rm -rf .make runs/demo runs/tiny build *.egg-info

@@ -170,6 +170,24 @@ def test_chat_targets_are_assistant_turns(tmp_path: Path, tokenizer: Any) -> Non
     assert turns == ["hello!<|im_end|>\n", "4<|im_end|>\n"]
 
 
+def test_sharegpt_rows_read_as_role_and_content(tmp_path: Path, tokenizer: Any) -> None:
+    """`conversations` of {"from": "human" | "gpt" | "system" | "tool", "value": ...} train
+    exactly as the same conversation written with role and content."""
+    plain = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "hello!"}, {"role": "tool", "content": "42"},
+             {"role": "assistant", "content": "It is 42."}]
+    speakers = {"system": "system", "user": "human", "assistant": "gpt", "tool": "tool"}
+    shared = [{"from": speakers[m["role"]], "value": m["content"]} for m in plain]
+    a = build(tmp_path / "a", tokenizer, train=write_jsonl(tmp_path / "a.jsonl", [{"messages": plain}]),
+              format="chat")
+    b = build(tmp_path / "b", tokenizer,
+              train=write_jsonl(tmp_path / "b.jsonl", [{"conversations": shared}]),
+              format="chat", messages_field="conversations")
+    (ids_a, labels_a), (ids_b, labels_b) = a.train[0], b.train[0]
+    assert ids_a.tolist() == ids_b.tolist() and labels_a.tolist() == labels_b.tolist()
+    assert targets(tokenizer, ids_b, labels_b) == "hello!<|im_end|>\nIt is 42.<|im_end|>\n"
+
+
 # --- packing and padding are exact -----------------------------------------------------------
 
 def variable_texts(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -400,7 +418,8 @@ def test_val_file(tmp_path: Path, tokenizer: Any) -> None:
 def test_missing_file(tmp_path: Path, tokenizer: Any) -> None:
     with pytest.raises(InputError) as excinfo:
         build(tmp_path, tokenizer, train="x.jsonl")
-    assert error_lines(excinfo) == ["data.train: no such file or directory: x.jsonl"]
+    assert error_lines(excinfo) == [f"data.train: no such file or directory: x.jsonl (looked for "
+                                    f"in {Path.cwd()}: relative paths start where peftune runs)"]
 
 
 def test_unsupported_extension(tmp_path: Path, tokenizer: Any) -> None:
@@ -480,7 +499,7 @@ def test_chat_bad_rows(tmp_path: Path, tokenizer: Any) -> None:
         build(tmp_path, tokenizer, train=path, format="chat")
     assert error_lines(excinfo)[:5] == [
         f"{path}:1: empty list of messages (field 'messages')",
-        f"{path}:2: message 0: unknown role 'robot'; use system, user, assistant "
+        f"{path}:2: message 0: unknown role 'robot'; use system, user, assistant, tool "
         "(field 'messages')",
         f"{path}:3: no assistant message, so nothing to train on (field 'messages')",
         f"{path}:4: expected a list of messages, got a string that is not JSON (field 'messages')",

@@ -177,3 +177,12 @@ def test_the_converted_directory_is_not_rebuilt_when_half_written(tmp_path, monk
     (final / "config.json").write_text("{}")
     assert not gguf.is_converted(final)  # no peftune_source.json: never published
     shutil.rmtree(final)
+
+
+def test_eval_takes_a_catalogue_name_as_its_target(real_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "import json\njson.dumps({})"}])
+    done = peftune("eval", REAL_MODEL, "--task", "perplexity", "--data", str(data), "--out",
+                   str(tmp_path / "ev"), "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["models"][0]["model"] == str(real_model)

@@ -104,3 +104,15 @@ def test_resume_with_a_new_length_extends_a_constant_rate_and_refuses_a_decaying
     summary = run_train(load_recipe(recipe, [*constant, "train.max_steps=4"]), resume=True,
                         quiet=True)
     assert summary["steps"] == 4
+
+
+def test_library_warnings_peftune_handles_do_not_reach_the_user(tmp_path, tiny_model_dir,
+                                                                text_data):
+    """PiSSA's 'changes the base weights' warning: peftune exports it as a plain LoRA on the
+    original base, which is what the warning asks for."""
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                          out=tmp_path / "run", adapter={"method": "pissa", "r": 4},
+                          train={"max_steps": 1})
+    done = _cli("train", recipe)
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr, done.stderr

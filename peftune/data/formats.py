@@ -27,7 +27,11 @@ from peftune.errors import InputError
 from peftune.recipe.schema import DataSection
 
 IGNORE_INDEX = -100  # the label that torch's cross-entropy skips
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT-style messages ({"from": "human", "value": "..."}): their speakers as roles
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "model": "assistant", "chatgpt": "assistant",
+                  "tool": "tool", "function_response": "tool", "observation": "tool"}
 
 
 class RowError(Exception):
@@ -197,6 +201,8 @@ def chat_messages(row: dict[str, Any], name: str) -> list[dict[str, Any]]:
         raise RowError(f"expected a list of messages, got {json_type(messages)}", name)
     if not messages:
         raise RowError("empty list of messages", name)
+    messages = [_from_sharegpt(m) if isinstance(m, dict) and "from" in m and "role" not in m
+                else m for m in messages]
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise RowError(f"message {i}: expected an object with role and content, "
@@ -209,6 +215,14 @@ def chat_messages(row: dict[str, Any], name: str) -> list[dict[str, Any]]:
     if not any(message["role"] == "assistant" for message in messages):
         raise RowError("no assistant message, so nothing to train on", name)
     return messages
+
+
+def _from_sharegpt(message: dict[str, Any]) -> dict[str, Any]:
+    """{"from": "human", "value": "hi"} -> {"role": "user", "content": "hi"}; an unknown
+    speaker is kept as the role, so the error names it."""
+    speaker = message.get("from")
+    role = SHAREGPT_ROLES.get(speaker.lower(), speaker) if isinstance(speaker, str) else speaker
+    return {"role": role, "content": message.get("value", message.get("content"))}
 
 
 class SegmentEncoder:

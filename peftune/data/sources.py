@@ -44,7 +44,9 @@ def resolve_source(path: str, *, key: str) -> Path:
         if resolved.is_symlink():  # exists() follows links: a loop or a dangling target
             raise InputError(f"{key}: {path} is a broken symbolic link or a symlink loop; "
                              "point it at the data file itself")
-        raise InputError(f"{key}: no such file or directory: {path}")
+        where = "" if resolved.is_absolute() else (
+            f" (looked for in {Path.cwd()}: relative paths start where peftune runs)")
+        raise InputError(f"{key}: no such file or directory: {path}{where}")
     if not resolved.is_dir():
         if not resolved.is_file():
             raise InputError(f"{key}: {path} is not a regular file; give a data file: "

@@ -67,7 +67,12 @@ def resolve_target(target: str | None, *, model: str | None = None, adapter: str
 
 
 def _from_path(target: str, *, flag: str) -> Target:
+    from peftune.models.catalogue import CATALOGUE
+    from peftune.models.sources import is_gguf
+
     path = Path(target).expanduser()
+    if is_gguf(target) or (target in CATALOGUE and not path.exists()):  # as --model
+        return Target(label=_name(target), model=ModelSection(path=_model_dir(target, flag)))
     if not path.exists():
         raise InputError(f"{flag} {target}: no such directory; {_WHAT}")
     if not path.is_dir():

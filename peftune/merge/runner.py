@@ -403,10 +403,10 @@ def _print_summary(report: dict, out: Path, quiet: bool) -> None:
     say(quiet, f"merged {what} into {report['base']} [{report['mode']}]: "
                f"{report['modules_changed']} modules changed, relative delta norm "
                f"{report['relative_delta_norm']:.4g}")
-    say(quiet, f"verified on {check['probes']} probes: max logit error "
-               f"{check['max_abs_logit_error']:.3g} (relative {check['relative_logit_error']:.3g}, "
-               f"tolerance {check['tolerance']:g} for {check['dtype']}); the adapter moves logits "
-               f"by up to {check['adapter_effect_max_abs_logit']:.3g}")
+    say(quiet, f"verified on {check['probes']} probes: relative logit error "
+               f"{check['relative_logit_error']:.3g} (tolerance {check['tolerance']:g} for "
+               f"{check['dtype']}; max absolute error {check['max_abs_logit_error']:.3g}); the "
+               f"adapter moves logits by up to {check['adapter_effect_max_abs_logit']:.3g}")
     shards = len(report["shards"])
     say(quiet, f"wrote {out} ({shards} shard{'s' if shards != 1 else ''}, {report['dtype']}, "
                f"{report['seconds']:.1f}s); load it with "

@@ -95,6 +95,9 @@ def quiet_libraries() -> None:
     # peft on a LoRA over a tied lm_head: peftune adapts the head alone on purpose, exports
     # only the factors, and `peftune merge` unties the head (validate says so)
     warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
+    # PiSSA / OLoRA / CorDA: peftune exports them as a plain LoRA on the original base
+    # (export_residual_as_lora), which is what this warning asks the user to do
+    warnings.filterwarnings("ignore", message=".*changes the base weights of the model.*")
 
 
 def load_tokenizer(model: Any, *, trust_remote_code: bool = False) -> Any:

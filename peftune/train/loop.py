@@ -234,6 +234,7 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
         else:
             grad_norm = float(torch.linalg.vector_norm(
                 torch.stack([p.grad.detach().float().norm() for p in trainable if p.grad is not None])))
+        step_lr = scheduler.get_last_lr()[0]  # the rate this step is taken with
         optimizer.step()
         if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips inf steps
             scheduler.step()
@@ -252,7 +253,7 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
                 "step": state.step,
                 "epoch": state.epoch,
                 "loss": window["loss"] / window["steps"],
-                "lr": scheduler.get_last_lr()[0],
+                "lr": step_lr,
                 "grad_norm": grad_norm,
                 "tokens": state.tokens,
                 "tokens_per_s": window["tokens"] / seconds,

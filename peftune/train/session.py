@@ -232,6 +232,15 @@ def _summary(built: Any, state: TrainerState, records: list[dict], artifact: Pat
     }
 
 
+def _base_params(built: Any) -> int:
+    """The base model's own parameters: the total less an adapter's added ones."""
+    from peftune.adapters import get_method
+
+    if get_method(built.recipe.adapter.method).trains_base_weights:
+        return built.total_params
+    return built.total_params - built.trainable_params
+
+
 def _epochs_done(built: Any, state: TrainerState) -> float:
     """Epochs of data consumed, as a fraction (0.21 after a fifth of one)."""
     per_epoch = len(built.batches_for_epoch(state.epoch))
@@ -259,8 +268,9 @@ def _print_header(built: Any, display: ProgressDisplay, *, resumed_from: Path | 
     lines = [
         f"model {r.model.path}  quant {r.quant.method}  adapter {r.adapter.method}  "
         f"device {built.accelerator.device}  precision {precision}",
-        f"trainable parameters {built.trainable_params:,} of {built.total_params:,} "
-        f"({100 * built.trainable_params / max(built.total_params, 1):.2f}%)",
+        f"trainable parameters {built.trainable_params:,} "
+        f"({100 * built.trainable_params / max(_base_params(built), 1):.2f}% of the base model's "
+        f"{_base_params(built):,})",
         f"data: {len(built.rows):,} rows of <= {r.data.max_length} tokens "
         f"({'packed' if r.data.packing else 'padded'}); batch {r.train.batch_size} x accumulation "
         f"{r.train.grad_accum}" + (f" x {procs} processes" if procs > 1 else "") +
