@@ -1,4 +1,4 @@
-"""Build the demo corpus from text that ships with every Python: no downloads.
+"""Build the tiny pipeline's corpus (recipes/tiny/) from text that ships with every Python: no downloads.
 
 Sources: the English prose of the language reference that `pydoc` carries
 (`pydoc_data.topics.topics`) and the standard library's own sources
@@ -7,7 +7,7 @@ field plus a `source` field naming where the text came from) into `--out`:
 
   pretrain.jsonl         prose sections and library code (no test code), chunked at
                          paragraph / function boundaries into ~200-1500 characters;
-                         for pre-training the tiny base model (`recipes/quickstart/pretrain.yaml`)
+                         for pre-training the tiny base model (`recipes/tiny/pretrain.yaml`)
   tests_train.jsonl      the fine-tuning domain: the stdlib's unit tests, chunked at
   tests_val.jsonl        `def test_` boundaries; val comes from other files than train
   instruct_train.jsonl   `prompt` / `response` rows for the `instruction` format:
@@ -16,7 +16,7 @@ field plus a `source` field naming where the text came from) into `--out`:
 The output depends only on `--seed` and the Python version it runs on. Files that fail to
 read or decode are skipped. Standard library only, so it runs before peftune is installed.
 
-    python scripts/build_demo_corpus.py --out runs/demo/data [--seed 0]
+    python scripts/build_demo_corpus.py --out runs/tiny/data [--seed 0]
 """
 
 from __future__ import annotations
