@@ -8,11 +8,12 @@ the public, documented, module-level `def`s of the stdlib's public modules, read
 JSONL files of `chat` rows (`messages`: the user's question, the assistant's answer; plus
 `module` and `function` fields saying where the row came from) into `--out`:
 
-  train.jsonl     questions about functions of the training modules
-  heldout.jsonl   questions about functions of OTHER modules: a held-out module is never
-                  the answer (nor the subject) of a training question, so a model can
-                  score here only by knowing the standard library, not by recalling a
-                  label it was trained on
+  train.jsonl     questions about functions of the stdlib's modules: first a few of every
+                  module a held-out question asks about, then a few of every other module
+  heldout.jsonl   questions about OTHER functions (of modules training covers): a held-out
+                  function is never the subject of a training question, so a model scores
+                  here only by placing a function it was not taught, from its name,
+                  signature and docstring
 
 Left out, so that every question has one right answer that the prompt does not give away:
 functions whose name is defined in more than one public module, docstrings that name the
@@ -50,6 +51,7 @@ SKIP_MODULES = {"ntpath", "nturl2path", "this", "antigravity", "__main__", "__fu
 MIN_SUMMARY, MAX_SUMMARY = 20, 160   # characters of the docstring's first paragraph
 HELDOUT_PER_MODULE = 2   # many modules, not a few large ones, in the held-out set
 MIN_TRAIN_SIBLINGS = 3   # a held-out function's module has this many other functions to learn from
+TRAIN_PER_HELDOUT_MODULE = 5  # training questions taken first from each held-out question's module
 
 PROMPT = ("Which Python standard-library module defines `{signature}`, documented as "
           "\"{summary}\"? Answer with the module name only.")
@@ -257,14 +259,19 @@ def split_by_function(functions: list[Function], rng: random.Random, *, n_train:
             heldout.append(function)
             per_module[function.module] += 1
     held = set(heldout)
-    # Round-robin over the modules: every module keeps a few training questions, rather
-    # than inspect's 40 crowding out the rest.
-    rest = {module: rng.sample(fs, len(fs)) for module, fs in sorted(by_module.items())}
+    rest = {module: [f for f in rng.sample(fs, len(fs)) if f not in held]
+            for module, fs in sorted(by_module.items())}
     train: list[Function] = []
+    # First up to TRAIN_PER_HELDOUT_MODULE functions of each held-out question's module (what
+    # there is to learn a module's kind of function from), then round-robin over every module,
+    # so that no large module (inspect has 40 functions) crowds out the rest.
+    asked = sorted({f.module for f in heldout})
+    for _ in range(TRAIN_PER_HELDOUT_MODULE):
+        for module in asked:
+            if rest[module] and len(train) < n_train:
+                train.append(rest[module].pop())
     while len(train) < n_train and any(rest.values()):
         for module in sorted(rest):
-            while rest[module] and rest[module][-1] in held:
-                rest[module].pop()
             if rest[module] and len(train) < n_train:
                 train.append(rest[module].pop())
     rng.shuffle(train)

@@ -149,8 +149,12 @@ def test_split_keeps_functions_apart_and_every_module_in_training():
     functions = [builder.Function(module=f"m{m}", name=f"f{m}_{i}", signature=f"f{m}_{i}()",
                                   summary="Do something useful with the argument.")
                  for m in range(10) for i in range(6)]
-    train, heldout = builder.split_by_function(functions, random.Random(0), n_train=30,
+    train, heldout = builder.split_by_function(functions, random.Random(0), n_train=50,
                                                n_heldout=8)
-    assert len(heldout) == 8 and len(train) == 30 and not set(train) & set(heldout)
+    assert len(heldout) == 8 and len(train) == 50 and not set(train) & set(heldout)
     assert {f.module for f in train} == {f"m{m}" for m in range(10)}  # round-robin
+    for module in {h.module for h in heldout}:  # what there is to learn each asked module from
+        siblings = 6 - sum(h.module == module for h in heldout)
+        assert sum(f.module == module for f in train) >= min(builder.TRAIN_PER_HELDOUT_MODULE,
+                                                             siblings)
     assert max(sum(f.module == h.module for f in heldout) for h in heldout) <= 2
