@@ -317,3 +317,29 @@ def test_models_with_the_same_directory_name_get_unique_labels_and_deltas(tmp_pa
     assert delta == pytest.approx(loss[0] - loss[2])
     lines = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").open()]
     assert {line["model"] for line in lines} == {"merged", "merged-2", "merged-3"}
+
+
+def test_generate_answers_prompts_without_a_reference(memorised, tmp_path):
+    """Rows with no reference answer are answered and written, not scored; rows with one are
+    scored as usual (n counts them only). Chat rows may end with the user's turn."""
+    rows = [{"prompt": p} for p, _ in PAIRS[:3]] + [{"prompt": p, "response": r} for p, r in PAIRS[3:]]
+    data = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    report = _eval(memorised["run"], tmp_path, [{"task": "generate", "data": str(data),
+                                                  "max_new_tokens": 10}], compare=["base"])
+    metric = report["models"][0]["tasks"]["generate"]["metrics"]["exact_match"]
+    assert metric == {"value": 1.0, "n": len(PAIRS) - 3}
+    lines = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    mine = [x for x in lines if x["model"] == "run"]
+    assert [x["prediction"] for x in mine] == [r for _, r in PAIRS]  # the unscored ones too
+    assert mine[0]["reference"] is None and "exact_match" not in mine[0]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _ in PAIRS])
+    only = _eval(memorised["run"], tmp_path, [{"task": "generate", "data": str(prompts),
+                                                "max_new_tokens": 10}], name="only",
+                 compare=["base"])
+    assert only["models"][0]["tasks"]["generate"]["metrics"] == {
+        "answered": {"value": len(PAIRS), "n": len(PAIRS)}}
+    chats = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    chat = _eval(memorised["base"], tmp_path, [{"task": "generate", "data": str(chats),
+                                                 "format": "chat", "max_new_tokens": 4}],
+                 name="chat")
+    assert chat["models"][0]["tasks"]["generate"]["metrics"]["answered"]["value"] == 1

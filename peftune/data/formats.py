@@ -189,7 +189,8 @@ def chat_format(row: dict[str, Any], cfg: DataSection, tokenizer: Any) -> Segmen
     return Segments([part for part in parts if part[0]], bos=False, eos=False)
 
 
-def chat_messages(row: dict[str, Any], name: str) -> list[dict[str, Any]]:
+def chat_messages(row: dict[str, Any], name: str, *,
+                  need_assistant: bool = True) -> list[dict[str, Any]]:
     messages = require_field(row, name)
     if isinstance(messages, str):  # CSV cells hold the conversation as JSON text
         try:
@@ -212,7 +213,7 @@ def chat_messages(row: dict[str, Any], name: str) -> list[dict[str, Any]]:
             raise RowError(f"message {i}: unknown role {role!r}; use {', '.join(CHAT_ROLES)}", name)
         if not isinstance(content, str):
             raise RowError(f"message {i}: content must be a string, got {json_type(content)}", name)
-    if not any(message["role"] == "assistant" for message in messages):
+    if need_assistant and not any(message["role"] == "assistant" for message in messages):
         raise RowError("no assistant message, so nothing to train on", name)
     return messages
 

@@ -37,7 +37,7 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 @dataclass(frozen=True)
 class Pair:
     prompt: str
-    reference: str
+    reference: str | None  # None: a prompt to answer, with nothing to score against
 
 
 @dataclass
@@ -113,16 +113,19 @@ class GenerateTask:
         task = prepared.task
         totals = dict.fromkeys(task.metrics, 0)
         predictions = []
+        n = 0  # rows with a reference: the others are answered, not scored
         for located in prepared.examples_:
             prediction = records[located.index]["prediction"]
-            scores = score(prediction, located.item.reference, task)
-            for name in totals:
+            reference = located.item.reference
+            scores = score(prediction, reference, task) if reference is not None else {}
+            n += reference is not None
+            for name in scores:
                 totals[name] += scores[name]
             predictions.append({"index": located.index, "location": located.location,
-                                "prompt": located.item.prompt,
-                                "reference": located.item.reference,
+                                "prompt": located.item.prompt, "reference": reference,
                                 "prediction": prediction, **scores})
-        n = prepared.examples
+        if n == 0:  # prompts only: the predictions are the result
+            return {"answered": {"value": prepared.examples, "n": prepared.examples}}, predictions
         return {name: {"value": total / n, "n": n} for name, total in totals.items()}, predictions
 
 
@@ -173,23 +176,25 @@ def _cut_at_stop(text: str, stops: list[str]) -> str:
 
 def _pair(row: dict, task: Any, tokenizer: Any) -> Pair:
     if task.format == "chat":
-        messages = chat_messages(row, task.messages_field)
-        if messages[-1]["role"] != "assistant" or len(messages) < 2:
-            raise RowError("the last message must be the assistant's answer (the reference), "
-                           "after at least one other message", task.messages_field)
+        messages = chat_messages(row, task.messages_field, need_assistant=False)
+        answered = messages[-1]["role"] == "assistant"
+        if answered and len(messages) < 2:
+            raise RowError("the only message is the assistant's: there is no prompt to answer",
+                           task.messages_field)
         try:
-            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False,
-                                                   add_generation_prompt=True)
+            prompt = tokenizer.apply_chat_template(messages[:-1] if answered else messages,
+                                                   tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # jinja's raise_exception and template bugs alike
             raise RowError(f"the chat template failed: {exc}", task.messages_field) from None
-        return Pair(prompt=prompt, reference=messages[-1]["content"])
+        return Pair(prompt=prompt, reference=messages[-1]["content"] if answered else None)
     values = {"prompt": string_field(row, task.prompt_field)}
     if task.input_field:
         value = row.get(task.input_field)
         if value is not None and not isinstance(value, str):
             raise RowError("expected a string", task.input_field)
         values["input"] = value or ""
-    reference = string_field(row, task.response_field, allow_empty=True)
+    reference = (string_field(row, task.response_field, allow_empty=True)
+                 if row.get(task.response_field) is not None else None)
     return Pair(prompt=task.prompt_template.format(**values), reference=reference)
 
 

@@ -16,7 +16,7 @@ from peftune.errors import InputError
 
 # Metrics where lower is better (the delta's sign reads the other way round).
 LOWER_IS_BETTER = {"loss", "perplexity", "bits_per_byte"}
-NOT_COMPARED = {"tokens"}
+NOT_COMPARED = {"tokens", "answered"}
 
 
 def check_out_dir(out: Path, *, overwrite: bool) -> None:
@@ -61,8 +61,7 @@ def write_outputs(out: Path, report: dict, predictions: list[dict]) -> dict:
         with (work / "predictions.jsonl").open("w") as handle:
             for line in predictions:
                 handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-        if len(report["models"]) > 1:
-            plot_metrics(report, work / "metrics.png")
+        if len(report["models"]) > 1 and plot_metrics(report, work / "metrics.png"):
             files["plot"] = str(out / "metrics.png")
         report = {**report, "files": files}
         (work / "report.json").write_text(json.dumps(report, indent=2, default=_json) + "\n")
@@ -135,8 +134,9 @@ def print_table(report: dict, out: Path | None) -> None:
             console.print(f"  {name:<12} {path}", highlight=False)
 
 
-def plot_metrics(report: dict, path: Path) -> Path:
-    """One panel per (task, metric), one bar per model."""
+def plot_metrics(report: dict, path: Path) -> Path | None:
+    """One panel per (task, metric), one bar per model; None when no metric compares (a
+    generate task over prompts without references)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,6 +145,8 @@ def plot_metrics(report: dict, path: Path) -> Path:
     models = report["models"]
     panels = [(task, metric) for task, result in models[0]["tasks"].items()
               for metric in result["metrics"] if metric not in NOT_COMPARED]
+    if not panels:
+        return None
     columns = min(4, len(panels))
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.0 * rows), dpi=110,
