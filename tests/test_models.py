@@ -186,3 +186,16 @@ def test_eval_takes_a_catalogue_name_as_its_target(real_model, tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert report["models"][0]["model"] == str(real_model)
+
+
+def test_an_uncached_hub_id_without_a_hub_is_one_line_at_once(tmp_path):
+    """No ten retry lines over half a minute: the hub's host is tried once, briefly."""
+    env = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HOME": str(tmp_path / "hf")}
+    line = one_error_line(peftune("train", str(recipe(tmp_path, "someorg/some-model")),
+                                  cwd=tmp_path, env=env))
+    assert "'someorg/some-model' is not in the local hub cache and the hub cannot be reached " \
+           "(127.0.0.1: Connection refused)" in line
+    line = one_error_line(peftune("train", str(recipe(tmp_path, "someorg/some-model")),
+                                  cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"}))
+    assert "(HF_HUB_OFFLINE is set)" in line and not (tmp_path / "run").exists()

@@ -63,6 +63,12 @@ def check_model_loadable(path: str, *, trust_remote_code: bool) -> None:
     """Fail with one line when the model's config cannot be found (offline hub id, typo)."""
     from transformers import AutoConfig
 
+    unreachable = _uncached_and_hub_unreachable(path)
+    if unreachable:  # not transformers' retries: ten warning lines over half a minute
+        raise InputError(
+            f"model.path: '{path}' is not in the local hub cache and the hub cannot be reached "
+            f"({unreachable}); download it where the hub is reachable, or point model.path "
+            "at a local directory, a .gguf file or a catalogue model (peftune pull lists them)")
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -73,6 +79,35 @@ def check_model_loadable(path: str, *, trust_remote_code: bool) -> None:
         ) from err
     except ValueError as err:  # e.g. a custom architecture that needs trust_remote_code
         raise InputError(f"model.path: {path}: {_first_line(err)}") from err
+
+
+def _uncached_and_hub_unreachable(path: str) -> str | None:
+    """Why the hub cannot be asked for a hub id that is not cached (offline mode, or no
+    connection to its host within 3 s), or None: a cached id, a local path, or a hub that
+    answers."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if Path(path).expanduser().exists() or path.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            return None
+    except Exception:  # noqa: BLE001 - an id the cache cannot even look up: let transformers say
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as err:
+        return f"{host}: {err.strerror or type(err).__name__}"
+    return None
 
 
 def quiet_libraries() -> None:
