@@ -537,3 +537,29 @@ def test_json_that_is_not_a_list(tmp_path: Path, tokenizer: Any) -> None:
     (tmp_path / "d.json").write_text('{"text": "one object"}')
     with pytest.raises(InputError, match="expected a JSON list of objects, got an object"):
         build(tmp_path, tokenizer, train=str(tmp_path / "d.json"))
+
+
+def test_prompts_longer_than_max_length_say_so_and_left_truncation_keeps_responses(
+        tmp_path: Path, tokenizer: Any) -> None:
+    """Instruction rows whose prompts fill max_length: one line with the lengths and both ways
+    out; with data.truncation: left each example keeps its last max_length tokens, so the
+    response and EOS stay targets and the cut start of the prompt goes."""
+    rows = [{"prompt": "context " * 20 + f"question {i}?", "response": f"answer {i}"}
+            for i in range(6)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(InputError) as excinfo:
+        build(tmp_path, tokenizer, train=path, format="instruction", max_length=64)
+    (line,) = error_lines(excinfo)
+    assert line.startswith(f"data.train: {path}: 6 of 6 examples have no target token within "
+                           "data.max_length=64 (their prompts fill it); raise data.max_length "
+                           "(the longest example has ")
+    assert line.endswith("or set data.truncation: left to cut the start of long prompts and "
+                         "keep the response")
+    splits = build(tmp_path, tokenizer, train=path, format="instruction", max_length=64,
+                   truncation="left")
+    assert len(splits.train) == 6
+    for i in range(6):
+        ids, labels = splits.train[i]
+        assert len(ids) == 64 and labels[0] == -100
+        assert targets(tokenizer, ids, labels) == f"answer {i}</s>"
+        assert tokenizer.decode(ids.tolist()).endswith(f"question {i}?\nanswer {i}</s>")

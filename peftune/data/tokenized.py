@@ -79,25 +79,36 @@ class TokenizedSet:
     def num_target_tokens(self) -> int:
         return int(np.count_nonzero(self.labels != IGNORE_INDEX))
 
-    def target_counts(self, max_length: int | None = None) -> np.ndarray:
-        """Target tokens per example within its first `max_length` tokens (a cumulative sum:
-        no Python loop over examples)."""
+    def target_counts(self, max_length: int | None = None, *, left: bool = False) -> np.ndarray:
+        """Target tokens per example within its first (`left`: last) `max_length` tokens, the
+        first kept token never counting (a cumulative sum: no Python loop over examples)."""
         cumulative = np.concatenate([[0], np.cumsum(self.labels != IGNORE_INDEX, dtype=np.int64)])
-        starts = self.offsets[:-1]
+        starts, ends = self.offsets[:-1], self.offsets[1:]
         lengths = self.lengths if max_length is None else np.minimum(self.lengths, max_length)
+        if left:  # the window's first token is never predicted (see select)
+            return cumulative[ends] - cumulative[np.minimum(ends - lengths + 1, ends)]
         return cumulative[starts + lengths] - cumulative[starts]
 
-    def select(self, indices: np.ndarray, *, max_length: int | None = None) -> TokenizedSet:
-        """The examples at `indices`, in that order, each cut to `max_length` tokens."""
+    def select(self, indices: np.ndarray, *, max_length: int | None = None,
+               left: bool = False) -> TokenizedSet:
+        """The examples at `indices`, in that order, each cut to `max_length` tokens: its
+        first ones, or with `left` its last ones (the cut example's new first token is not a
+        target: nothing precedes it to predict it from)."""
         indices = np.asarray(indices, dtype=np.int64)
         starts = self.offsets[:-1][indices]
         lengths = self.lengths[indices]
         if max_length is not None:
-            lengths = np.minimum(lengths, max_length)
+            kept = np.minimum(lengths, max_length)
+            if left:
+                starts = starts + lengths - kept
+            lengths = kept
         offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         # Token positions of the kept tokens, example by example, without a Python loop.
         gather = np.arange(offsets[-1], dtype=np.int64) + np.repeat(starts - offsets[:-1], lengths)
-        return TokenizedSet(self.input_ids[gather], self.labels[gather], offsets)
+        labels = self.labels[gather]
+        if left and len(labels):
+            labels[offsets[:-1][lengths > 0]] = IGNORE_INDEX
+        return TokenizedSet(self.input_ids[gather], labels, offsets)
 
 
 @dataclass
@@ -127,10 +138,14 @@ def build_datasets(cfg: DataSection, tokenizer: Any, *, seed: int,
             stats[name] += meta[name]
         stats["bad_rows"] += meta["bad_rows"]
         stats["cache_hit"] &= meta["cache_hit"]
-        keep = np.flatnonzero(raw.target_counts(cfg.max_length) > 0)
+        left = cfg.truncation == "left"
+        keep = np.flatnonzero(raw.target_counts(cfg.max_length, left=left) > 0)
         stats["truncated"] += int(np.count_nonzero(raw.lengths[keep] > cfg.max_length))
-        stats["dropped_no_target"] += len(raw) - len(keep)
-        return raw.select(keep, max_length=cfg.max_length)
+        dropped = len(raw) - len(keep)
+        stats["dropped_no_target"] += dropped
+        if dropped and (dropped * 2 > len(raw) or not len(keep)):
+            raise InputError(f"{key}: {_too_long(cfg, raw, dropped, path)}")
+        return raw.select(keep, max_length=cfg.max_length, left=left)
 
     train = load(cfg.train, "data.train", cfg.max_examples)
     val: TokenizedSet | None = None
@@ -151,9 +166,22 @@ def build_datasets(cfg: DataSection, tokenizer: Any, *, seed: int,
     if stats["truncated"]:
         log.info("%d examples were cut to data.max_length=%d", stats["truncated"], cfg.max_length)
     if stats["dropped_no_target"]:
-        log.warning("dropped %d examples with no target token within data.max_length=%d",
+        log.warning("dropped %d examples with no target token within data.max_length=%d "
+                    "(their prompts fill it; data.truncation: left keeps the response)",
                     stats["dropped_no_target"], cfg.max_length)
     return DataSplits(train=train, val=val, stats=stats)
+
+
+def _too_long(cfg: DataSection, raw: TokenizedSet, dropped: int, path: str) -> str:
+    """Why most examples of a file have nothing to train on, and the two ways out."""
+    lengths = raw.lengths
+    longest, typical = int(lengths.max()), int(np.percentile(lengths, 95))
+    fix = (f"raise data.max_length (the longest example has {longest:,} tokens, 95% have "
+           f"<= {typical:,})")
+    if cfg.truncation == "right" and cfg.format != "text":
+        fix += ", or set data.truncation: left to cut the start of long prompts and keep the response"
+    return (f"{path}: {dropped} of {len(raw)} examples have no target token within "
+            f"data.max_length={cfg.max_length} (their prompts fill it); {fix}")
 
 
 def _split(data: TokenizedSet, ratio: float, seed: int) -> tuple[TokenizedSet, TokenizedSet]:

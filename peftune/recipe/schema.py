@@ -114,6 +114,9 @@ class DataSection(Section):
     messages_field: str = "messages"
     prompt_template: str = "{prompt}\n"
     max_length: int = Field(default=1024, gt=0)
+    # an example longer than max_length keeps its first tokens (right: cut at the end) or its
+    # last ones (left: the start of a long prompt goes, the response stays)
+    truncation: Literal["right", "left"] = "right"
     packing: bool = True
     add_eos: bool = True
     on_bad_row: Literal["error", "skip"] = "error"
