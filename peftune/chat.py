@@ -293,7 +293,7 @@ def load_sides(primary: Target, base: Target | None, *, raw: bool, system: str |
                status: TextIO) -> list[Side]:
     """The tokenizer first (a model without a chat template is refused before its weights
     load), then the model(s): the target, and its base for `--compare base`."""
-    from peftune.evaluate.generate import _end_of_turn_ids
+    from peftune.evaluate.generate import end_of_turn_ids
     from peftune.evaluate.targets import load_target
     from peftune.models import load_tokenizer, resolve_model_path
 
@@ -319,7 +319,7 @@ def load_sides(primary: Target, base: Target | None, *, raw: bool, system: str |
     for side in sides:  # a template that refuses the system role says so now
         side.render(side.messages + [{"role": "user", "content": "hi"}])
     for side in sides:  # EOS, and the template's end-of-turn token (ChatML's <|im_end|>)
-        stops = [] if raw else _end_of_turn_ids(side.loaded.tokenizer)
+        stops = [] if raw else end_of_turn_ids(side.loaded.tokenizer)
         eos = side.loaded.tokenizer.eos_token_id
         side.stop_ids = sorted(set(stops + ([eos] if eos is not None else [])))
     return sides

@@ -343,3 +343,25 @@ def test_generate_answers_prompts_without_a_reference(memorised, tmp_path):
                                                  "format": "chat", "max_new_tokens": 4}],
                  name="chat")
     assert chat["models"][0]["tasks"]["generate"]["metrics"]["answered"]["value"] == 1
+
+
+def test_choice_with_chat_format_renders_the_question_as_the_users_turn(tiny_model_dir,
+                                                                        tmp_path):
+    """For an instruct model: the question through the chat template up to the assistant's
+    turn, each option the assistant's whole answer (its text and <|im_end|>)."""
+    from transformers import AutoTokenizer
+
+    from peftune.evaluate.choice import TASK as CHOICE
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"prompt": "Colour of a lime?", "choices": ["green", "blue"], "answer": 0}]
+    data = write_jsonl(tmp_path / "mc.jsonl", rows)
+    task = EvalTask(task="choice", data=str(data), format="chat", batch_size=4)
+    prepared = CHOICE.prepare(task, tokenizer, key="eval.tasks[0]", context=256)
+    ids, labels = prepared.rows[1]
+    assert tokenizer.decode(ids.tolist()) == (
+        "<|im_start|>user\nColour of a lime?<|im_end|>\n<|im_start|>assistant\nblue<|im_end|>")
+    assert tokenizer.decode(ids[labels != -100].tolist()) == "blue<|im_end|>"
+    report = _eval(tiny_model_dir, tmp_path, [{"task": "choice", "data": str(data),
+                                               "format": "chat"}])
+    assert report["models"][0]["tasks"]["choice"]["metrics"]["accuracy"]["n"] == 1

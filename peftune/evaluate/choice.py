@@ -5,7 +5,9 @@ option is the model's answer. Two accuracies, as lm-evaluation-harness reports t
 highest log-probability per UTF-8 byte of the option (which does not favour short options).
 
 Rows: {"prompt": "2 + 2 =", "choices": [" 3", " 4"], "answer": 1}; `answer` is the index of
-the right option, or its text.
+the right option, or its text. With `format: chat` (an instruct model) the question is the
+user's turn rendered by the chat template, and each option is the assistant's whole answer:
+its text and the template's end-of-turn token.
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from peftune.data.formats import IGNORE_INDEX, RowError, leading_special_ids, string_field
+from peftune.data.formats import (
+    IGNORE_INDEX,
+    RowError,
+    check_format_setup,
+    leading_special_ids,
+    string_field,
+)
 from peftune.data.sources import json_type
 from peftune.evaluate.common import Located, pad_right, plan_batches, read_examples, target_nll
+from peftune.evaluate.generate import end_of_turn_ids
+from peftune.evaluate.perplexity import data_section
 
 
 @dataclass(frozen=True)
@@ -47,13 +57,18 @@ class ChoiceTask:
             return _question(row, task)
 
         examples = read_examples(task, key=key, parse=parse)
-        bos = leading_special_ids(tokenizer)
+        chat = task.format == "chat"
+        if chat:
+            check_format_setup(data_section(task), tokenizer)  # a chat template is needed
+        bos = [] if chat else leading_special_ids(tokenizer)  # a template writes its own
+        end = end_of_turn_ids(tokenizer) if chat else []  # an option is the whole answer
         units, rows = [], []
         for located in examples:
             question = located.item
-            context_ids = bos + tokenizer(question.context, add_special_tokens=False)["input_ids"]
+            context = _chat_prompt(tokenizer, question.context.strip()) if chat else question.context
+            context_ids = bos + tokenizer(context, add_special_tokens=False)["input_ids"]
             for option, text in enumerate(question.choices):
-                option_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                option_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + end
                 ids = np.asarray(context_ids + option_ids, dtype=np.int64)
                 labels = ids.copy()
                 labels[:len(context_ids)] = IGNORE_INDEX
@@ -87,6 +102,12 @@ class ChoiceTask:
         n = prepared.examples
         return {"accuracy": {"value": correct / n, "n": n},
                 "accuracy_norm": {"value": correct_norm / n, "n": n}}, predictions
+
+
+def _chat_prompt(tokenizer: Any, question: str) -> str:
+    """The question as the user's turn, rendered by the chat template up to the assistant's."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                         tokenize=False, add_generation_prompt=True)
 
 
 def _question(row: dict, task: Any) -> Question:

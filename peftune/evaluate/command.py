@@ -34,7 +34,7 @@ def eval_command(*, target: str | None, model: str | None, adapter: str | None,
             return {}
     if primary.run is not None and config is None and flags.get("task") is not None \
             and flags.get("format") is None:
-        flags = {**flags, **_run_data_format(primary.run)}
+        flags = {**flags, **_run_data_format(primary.run, flags["task"])}
     wants_tasks = config is not None or flags.get("task") is not None
     if not wants_tasks and lm_eval is not None:
         section = None
@@ -64,15 +64,17 @@ _DATA_KEYS = ("format", "text_field", "prompt_field", "input_field", "response_f
               "messages_field", "prompt_template", "add_eos")
 
 
-def _run_data_format(run: Path) -> dict[str, Any]:
-    """A run's data format and field names, which `--task` uses unless `--format` is given:
-    the data evaluated is usually shaped like the data trained on."""
+def _run_data_format(run: Path, task: str) -> dict[str, Any]:
+    """A run's data format and field names (those the task reads), which `--task` uses unless
+    `--format` is given: the data evaluated is usually shaped like the data trained on."""
     from peftune.recipe import load_recipe
+    from peftune.recipe.schema import EVAL_TASK_KEYS
 
     data = load_recipe(run / "recipe.yaml").data
     fields = type(data).model_fields
     return {key: getattr(data, key) for key in _DATA_KEYS
-            if key == "format" or getattr(data, key) != fields[key].default}
+            if key in EVAL_TASK_KEYS.get(task, ())
+            and (key == "format" or getattr(data, key) != fields[key].default)}
 
 
 def run_lm_eval(targets: list[Target], tasks: str, *, out: Path) -> dict:

@@ -70,7 +70,7 @@ class GenerateTask:
                    for e in examples]
         stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         if task.format == "chat":
-            stop_ids += _end_of_turn_ids(tokenizer)
+            stop_ids += end_of_turn_ids(tokenizer)
         return Prepared(task=task, examples_=examples, prompts=prompts, context=context,
                         batches=plan_batches([len(p) for p in prompts], task.batch_size),
                         stop_ids=sorted(set(stop_ids)))
@@ -198,7 +198,7 @@ def _pair(row: dict, task: Any, tokenizer: Any) -> Pair:
     return Pair(prompt=task.prompt_template.format(**values), reference=reference)
 
 
-def _end_of_turn_ids(tokenizer: Any) -> list[int]:
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
     """The token that the chat template writes right after an assistant message (ChatML's
     <|im_end|>), when it is a single token: generation stops there."""
     probe = "PEFTUNE_PROBE"
