@@ -42,6 +42,7 @@ def test_cli_selects_and_prints_a_table(files):
     result = _cli(*_base(files, "--label-field", "label", "--sampling", "top_k"))
     assert result.returncode == 0, result.stderr
     assert "KL reduction" in result.stdout and "greek 20" in result.stdout
+    assert "than random rows of the same size" in result.stdout
     report = json.loads((files["out"] / "report.json").read_text())
     assert report["labels"]["selected"] == {"greek": 20}
 
@@ -142,6 +143,10 @@ def test_training_recipe_selects_first_and_caches(files, tiny_model_dir, tmp_pat
     assert selection["k"] == 30 and selection["cached"] is False
     selected = Path(selection["dir"]) / "selected.jsonl"
     assert all(json.loads(line)["label"] == "greek" for line in selected.read_text().splitlines())
+    # the run keeps the rows it trained on, and the selection's report
+    kept = tmp_path / "run" / "selection"
+    assert (kept / "selected.jsonl").read_text() == selected.read_text()
+    assert json.loads((kept / "report.json").read_text())["k"] == 30
     second = _cli("train", recipe, "--overwrite")
     assert second.returncode == 0, second.stderr
     assert "(cached, KL reduction" in second.stdout

@@ -259,9 +259,14 @@ class Reporter:
         if "pairs_per_s" in report:
             table.add_row("pairs", f"{report['pairs_per_s']:,.0f} compressions/s "
                                    f"against {report['zipfit_targets']:,} targets")
-        table.add_row("KL reduction", f"{kl['reduction']:.4f} nats "
-                                      f"(random rows of the same size: "
-                                      f"{kl['random_reduction']:.4f})")
+        gain = kl["reduction"] - kl["random_reduction"]
+        table.add_row("closer to the target",
+                      f"{gain:+.4f} nats than random rows of the same size "
+                      f"({'better' if gain > 0 else 'not better'} than chance)")
+        table.add_row("KL reduction", f"{kl['reduction']:.4f} nats, random rows "
+                                      f"{kl['random_reduction']:.4f} (KL(target||pool) - "
+                                      "KL(target||selection) on hashed n-grams; it is negative "
+                                      "for any small sample, so compare it with random's)")
         lengths = report["lengths"]
         if lengths["pool"].get("count") and lengths["selected"].get("count"):
             table.add_row("median length", f"{lengths['selected']['p50']} words selected, "

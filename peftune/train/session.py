@@ -44,6 +44,9 @@ def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
     def start_files() -> Any:
         eval_tasks = prepare_recipe_eval(recipe, built.tokenizer, out)  # bad eval data: stop now
         (out / "recipe.yaml").write_text(_source_comment(recipe.model.path) + recipe_to_yaml(recipe))
+        selection = built.data_stats.get("selection")
+        if selection is not None:  # the rows data.select chose: the run says what it trained on
+            _keep_selection(Path(selection["dir"]), out / "selection")
         return eval_tasks
 
     eval_tasks = run_on_main(accelerator, start_files)
@@ -230,6 +233,22 @@ def _summary(built: Any, state: TrainerState, records: list[dict], artifact: Pat
         "data": built.data_stats,
         "model_source": describe_source(built.recipe.model.path),
     }
+
+
+def _keep_selection(cached: Path, into: Path) -> None:
+    """The selected rows and the selection's report, hard-linked from the selection cache
+    (copied where a link cannot be made): they stay with the run if the cache is cleared."""
+    import os
+
+    into.mkdir(parents=True, exist_ok=True)
+    for name in ("selected.jsonl", "report.json", "select.yaml"):
+        source = cached / name
+        if not source.is_file():
+            continue
+        try:
+            os.link(source, into / name)
+        except OSError:
+            shutil.copy2(source, into / name)
 
 
 def _base_params(built: Any) -> int:
