@@ -172,3 +172,4 @@ def assert_resume_matches_uninterrupted(tmp_path: Path, *, model: Path, data: Pa
     logged = [r["step"] for r in map(json.loads, (resumed / "metrics.jsonl").open()) if "loss" in r]
     assert logged == list(range(1, steps + 1))
     return ResumedRun(whole, resumed, first, second)
+

@@ -238,7 +238,7 @@ def test_resume_without_a_checkpoint_fails_cleanly(tmp_path, tiny_model_dir, tex
 def test_model_not_found_offline_fails_with_one_line(tmp_path, text_data):
     recipe = write_recipe(tmp_path / "r.yaml", model="no-such-org/no-such-model",
                           data=text_data["train"], out=tmp_path / "run")
-    _assert_clean_failure(_cli("train", str(recipe)), "model.path: cannot find model")
+    _assert_clean_failure(_cli("train", str(recipe)), "is not in the local hub cache and the hub cannot be reached")
     assert not (tmp_path / "run").exists()
 
 
