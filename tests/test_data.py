@@ -188,6 +188,18 @@ def test_sharegpt_rows_read_as_role_and_content(tmp_path: Path, tokenizer: Any) 
     assert targets(tokenizer, ids_b, labels_b) == "hello!<|im_end|>\nIt is 42.<|im_end|>\n"
 
 
+def test_data_roles_rename_speakers_and_roles(tmp_path: Path, tokenizer: Any) -> None:
+    rows = [{"conversations": [{"from": "customer", "value": "hi"},
+                               {"from": "agent", "value": "hello!"}]},
+            {"conversations": [{"role": "customer", "content": "bye"},
+                               {"role": "agent", "content": "see you"}]}]
+    splits = build(tmp_path, tokenizer, train=write_jsonl(tmp_path / "r.jsonl", rows),
+                   format="chat", messages_field="conversations",
+                   roles={"customer": "user", "agent": "assistant"})
+    assert targets(tokenizer, *splits.train[0]) == "hello!<|im_end|>\n"
+    assert targets(tokenizer, *splits.train[1]) == "see you<|im_end|>\n"
+
+
 # --- packing and padding are exact -----------------------------------------------------------
 
 def variable_texts(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -500,7 +512,7 @@ def test_chat_bad_rows(tmp_path: Path, tokenizer: Any) -> None:
     assert error_lines(excinfo)[:5] == [
         f"{path}:1: empty list of messages (field 'messages')",
         f"{path}:2: message 0: unknown role 'robot'; use system, user, assistant, tool "
-        "(field 'messages')",
+        "(data.roles renames others) (field 'messages')",
         f"{path}:3: no assistant message, so nothing to train on (field 'messages')",
         f"{path}:4: expected a list of messages, got a string that is not JSON (field 'messages')",
         f"{path}:5: the only assistant message opens the conversation (no user turn before it "

@@ -156,7 +156,7 @@ def chat_format(row: dict[str, Any], cfg: DataSection, tokenizer: Any) -> Segmen
     prompt must be a prefix of messages[:i+1], which must be a prefix of the whole chat.
     The template's own end markers close each turn (and are targets), so data.add_eos and
     BOS do not apply: a template that wants BOS writes it into the text."""
-    messages = chat_messages(row, cfg.messages_field)
+    messages = chat_messages(row, cfg.messages_field, roles=cfg.roles)
 
     def render(upto: int, generation_prompt: bool) -> str:
         try:
@@ -189,8 +189,8 @@ def chat_format(row: dict[str, Any], cfg: DataSection, tokenizer: Any) -> Segmen
     return Segments([part for part in parts if part[0]], bos=False, eos=False)
 
 
-def chat_messages(row: dict[str, Any], name: str, *,
-                  need_assistant: bool = True) -> list[dict[str, Any]]:
+def chat_messages(row: dict[str, Any], name: str, *, need_assistant: bool = True,
+                  roles: dict[str, str] | None = None) -> list[dict[str, Any]]:
     messages = require_field(row, name)
     if isinstance(messages, str):  # CSV cells hold the conversation as JSON text
         try:
@@ -202,15 +202,20 @@ def chat_messages(row: dict[str, Any], name: str, *,
         raise RowError(f"expected a list of messages, got {json_type(messages)}", name)
     if not messages:
         raise RowError("empty list of messages", name)
-    messages = [_from_sharegpt(m) if isinstance(m, dict) and "from" in m and "role" not in m
-                else m for m in messages]
+    messages = [_from_sharegpt(m, roles or {}) if isinstance(m, dict) and "from" in m
+                and "role" not in m else m for m in messages]
+    if roles:  # data.roles renames roles written as role/content too
+        messages = [{**m, "role": roles.get(m.get("role"), m.get("role"))}
+                    if isinstance(m, dict) and isinstance(m.get("role"), str) else m
+                    for m in messages]
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise RowError(f"message {i}: expected an object with role and content, "
                            f"got {json_type(message)}", name)
         role, content = message.get("role"), message.get("content")
         if role not in CHAT_ROLES:
-            raise RowError(f"message {i}: unknown role {role!r}; use {', '.join(CHAT_ROLES)}", name)
+            raise RowError(f"message {i}: unknown role {role!r}; use {', '.join(CHAT_ROLES)} "
+                           "(data.roles renames others)", name)
         if not isinstance(content, str):
             raise RowError(f"message {i}: content must be a string, got {json_type(content)}", name)
     if need_assistant and not any(message["role"] == "assistant" for message in messages):
@@ -218,11 +223,14 @@ def chat_messages(row: dict[str, Any], name: str, *,
     return messages
 
 
-def _from_sharegpt(message: dict[str, Any]) -> dict[str, Any]:
-    """{"from": "human", "value": "hi"} -> {"role": "user", "content": "hi"}; an unknown
-    speaker is kept as the role, so the error names it."""
+def _from_sharegpt(message: dict[str, Any], roles: dict[str, str]) -> dict[str, Any]:
+    """{"from": "human", "value": "hi"} -> {"role": "user", "content": "hi"} (data.roles
+    first, then the usual ShareGPT speakers); an unknown speaker is kept as the role, so the
+    error names it."""
     speaker = message.get("from")
-    role = SHAREGPT_ROLES.get(speaker.lower(), speaker) if isinstance(speaker, str) else speaker
+    role = speaker
+    if isinstance(speaker, str):
+        role = roles.get(speaker) or SHAREGPT_ROLES.get(speaker.lower(), speaker)
     return {"role": role, "content": message.get("value", message.get("content"))}
 
 

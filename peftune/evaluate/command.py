@@ -61,7 +61,7 @@ def eval_command(*, target: str | None, model: str | None, adapter: str | None,
 
 
 _DATA_KEYS = ("format", "text_field", "prompt_field", "input_field", "response_field",
-              "messages_field", "prompt_template", "add_eos")
+              "messages_field", "roles", "prompt_template", "add_eos")
 
 
 def _run_data_format(run: Path, task: str) -> dict[str, Any]:

@@ -176,7 +176,8 @@ def _cut_at_stop(text: str, stops: list[str]) -> str:
 
 def _pair(row: dict, task: Any, tokenizer: Any) -> Pair:
     if task.format == "chat":
-        messages = chat_messages(row, task.messages_field, need_assistant=False)
+        messages = chat_messages(row, task.messages_field, need_assistant=False,
+                                 roles=task.roles)
         answered = messages[-1]["role"] == "assistant"
         if answered and len(messages) < 2:
             raise RowError("the only message is the assistant's: there is no prompt to answer",

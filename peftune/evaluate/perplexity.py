@@ -30,7 +30,7 @@ from peftune.recipe.schema import DataSection
 DEFAULT_WINDOW = 1024
 # The data keys a perplexity task shares with the data section (same names and defaults).
 DATA_KEYS = ("format", "text_field", "prompt_field", "input_field", "response_field",
-             "messages_field", "prompt_template", "add_eos", "on_bad_row")
+             "messages_field", "roles", "prompt_template", "add_eos", "on_bad_row")
 
 
 @dataclass(frozen=True)

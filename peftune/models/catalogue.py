@@ -75,9 +75,11 @@ def looks_like_catalogue_name(path: str) -> bool:
 def entry(name: str, *, key: str = "model.path") -> CatalogueModel:
     if name in CATALOGUE:
         return CATALOGUE[name]
-    from peftune.recipe.errors import did_you_mean
+    import difflib
 
-    raise InputError(f"{key}: {name} is not a catalogue model{did_you_mean(name, catalogue_names())}"
+    close = difflib.get_close_matches(name, catalogue_names(), n=1, cutoff=0.6)
+    did_you_mean = f" (did you mean {close[0]}?)" if close else ""
+    raise InputError(f"{key}: {name} is not a catalogue model{did_you_mean}"
                      f"; the catalogue has {', '.join(catalogue_names())} (peftune pull lists "
                      "them); or give a local directory, a .gguf file, or a hub id as org/name")
 

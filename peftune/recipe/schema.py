@@ -112,6 +112,9 @@ class DataSection(Section):
     input_field: str | None = None
     response_field: str = "response"
     messages_field: str = "messages"
+    # chat: message roles (or ShareGPT "from" speakers) renamed to system / user / assistant /
+    # tool, e.g. {human: user, bot: assistant}; the usual ShareGPT speakers need no entry
+    roles: dict[str, str] = Field(default_factory=dict)
     prompt_template: str = "{prompt}\n"
     max_length: int = Field(default=1024, gt=0)
     # an example longer than max_length keeps its first tokens (right: cut at the end) or its
@@ -231,13 +234,14 @@ class OutputSection(Section):
 # The keys each eval task reads besides the shared ones (a key of another task is an error).
 EVAL_TASK_KEYS = {
     "perplexity": frozenset({"format", "text_field", "prompt_field", "input_field",
-                             "response_field", "messages_field", "prompt_template", "add_eos",
-                             "window", "stride"}),
+                             "response_field", "messages_field", "roles", "prompt_template",
+                             "add_eos", "window", "stride"}),
     "choice": frozenset({"format", "prompt_field", "prompt_template", "choices_field",
                          "answer_field"}),
     "generate": frozenset({"format", "prompt_field", "input_field", "response_field",
-                           "messages_field", "prompt_template", "max_new_tokens", "temperature",
-                           "top_p", "seed", "stop", "metrics", "normalize", "answer_regex"}),
+                           "messages_field", "roles", "prompt_template", "max_new_tokens",
+                           "temperature", "top_p", "seed", "stop", "metrics", "normalize",
+                           "answer_regex"}),
 }
 
 
@@ -264,6 +268,7 @@ class EvalTask(Section):
     input_field: str | None = None
     response_field: str = "response"
     messages_field: str = "messages"
+    roles: dict[str, str] = Field(default_factory=dict)
     prompt_template: str = "{prompt}\n"
     add_eos: bool = True
     # perplexity: tokens per forward pass (default: the model's context, at most 1024) and
