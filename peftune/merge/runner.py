@@ -134,7 +134,9 @@ def local_model_dir(path: str) -> Path:
     if local.is_dir():
         return local
     if is_gguf(path) or looks_like_catalogue_name(path):
-        return Path(resolve_model_path(path, key="--base"))
+        resolved = Path(resolve_model_path(path, key="--base"))
+        if resolved.is_dir():  # else a bare hub id (gpt2) the hub cache holds: below
+            return resolved
     try:
         from huggingface_hub import snapshot_download
 

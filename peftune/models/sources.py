@@ -43,7 +43,7 @@ def resolve_model_path(path: str, *, key: str = "model.path", quiet: bool = Fals
         raise InputError(f"{key}: {path} is a file; give a Hugging Face model directory (the one "
                          "holding config.json), a .gguf file, a catalogue model "
                          f"({', '.join(catalogue.catalogue_names())}) or a hub id")
-    if catalogue.looks_like_catalogue_name(path):
+    if _catalogue_name(path):
         model = catalogue.entry(path, key=key)
         gguf_file = catalogue.pull(model.name, quiet=quiet, key=key)
         return str(gguf.ensure_converted(gguf_file, sha256=model.sha256, key=key, quiet=quiet))
@@ -52,6 +52,21 @@ def resolve_model_path(path: str, *, key: str = "model.path", quiet: bool = Fals
                          f"a catalogue model ({', '.join(catalogue.catalogue_names())}) or a hub "
                          "id (`peftune tiny-model DIR` builds a small random model to try things)")
     return path
+
+
+def _catalogue_name(path: str) -> bool:
+    """A bare name meant for the catalogue: not a legacy hub id without an org (`gpt2`)
+    that the local hub cache holds."""
+    if not catalogue.looks_like_catalogue_name(path):
+        return False
+    if path in catalogue.CATALOGUE:
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return not isinstance(try_to_load_from_cache(path, "config.json"), str)
+    except Exception:  # noqa: BLE001 - no cache to ask: the catalogue's message is the help
+        return True
 
 
 def local_config_dir(path: str) -> Path | None:
@@ -93,7 +108,7 @@ def model_source_problem(path: str) -> str | None:
         if is_gguf(path):
             if local_config_dir(path) is None:
                 gguf.inspect_gguf(Path(path).expanduser())
-        elif catalogue.looks_like_catalogue_name(path):
+        elif _catalogue_name(path):
             catalogue.entry(path)
         elif Path(path).expanduser().is_file():
             resolve_model_path(path)  # raises its one line
