@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import os
 import random
 import re
@@ -38,6 +37,9 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling corpus builder
+from build_demo_corpus import write_jsonl  # noqa: E402 - atomic JSONL, stdlib only
 
 # Not questions a user of the standard library asks: tests, GUI internals, demos, bundled
 # installers and tables, and third-party packages.
@@ -276,16 +278,6 @@ def split_by_function(functions: list[Function], rng: random.Random, *, n_train:
                 train.append(rest[module].pop())
     rng.shuffle(train)
     return train, heldout
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> int:
-    """Write rows atomically (temp file + rename); return the size in bytes."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path.stat().st_size
 
 
 if __name__ == "__main__":

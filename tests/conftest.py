@@ -173,3 +173,15 @@ def assert_resume_matches_uninterrupted(tmp_path: Path, *, model: Path, data: Pa
     assert logged == list(range(1, steps + 1))
     return ResumedRun(whole, resumed, first, second)
 
+
+def load_script(name: str) -> Any:
+    """A module of scripts/ (not a package) by file name, e.g. "build_demo_task"."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module

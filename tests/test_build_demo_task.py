@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_demo_task.py"
-
-
-def _load_builder():
-    spec = importlib.util.spec_from_file_location("build_demo_task", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
-
-
-builder = _load_builder()
+builder = load_script("build_demo_task")
 
 
 def _rows(path: Path) -> list[dict]:

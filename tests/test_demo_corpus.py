@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_demo_corpus.py"
 FILES = ("pretrain.jsonl", "tests_train.jsonl", "tests_val.jsonl", "instruct_train.jsonl")
 SMALL = ["--max-docs", "300", "--max-test-docs", "120", "--max-val-docs", "30"]
 
 
-def _load_builder():
-    spec = importlib.util.spec_from_file_location("build_demo_corpus", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-builder = _load_builder()
+builder = load_script("build_demo_corpus")
 
 
 def _rows(path: Path) -> list[dict]:

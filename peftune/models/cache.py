@@ -67,9 +67,8 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def known_sha256(path: Path) -> str:
-    """The file's sha256, remembered by (resolved path, size, mtime) so that a multi-GB GGUF
-    is hashed once, not on every run."""
+def _hash_index(path: Path) -> tuple[str, Path, dict]:
+    """(the file's key, the index file, the index) of the remembered hashes."""
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     index_file = cache_root() / "gguf" / "hashes.json"
@@ -77,12 +76,28 @@ def known_sha256(path: Path) -> str:
         index = json.loads(index_file.read_text())
     except (OSError, ValueError):
         index = {}
-    if isinstance(index, dict) and isinstance(index.get(key), str):
+    return key, index_file, index if isinstance(index, dict) else {}
+
+
+def remembered_sha256(path: Path) -> str | None:
+    """The sha256 recorded when the file was last hashed, or None (never hashes it now)."""
+    try:
+        key, _, index = _hash_index(path)
+    except OSError:
+        return None
+    found = index.get(key)
+    return found if isinstance(found, str) else None
+
+
+def known_sha256(path: Path) -> str:
+    """The file's sha256, remembered by (resolved path, size, mtime) so that a multi-GB GGUF
+    is hashed once, not on every run."""
+    key, index_file, index = _hash_index(path)
+    if isinstance(index.get(key), str):
         return index[key]
     digest = sha256_of(path)
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
         index_file.parent.mkdir(parents=True, exist_ok=True)
-        index = index if isinstance(index, dict) else {}
         index[key] = digest
         tmp = index_file.with_name(f".hashes-{os.getpid()}.json")
         tmp.write_text(json.dumps(index, indent=0))

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftune.errors import InputError
-from peftune.models import catalogue, gguf
+from peftune.models import cache, catalogue, gguf
 
 
 def is_gguf(path: str) -> bool:
@@ -80,25 +80,11 @@ def local_config_dir(path: str) -> Path | None:
     if catalogue.looks_like_catalogue_name(path) and path in catalogue.CATALOGUE:
         sha256 = catalogue.CATALOGUE[path].sha256
     elif is_gguf(path) and local.is_file():
-        sha256 = _remembered_sha256(local)
+        sha256 = cache.remembered_sha256(local)
     if sha256 is None:
         return None
     directory = gguf.converted_dir(sha256)
     return directory if gguf.is_converted(directory) else None
-
-
-def _remembered_sha256(path: Path) -> str | None:
-    """The hash recorded when the file was last converted; None rather than hash it now."""
-    import json
-
-    from peftune.models import cache
-
-    try:
-        stat = path.stat()
-        index = json.loads((cache.cache_root() / "gguf" / "hashes.json").read_text())
-        return index.get(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def model_source_problem(path: str) -> str | None:
@@ -127,8 +113,6 @@ def describe_source(path: str) -> dict | None:
                 "gguf": str(catalogue.pulled_path(model)), "sha256": model.sha256,
                 "converted": str(gguf.converted_dir(model.sha256))}
     if is_gguf(path):
-        from peftune.models import cache
-
         local = Path(path).expanduser()
         sha256 = cache.known_sha256(local)
         return {"gguf": str(local.resolve()), "sha256": sha256,
