@@ -74,9 +74,9 @@ for kind, step, release in json.loads(os.environ["FAULT_GATES"]):
     elif kind == "nan":  # the loss of optimizer step k is NaN (one micro-batch per step)
         from peftune.train import loop
         calls = [0]
-        def poisoned(model, batch, _real=loop.token_loss_sum, _step=step):
+        def poisoned(model, batch, _real=loop.token_loss_sum, _step=step, **kwargs):
             calls[0] += 1
-            loss = _real(model, batch)
+            loss = _real(model, batch, **kwargs)
             return loss * float("nan") if calls[0] == _step else loss
         loop.token_loss_sum = poisoned
     elif kind == "steps":  # each process writes the step its loop stopped at

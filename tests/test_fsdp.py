@@ -91,6 +91,10 @@ def runs(tmp_path_factory, tiny_model_dir):
     try:
         run_train(load_recipe(recipe, ["train.grad_accum=2", f"output.dir={root / 'accum'}"]),
                   quiet=True)
+        # one step with the plain full-logits loss: FSDP's chunked losses must equal it
+        run_train(load_recipe(recipe, ["train.grad_accum=2", "train.max_steps=1",
+                                       "train.chunked_loss=false", f"output.dir={root / 'plain'}"]),
+                  quiet=True)
     finally:
         if previous is None:
             os.environ.pop("PEFTUNE_CACHE", None)
@@ -113,6 +117,11 @@ def test_fsdp_two_processes_train_resume_and_export_what_one_process_trains(runs
     assert [s for s, _ in losses] == [1, 2, 3, 4]  # one record per step, rank 0 writes
     ref_losses = [r["loss"] for r in reference if "loss" in r]
     assert all(abs(a - b) <= 1e-6 for (_, a), b in zip(losses, ref_losses, strict=True))
+    plain = _records(root / "plain")  # before any update: the forward alone, FSDP vs 1 process
+    first_val = [next(r["val_loss"] for r in run if r.get("step") == 0 and "val_loss" in r)
+                 for run in (records, plain)]
+    assert first_val[0] == pytest.approx(first_val[1], rel=1e-6)
+    assert losses[0][1] == pytest.approx(next(r["loss"] for r in plain if "loss" in r), rel=1e-6)
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     ref_val = [(r["step"], r["val_loss"]) for r in reference if "val_loss" in r]
     assert [s for s, _ in val] == [0, 2, 4] and [s for s, _ in ref_val] == [0, 2, 4]

@@ -216,7 +216,7 @@ def test_an_eval_pass_on_an_int4_base_leaves_the_next_gradients_unchanged(
     corrupting later LoRA gradients; an HQQ layer must keep computing the same gradients."""
     from peftune.adapters import apply_adapter
     from peftune.models import load_model
-    from peftune.train.loop import token_loss_sum
+    from peftune.train.loss import token_loss_sum
 
     recipe = load_recipe(write_recipe(
         tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"], out=tmp_path / "run",

@@ -119,9 +119,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
     calls = {"n": 0}
     real = loop.token_loss_sum
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, **kwargs):
         calls["n"] += 1
-        loss = real(model, batch)
+        loss = real(model, batch, **kwargs)
         return loss * float("nan") if calls["n"] > 3 else loss
 
     monkeypatch.setattr(loop, "token_loss_sum", poisoned)
@@ -152,7 +152,7 @@ def test_an_eval_pass_on_a_4bit_base_leaves_the_next_gradients_unchanged(
     """The AVX512-BF16 repacking trap: an eval forward must not corrupt later LoRA grads."""
     from peftune.adapters import apply_adapter
     from peftune.models import load_model_and_tokenizer
-    from peftune.train.loop import token_loss_sum
+    from peftune.train.loss import token_loss_sum
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", model=tiny_model_dir,
                                       data=text_data["train"], out=tmp_path / "run",

@@ -36,6 +36,52 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_model_dir, 
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)
 
 
+def test_every_nth_layer_checkpointing_gives_the_same_update_and_checkpoints_those_layers(
+        tmp_path, tiny_model_dir, text_data):
+    """gradient_checkpointing: N keeps layers 0, N, 2N, ... checkpointed, the rest not; the
+    update is the one without checkpointing."""
+    from peftune.models.loading import load_model
+    from peftune.models.tiny import build_tiny_model
+
+    four = build_tiny_model(tmp_path / "four", layers=4)
+    recipe = load_recipe(write_recipe(tmp_path / "n.yaml", model=four, data=text_data["train"],
+                                      out=tmp_path / "n", train={"gradient_checkpointing": 2}))
+    model = load_model(recipe.model, recipe.quant, device=torch.device("cpu"),
+                       gradient_checkpointing=recipe.train.gradient_checkpointing)
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False, True, False]
+    runs = {}
+    for name, value in (("none", False), ("every2", 2)):
+        _, runs[name] = _run(tmp_path, name, four, text_data["train"],
+                             train={"max_steps": 2, "gradient_checkpointing": value})
+    wa, wb = (load_file(runs[n] / "adapter" / "adapter_model.safetensors") for n in ("none", "every2"))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [-1, "some", 2.5])
+def test_a_bad_checkpointing_value_is_refused(tmp_path, tiny_model_dir, text_data, value):
+    from conftest import recipe_refusal
+
+    message = recipe_refusal(tmp_path, model=tiny_model_dir, data=text_data["train"],
+                             train={"gradient_checkpointing": value})
+    assert message.endswith("train.gradient_checkpointing: expected true, false, or N >= 1 "
+                            "(checkpoint every N-th decoder layer), got " + repr(value))
+
+
+def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16():
+    from peftune.train.setup import cpu_has_bf16, mixed_precision
+
+    cpu = torch.device("cpu")
+    assert mixed_precision("auto", cpu, cpu_flags={"avx512f", "avx512_bf16"}) == "bf16"
+    assert mixed_precision("auto", cpu, cpu_flags={"amx_bf16", "amx_tile"}) == "bf16"
+    assert mixed_precision("auto", cpu, cpu_flags={"fp", "asimd", "bf16"}) == "bf16"  # Arm
+    assert mixed_precision("auto", cpu, cpu_flags={"avx512f", "avx512bw", "avx2"}) == "no"
+    assert mixed_precision("bf16", cpu, cpu_flags=set()) == "bf16"  # asked for: forced
+    assert mixed_precision("fp32", cpu, cpu_flags={"avx512_bf16"}) == "no"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert cpu_has_bf16() == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_gradient_checkpointing_trains_every_method(tmp_path, tiny_model_dir, text_data, method):
     adapter = {"method": "full"} if method == "full" else {"method": "lora", "r": 4}
@@ -96,7 +142,7 @@ def test_packed_inputs_isolate_examples(tiny_model_dir, attention):
     from transformers import AutoModelForCausalLM
 
     from peftune.data import TokenizedSet, micro_batches, pack_rows, per_example_losses
-    from peftune.train.loop import model_inputs, token_loss_sum
+    from peftune.train.loss import model_inputs, token_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention)
     model.eval()

@@ -92,23 +92,14 @@ def target_nll(model: Any, batch: dict[str, Any], *, extra: dict | None = None) 
     Methods that prepend virtual tokens (prompt tuning) return longer logits: only the
     rows' own positions are scored."""
     import torch
-    import torch.nn.functional as F
+
+    from peftune.train.loss import target_nll_per_row
 
     device = model_device(model)
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
     with torch.inference_mode():
-        logits = model(**inputs, **(extra or {}), use_cache=False).logits
-        labels = batch["labels"].to(device)
-        if logits.shape[1] != labels.shape[1]:
-            logits = logits[:, -labels.shape[1]:]
-        # the training loss's layout: (positions, vocabulary) rows, only positions with a
-        # target (the transposed (N, V, L) layout is slower and less exact on CPU)
-        pad = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
-        shifted = torch.cat([labels[:, 1:], pad], dim=1)
-        scored = shifted != IGNORE_INDEX
-        token_nll = F.cross_entropy(logits[scored].float(), shifted[scored], reduction="none")
-        per_row = torch.zeros(labels.shape[0], dtype=torch.float64, device=token_nll.device)
-        per_row.index_add_(0, scored.nonzero()[:, 0], token_nll.double())
+        # the training loss's computation: the head in chunks over target positions only
+        per_row = target_nll_per_row(model, {**inputs, **(extra or {})}, batch["labels"].to(device))
         return [float(x) for x in per_row.cpu()]
 
 

@@ -148,7 +148,7 @@ def load_tokenizer(model: Any, *, trust_remote_code: bool = False) -> Any:
 
 
 def load_model_and_tokenizer(model_cfg: Any, quant_cfg: Any, *, device: Any,
-                             gradient_checkpointing: bool = False,
+                             gradient_checkpointing: bool | int = False,
                              trains_base_weights: bool = False) -> tuple[Any, Any]:
     """The base model (see `load_model`) and its tokenizer."""
     model = load_model(model_cfg, quant_cfg, device=device,
@@ -159,8 +159,10 @@ def load_model_and_tokenizer(model_cfg: Any, quant_cfg: Any, *, device: Any,
 
 
 def load_model(model_cfg: Any, quant_cfg: Any, *, device: Any,
-               gradient_checkpointing: bool = False, trains_base_weights: bool = False) -> Any:
-    """Load the base model onto `device`, quantized if the recipe asks.
+               gradient_checkpointing: bool | int = False, trains_base_weights: bool = False) -> Any:
+    """Load the base model onto `device`, quantized if the recipe asks, with activation
+    checkpointing on every decoder layer (`gradient_checkpointing` true or 1), every N-th
+    (an integer N), or none.
 
     `trust_remote_code` is passed through from the recipe and is off by default; weights load
     from safetensors only unless `model.allow_pickle`. A hub id that is not in the local
@@ -195,12 +197,14 @@ def load_model(model_cfg: Any, quant_cfg: Any, *, device: Any,
     model = AutoModelForCausalLM.from_pretrained(
         path, use_safetensors=None if allow_pickle else True, **kwargs)
     if quant_cfg.method != "none" or prequantized:  # int4 loads unquantized, quantized here
-        model = prepare_quantized_model(model, quant_cfg, device=device,
-                                        gradient_checkpointing=gradient_checkpointing)
+        model = prepare_quantized_model(model, quant_cfg, device=device)
     else:
         model.to(device)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:
+        # transformers' own selective checkpointing: layers 0, N, 2N, ...
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False},
+            every_n_layers=int(gradient_checkpointing))
     model.config.use_cache = False
     return model
 

@@ -73,16 +73,15 @@ def quantization_config(quant: QuantSection) -> Any | None:
     return backend.load_config(quant)
 
 
-def prepare_quantized_model(model: Any, quant: QuantSection, *, device: Any,
-                            gradient_checkpointing: bool) -> Any:
+def prepare_quantized_model(model: Any, quant: QuantSection, *, device: Any) -> Any:
     """Make a freshly loaded model quantized (if it is not yet), safe, and ready to train
     adapters on.
 
     int4: moves the unquantized model to `device` and replaces its linears by HQQ 4-bit
     layers. bitsandbytes: disables its AVX512-BF16 weight repacking on CPU, which after an
     eval forward silently corrupts the LoRA gradients of later training steps (see
-    ENVIRONMENT.md). Then peft's k-bit preparation (frozen base, fp32 norms for bnb, input
-    grads for checkpointing).
+    ENVIRONMENT.md). Then peft's k-bit preparation (frozen base, fp32 norms for bnb);
+    activation checkpointing is the loader's (models/loading.py), as for any base.
     """
     from peft import prepare_model_for_kbit_training
 
@@ -98,11 +97,7 @@ def prepare_quantized_model(model: Any, quant: QuantSection, *, device: Any,
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False
-    # Non-reentrant checkpointing, as for unquantized bases (torch warns on the default).
-    return prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def _quiet_bitsandbytes() -> None:

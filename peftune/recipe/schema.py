@@ -198,7 +198,12 @@ class TrainSection(Section):
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False
+    # true: recompute every decoder layer in the backward pass; N: every N-th layer (memory
+    # for speed in steps: docs/memory.md has measured figures); false: none
+    gradient_checkpointing: bool | int = False
+    # the output head applied in chunks to target positions only (no full logits); false:
+    # the plain full-logits loss (the same numbers, more memory)
+    chunked_loss: bool = True
     seed: int = 0
     log_every: int = Field(default=10, gt=0)
     eval_every: int | None = Field(default=None, gt=0)
@@ -219,6 +224,13 @@ class TrainSection(Section):
             raise ValueError("expected two numbers in [0, 1) (Adam's beta1 and beta2), e.g. "
                              "[0.9, 0.999]")
         return value
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (isinstance(value, int) and value >= 0):
+            return value
+        raise ValueError("expected true, false, or N >= 1 (checkpoint every N-th decoder layer)")
 
     def warmup_for(self, total_steps: int) -> int:
         """Warm-up steps of a run of `total_steps` (train and validate use this one rule)."""

@@ -21,6 +21,7 @@ from peftune.adapters.hooks import AdapterHooks
 from peftune.data.formats import IGNORE_INDEX
 from peftune.errors import TrainingError
 from peftune.train.checkpoint import TrainerState
+from peftune.train.loss import token_loss_sum
 from peftune.train.sharded import engine, gathered, keep_for_export
 
 BatchesForEpoch = Callable[[int], Sequence[dict]]  # epoch -> that epoch's micro-batches
@@ -43,6 +44,7 @@ class Loop:
     eval_every: int | None
     save_every: int | None
     val_batches: Sequence[dict] | None = None
+    chunked_loss: bool = True  # the head applied in chunks to target positions (train/loss.py)
     # Callbacks into the runner (logging, checkpoints); the loop does no I/O itself.
     on_step: Callable[[int], None] = lambda step: None
     on_log: Callable[[dict], None] = lambda record: None
@@ -55,43 +57,6 @@ class Loop:
     process_index: int = 0
     # The epoch whose (lazy) batch sequence is at hand: one at a time.
     _epoch: tuple[int, Sequence[dict]] | None = None
-
-
-def model_inputs(model: Any, batch: dict) -> dict:
-    """What the model is called with. Packed rows get their block-causal mask explicitly under
-    SDPA and eager attention (cheaper than transformers deriving it from the position ids);
-    flash attention takes the position ids alone (its variable-length path)."""
-    from peftune.data import block_causal_mask
-
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if "position_ids" in inputs and "attention_mask" not in inputs:
-        config = getattr(model, "config", None)
-        attention = getattr(config, "_attn_implementation", None) or "sdpa"
-        if attention == "sdpa":
-            inputs["attention_mask"] = block_causal_mask(inputs["position_ids"])
-        elif attention == "eager":
-            inputs["attention_mask"] = block_causal_mask(inputs["position_ids"],
-                                                         dtype=model.get_input_embeddings().weight.dtype)
-    return inputs
-
-
-def token_loss_sum(model: Any, batch: dict) -> Any:
-    """Summed next-token cross-entropy over the batch's target tokens (labels != -100).
-
-    The labels are shifted left instead of the logits: slicing the logits would copy the
-    largest activation of the step (batch x length x vocabulary). Methods that prepend
-    virtual tokens return longer logits; only the batch's own positions are scored."""
-    import torch
-    import torch.nn.functional as F
-
-    logits = model(**model_inputs(model, batch), use_cache=False).logits
-    labels = batch["labels"]
-    if logits.shape[1] != labels.shape[1]:  # virtual tokens (prompt tuning) come first
-        logits = logits[:, -labels.shape[1]:]
-    pad = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
-    shifted = torch.cat([labels[:, 1:], pad], dim=1)
-    return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def count_targets(batch: dict) -> int:
@@ -161,7 +126,8 @@ def evaluate_loss(loop: Loop) -> dict:
     total, targets = 0.0, 0
     with torch.no_grad(), loop.accelerator.autocast():
         for batch, count in zip(batches, counted, strict=True):
-            loss = float(token_loss_sum(model, _to(batch, loop.accelerator.device)))
+            loss = float(token_loss_sum(model, _to(batch, loop.accelerator.device),
+                                        chunked=loop.chunked_loss))
             if count:
                 total, targets = total + loss, targets + count_targets(batch)
     model.train()
@@ -211,7 +177,7 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                task_loss = token_loss_sum(model, batch) / max(n_targets, 1)
+                task_loss = token_loss_sum(model, batch, chunked=loop.chunked_loss) / max(n_targets, 1)
                 loss = task_loss * loop.num_processes  # DDP averages the gradients: undo it
                 extra = hooks.extra_loss(model) if hooks.extra_loss is not None else None
                 if extra is not None:  # a method's penalty may be off for part of the run

@@ -87,6 +87,7 @@ def run_session(built: Any, out: Path, checkpoint: Path | None) -> dict:
         grad_accum=recipe.train.grad_accum, max_grad_norm=recipe.train.max_grad_norm,
         log_every=recipe.train.log_every, eval_every=recipe.train.eval_every,
         save_every=recipe.train.save_every, val_batches=built.val_batches(),
+        chunked_loss=recipe.train.chunked_loss,
         on_step=display.advance, on_log=on_log, on_eval=on_eval, on_save=on_save,
         num_processes=accelerator.num_processes, process_index=accelerator.process_index,
     )
