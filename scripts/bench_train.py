@@ -1,29 +1,37 @@
-"""Training throughput benchmark (`make bench`): peftune vs Hugging Face Trainer vs a bare loop.
+"""Training benchmark (`make bench`): peftune vs the HF Trainer, TRL and a bare loop, on the
+real model.
 
-One tiny Llama-style model, one variable-length corpus (chunks of the Python standard
-library's own sources, lengths spread log-uniformly over ~16..max_length byte-tokens), one
-LoRA config (r 16, alpha 32, all-linear), AdamW with the same lr, cosine schedule, warm-up and
-gradient clipping, fp32, the same micro-batch size and the same number of optimizer steps,
-each system in its own process with the same torch thread count:
+The model is SmolLM2-135M-Instruct (the catalogue's `smollm2-135m-instruct`, pulled and
+converted once; 30 layers, vocabulary 49,152) unless `--model` names another; `--quick` uses
+a tiny random model instead (the smoke test, not a figure to quote). One LoRA config (r 16,
+alpha 32, all linear layers), AdamW with the same lr, cosine schedule, warm-up and gradient
+clipping, the same micro-batch (4 x 512 tokens) and number of optimizer steps, and the same
+torch thread count in every system, each in its own process:
 
-  peftune  `python -m peftune.cli train recipe.yaml --overwrite` (packing on); figures from
-           its summary.json and metrics.jsonl.
-  trainer  `transformers.Trainer` + peft LoRA over the same tokenized examples, each batch
-           padded to its longest example (DataCollatorForSeq2Seq, labels -100 on padding).
-  bare     the same packed micro-batches peftune builds (build_datasets, pack_rows,
-           micro_batches), through `loss = model(...).loss; backward; clip; step` and nothing
-           else: the floor that peftune's loop overhead is measured against.
+  peftune      `peftune train recipe.yaml` (packing on, its defaults: chunked loss, no mask
+               where a row holds one example); figures from summary.json and metrics.jsonl.
+  peftune+ckpt the same with `train.gradient_checkpointing: true`.
+  peftune+nf4  the same over a 4-bit (nf4) base: the memory QLoRA saves on CPU.
+  trainer      `transformers.Trainer` + peft over the same tokenized examples, each batch padded
+               to its longest example (DataCollatorForSeq2Seq, labels -100 on padding).
+  trl          TRL's SFTTrainer + peft with packing and its other defaults (gradient
+               checkpointing on; bf16 autocast, as TRL sets it), in the `bench` extra.
+  bare         peftune's own packed micro-batches and loss through `loss; backward; clip;
+               step` and nothing else: the floor peftune's loop overhead is measured against.
 
-Packing vs padding is the point of the comparison, so each system sees its own number of
-examples per step, and the fair measure is effective throughput: real (non-padding) tokens
-per second of training time (model loading and data preparation excluded). The first
-`--warmup` steps of every system are discarded from the steady-state figures that the
-targets are checked on; whole-run figures are reported beside them. Each system runs
-`--repeats` times, interleaved, and its fastest run counts: on a shared machine, noise only
-ever slows a run down.
+Three data shapes, from the Python standard library (no downloads):
 
-    python scripts/bench_train.py [--steps N] [--batch-size B] [--threads T] [--repeats R]
-                                  [--quick] [--out FILE]
+  mixed   plain text of mixed lengths (sources and the pydoc topics, 16..512 tokens each);
+  masked  instruction data whose prompts are masked: "write this function's docstring"
+          (the function's source) -> the docstring, as chat rows; only the answer is a target;
+  full    rows longer than 512 tokens, cut to 512: nothing to pad, nothing to pack.
+
+Effective throughput is real (non-padding) tokens per second of training, steady state (the
+first `--warmup` steps discarded; model loading and data preparation excluded); peak RSS is
+the process's. Targets (issue 17) are printed with the figures reached, met or not.
+
+    python scripts/bench_train.py [--shapes mixed,masked,full] [--steps N] [--threads T]
+                                  [--model PATH|NAME] [--quick] [--out FILE]
 
 Exits 0 whenever the measurement completes, also when a target is missed; non-zero on errors.
 """
@@ -31,6 +39,7 @@ Exits 0 whenever the measurement completes, also when a target is missed; non-ze
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -49,54 +58,116 @@ import yaml
 
 HERE = Path(__file__).resolve()
 MiB = 1 << 20
-SYSTEMS = ("peftune", "trainer", "bare")
-LABELS = {"peftune": "peftune (packed)", "trainer": "HF Trainer (padded)",
-          "bare": "bare loop (packed)"}
-TARGETS = {  # name: (description, comparison, target)
-    "peftune_vs_trainer_tokens_per_s": ("peftune / Trainer effective tokens/s", ">=", 1.5),
-    "peftune_vs_trainer_peak_rss": ("peftune / Trainer peak RSS", "<=", 1.0),
-    "loop_overhead_vs_bare": ("peftune loop overhead vs bare loop", "<=", 0.10),
-}
-FULL = dict(hidden_size=128, layers=4, heads=4, steps=100, batch_size=8, max_length=512)
-QUICK = dict(hidden_size=32, layers=2, heads=4, steps=6, batch_size=2, max_length=128)
+REAL_MODEL = "smollm2-135m-instruct"
+SHAPES = ("mixed", "masked", "full")
+SHAPE_TITLES = {"mixed": "(a) plain text of mixed lengths", "masked": "(b) instructions, prompts masked",
+                "full": "(c) full-length rows (nothing to pad)"}
+# The systems each shape runs (TRL and the checkpointing pair on the mixed text, where TRL
+# packs; the 4-bit base on full rows, the heaviest activations).
+SHAPE_SYSTEMS = {"mixed": ("peftune", "trainer", "bare", "peftune+ckpt", "trl"),
+                 "masked": ("peftune", "trainer", "bare"),
+                 "full": ("peftune", "trainer", "bare", "peftune+nf4")}
+QUICK_SYSTEMS = ("peftune", "trainer", "bare")
+LABELS = {"peftune": "peftune (packed)", "peftune+ckpt": "peftune + checkpointing",
+          "peftune+nf4": "peftune, nf4 base", "trainer": "HF Trainer (padded)",
+          "trl": "TRL SFT (packed, ckpt)", "bare": "bare loop (packed)"}
+PEFTUNE_OVERRIDES = {"peftune": [], "peftune+ckpt": ["train.gradient_checkpointing=true"],
+                     "peftune+nf4": ["quant.method=nf4"]}
+FULL = dict(steps=5, batch_size=4, max_length=512)
+QUICK = dict(steps=6, batch_size=2, max_length=128, hidden_size=32, layers=2, heads=4)
 LORA = dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
-TRAIN = dict(lr=1.0e-3, scheduler="cosine", warmup_ratio=0.05, weight_decay=0.0,
+TRAIN = dict(lr=1.0e-4, scheduler="cosine", warmup_ratio=0.2, weight_decay=0.0,
              max_grad_norm=1.0, adam_betas=[0.9, 0.999], seed=0)
+# name: (shape, numerator, denominator, measure, comparison, target)
+TARGETS = {
+    "full_tokens_per_s": ("full", "peftune", "trainer", "tokens_per_s", ">=", 1.0),
+    "full_peak_rss": ("full", "peftune", "trainer", "peak_rss", "<=", 0.6),
+    "mixed_tokens_per_s": ("mixed", "peftune", "trainer", "tokens_per_s", ">=", 2.5),
+    "mixed_peak_rss": ("mixed", "peftune", "trainer", "peak_rss", "<=", 0.6),
+    "masked_tokens_per_s": ("masked", "peftune", "trainer", "tokens_per_s", ">=", 2.5),
+    "masked_peak_rss": ("masked", "peftune", "trainer", "peak_rss", "<=", 0.6),
+    "ckpt_vs_trl_tokens_per_s": ("mixed", "peftune+ckpt", "trl", "tokens_per_s", ">=", 4.0),
+    "ckpt_vs_trl_peak_rss": ("mixed", "peftune+ckpt", "trl", "peak_rss", "<=", 1.0),
+    "mixed_loop_overhead": ("mixed", "peftune", "bare", "overhead", "<=", 0.05),
+    "masked_loop_overhead": ("masked", "peftune", "bare", "overhead", "<=", 0.05),
+    "full_loop_overhead": ("full", "peftune", "bare", "overhead", "<=", 0.05),
+}
 
 
-# --------------------------------------------------------------------------- set-up
+# --------------------------------------------------------------------------- data
 
 
-def build_corpus(path: Path, *, tokens: int, max_length: int, seed: int) -> None:
-    """JSONL of {"text": chunk} cut from the stdlib's sources, chunk lengths log-uniform in
-    [16, max_length] byte-tokens (BOS and EOS included), until about `tokens` tokens."""
+def _stdlib_texts() -> list[str]:
+    """The stdlib's top-level sources, then the pydoc topics (English prose), in a fixed order."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.glob("*.py"))]
+    from pydoc_data.topics import topics
+
+    texts.extend(topics[key] for key in sorted(topics))
+    return texts
+
+
+def build_text(path: Path, tokenizer, *, tokens: int, low: int, high: int, seed: int) -> None:
+    """JSONL {"text": ...} of spans of the stdlib's text, each `low..high` tokens long
+    (log-uniform), until about `tokens` tokens."""
     rng = random.Random(seed)
-    low, high = math.log(14), math.log(max_length - 2)
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     rows, total = [], 0
-    for file in files:
-        text = file.read_text(encoding="utf-8", errors="replace")
+    for text in _stdlib_texts():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         pos = 0
-        while pos < len(text) and total < tokens:
-            size = round(math.exp(rng.uniform(low, high)))
-            chunk = text[pos:pos + size]
+        while pos < len(ids) and total < tokens:
+            size = low if low == high else round(math.exp(rng.uniform(math.log(low), math.log(high))))
+            span = ids[pos:pos + size]
             pos += size
-            if len(chunk) >= 14 and chunk.strip():  # a file's short tail is left out
-                rows.append(json.dumps({"text": chunk}))
-                total += len(chunk.encode()) + 2
+            if len(span) >= (low if low == high else 16):  # a file's short tail is left out
+                piece = tokenizer.decode(span)
+                if piece.strip():
+                    rows.append(json.dumps({"text": piece}))
+                    total += len(span)
         if total >= tokens:
             break
     path.write_text("\n".join(rows) + "\n")
 
 
-def write_recipe(path: Path, *, model: Path, data: Path, out: Path, steps: int,
+def build_docstring_task(path: Path, *, rows: int, max_chars: int, seed: int) -> None:
+    """JSONL chat rows: the user gives a stdlib function's source without its docstring, the
+    assistant answers with the docstring. Prompts are masked in training."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for file in sorted(stdlib.glob("*.py")):
+        source = file.read_text(encoding="utf-8", errors="replace")
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc or len(doc) < 40:
+                continue
+            body = ast.get_source_segment(source, node) or ""
+            first = node.body[0]
+            doc_text = ast.get_source_segment(source, first) or ""
+            code = body.replace(doc_text, "", 1)
+            if 0 < len(code) + len(doc) <= max_chars:
+                found.append((code, doc))
+    random.Random(seed).shuffle(found)
+    lines = [json.dumps({"messages": [
+        {"role": "user", "content": f"Write the docstring of this function:\n\n{code}"},
+        {"role": "assistant", "content": doc}]}) for code, doc in found[:rows]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_recipe(path: Path, *, model: str, data: Path, out: Path, shape: str, steps: int,
                  batch_size: int, max_length: int, log_every: int) -> None:
+    data_section = ({"format": "chat", "messages_field": "messages"} if shape == "masked"
+                    else {"format": "text", "text_field": "text"})
     recipe = {
-        "model": {"path": str(model), "dtype": "float32"},
+        "model": {"path": model, "dtype": "float32"},
         "quant": {"method": "none"},
         "adapter": {"method": "lora", **LORA},
-        "data": {"train": str(data), "format": "text", "text_field": "text",
-                 "max_length": max_length, "packing": True},
+        "data": {"train": str(data), **data_section, "max_length": max_length, "packing": True},
         "train": {"max_steps": steps, "batch_size": batch_size, "grad_accum": 1,
                   "optimizer": "adamw", "precision": "fp32", "log_every": log_every,
                   "eval_every": None, "save_every": None, **TRAIN},
@@ -110,19 +181,20 @@ def data_summary(recipe_path: Path) -> dict:
     import numpy as np
 
     from peftune.data import build_datasets, pack_rows, packing_efficiency
-    from peftune.models import load_tokenizer
+    from peftune.models import load_tokenizer, resolve_model_path
     from peftune.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
-    tokenizer = load_tokenizer(recipe.model.path)
+    tokenizer = load_tokenizer(resolve_model_path(recipe.model.path))
     train = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed).train
-    rows = pack_rows(train, max_length=recipe.data.max_length, packing=True,
-                     seed=recipe.train.seed)
+    rows = pack_rows(train, max_length=recipe.data.max_length, packing=True, seed=recipe.train.seed)
     lengths = train.lengths
-    return {"examples": len(train), "tokens": int(lengths.sum()), "packed_rows": len(rows),
+    targets = sum(int((train[i][1] != -100).sum()) for i in range(len(train)))
+    return {"examples": len(train), "tokens": int(lengths.sum()), "target_tokens": targets,
+            "packed_rows": len(rows),
             "packing_fill": round(packing_efficiency(rows, recipe.data.max_length), 4),
             "length_min": int(lengths.min()), "length_median": float(np.median(lengths)),
-            "length_mean": round(float(lengths.mean()), 1), "length_max": int(lengths.max())}
+            "length_max": int(lengths.max())}
 
 
 # --------------------------------------------------------------------------- workers
@@ -133,22 +205,32 @@ def _peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def _load_model_with_lora(recipe):
-    """The base model and its LoRA, as peftune builds them (seeded the same way, so the
-    LoRA matrices start identical in every system)."""
+def _model_path(recipe) -> str:
+    from peftune.models import resolve_model_path
+
+    return str(resolve_model_path(recipe.model.path))
+
+
+def _lora_config(recipe):
+    from peft import LoraConfig
+
+    a = recipe.adapter
+    return LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
+                      target_modules=a.target_modules, task_type="CAUSAL_LM")
+
+
+def _load_model(recipe, *, with_lora: bool = True):
+    """The base model (and its LoRA), seeded as peftune seeds them."""
     import torch
     from accelerate.utils import set_seed
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     set_seed(recipe.train.seed)
     model = AutoModelForCausalLM.from_pretrained(
-        recipe.model.path, dtype=torch.float32, attn_implementation="sdpa", use_safetensors=True)
+        _model_path(recipe), dtype=torch.float32, attn_implementation="sdpa", use_safetensors=True)
     model.config.use_cache = False
-    a = recipe.adapter
-    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
-                        target_modules=a.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    return get_peft_model(model, _lora_config(recipe)) if with_lora else model
 
 
 def _steady(marks: dict[int, tuple[float, int]], warmup: int, steps: int) -> dict:
@@ -158,101 +240,82 @@ def _steady(marks: dict[int, tuple[float, int]], warmup: int, steps: int) -> dic
             "steady_seconds": t1 - t0, "steady_tokens_per_s": (n1 - n0) / (t1 - t0)}
 
 
-def _lazy(sequence):
-    """One thunk per micro-batch: tensors are built when the loop reaches the batch."""
-    return [lambda i=i: sequence[i] for i in range(len(sequence))]
+def _tokenized(recipe):
+    from peftune.data import build_datasets
+    from peftune.models import load_tokenizer
+
+    tokenizer = load_tokenizer(_model_path(recipe))
+    return tokenizer, build_datasets(recipe.data, tokenizer, seed=recipe.train.seed).train
 
 
 def worker_bare(recipe, cfg: dict) -> dict:
-    """The same packed micro-batches as peftune through the plainest loop there is."""
+    """peftune's packed micro-batches and loss through the plainest loop there is."""
     import torch
     from transformers import get_scheduler
 
-    from peftune.data import block_causal_mask, build_datasets, micro_batches, pack_rows
-    from peftune.models import load_tokenizer
+    from peftune.data import micro_batches, pack_rows
+    from peftune.train.loss import token_loss_sum
 
-    steps, warmup = recipe.train.max_steps, cfg["warmup"]
-    tokenizer = load_tokenizer(recipe.model.path)
-    # As peftune/train/setup.py: data first, then the seeded model and adapter.
-    splits = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
-    rows = pack_rows(splits.train, max_length=recipe.data.max_length, packing=True,
-                     seed=recipe.train.seed)
-    model = _load_model_with_lora(recipe)
+    steps, warmup, t = recipe.train.max_steps, cfg["warmup"], recipe.train
+    tokenizer, train = _tokenized(recipe)  # data first, then the seeded model (as peftune)
+    rows = pack_rows(train, max_length=recipe.data.max_length, packing=True, seed=t.seed)
+    model = _load_model(recipe)
     params = [p for p in model.parameters() if p.requires_grad]
-    t = recipe.train
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas),
                                   weight_decay=t.weight_decay)
     scheduler = get_scheduler("cosine", optimizer, num_training_steps=steps,
                               num_warmup_steps=int(t.warmup_ratio * steps))
-    epochs, epoch = [], 0  # lazy per-epoch sequences, in order, as peftune's loop takes them
+    epochs, epoch = [], 0  # the per-epoch sequences in order, as peftune's loop takes them
     while sum(len(e) for e in epochs) < steps:
         epochs.append(micro_batches(rows, batch_size=t.batch_size, seed=t.seed, epoch=epoch,
                                     pad_id=tokenizer.pad_token_id, packing=True))
         epoch += 1
-    batches = [batch for sequence in epochs for batch in _lazy(sequence)][:steps]
+    batches = [(sequence, i) for sequence in epochs for i in range(len(sequence))][:steps]
 
     model.train()
-    losses, marks, tokens = [], {}, 0
-    start = time.perf_counter()
-    marks[0] = (start, 0)
-    for step, batch in enumerate(batches, 1):
-        batch = batch()
-        # the same model inputs as peftune's: packed rows with their block-causal mask
-        loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     attention_mask=block_causal_mask(batch["position_ids"]),
-                     labels=batch["labels"], use_cache=False).loss
+    losses, marks, tokens, padded = [], {}, 0, 0
+    marks[0] = (time.perf_counter(), 0)
+    for step, (sequence, i) in enumerate(batches, 1):
+        batch = sequence[i]
+        targets = int((batch["labels"][:, 1:] != -100).sum())
+        loss = token_loss_sum(model, batch) / targets
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(float(loss))
         tokens += int(batch["num_tokens"])
+        padded += batch["input_ids"].numel()
         marks[step] = (time.perf_counter(), tokens)
-    seconds = marks[steps][0] - start
-    bos = tokenizer.bos_token_id
-    return {
-        "steps": steps, "tokens": tokens, "train_seconds": seconds,
-        "tokens_per_s": tokens / seconds, **_steady(marks, warmup, steps),
-        "padded_tokens": sum(b()["input_ids"].numel() for b in batches),
-        "examples": sum(int((b()["input_ids"] == bos).sum()) for b in batches),
-        "losses": [float(x) for x in losses], "peak_rss_bytes": _peak_rss_bytes(),
-    }
+    seconds = marks[steps][0] - marks[0][0]
+    return {"steps": steps, "tokens": tokens, "padded_tokens": padded, "train_seconds": seconds,
+            "tokens_per_s": tokens / seconds, **_steady(marks, warmup, steps),
+            "losses": losses, "peak_rss_bytes": _peak_rss_bytes()}
 
 
-def worker_trainer(recipe, cfg: dict) -> dict:
-    """transformers.Trainer over the same tokenized examples, padded per batch."""
-    import datasets
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+def _clocked(trainer_class, counts: dict, marks: dict):
+    """`trainer_class` counting real tokens per step (attention mask, else every token)."""
+    from transformers import TrainerCallback
 
-    from peftune.data import build_datasets
-    from peftune.models import load_tokenizer
-
-    steps, warmup, t = recipe.train.max_steps, cfg["warmup"], recipe.train
-    tokenizer = load_tokenizer(recipe.model.path)
-    train = build_datasets(recipe.data, tokenizer, seed=t.seed).train  # truncated already
-    dataset = datasets.Dataset.from_dict({
-        "input_ids": [train[i][0].tolist() for i in range(len(train))],
-        "labels": [train[i][1].tolist() for i in range(len(train))],
-    })
-    model = _load_model_with_lora(recipe)
-    bos = tokenizer.bos_token_id
-    counts = {"tokens": 0, "padded": 0, "examples": 0}
-    marks: dict[int, tuple[float, int]] = {}
-
-    class CountingTrainer(Trainer):
+    class Counting(trainer_class):
         def training_step(self, model, inputs, num_items_in_batch=None):
-            mask = inputs["attention_mask"]
-            counts["tokens"] += int(mask.sum())
-            counts["padded"] += mask.numel()
-            counts["examples"] += int((inputs["input_ids"] == bos).sum())
+            mask = inputs.get("attention_mask")
+            real = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            counts["tokens"] += real
+            counts["padded"] += inputs["input_ids"].numel()
             return super().training_step(model, inputs, num_items_in_batch)
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             marks[state.global_step] = (time.perf_counter(), counts["tokens"])
 
-    args = TrainingArguments(
+    return Counting, Clock()
+
+
+def _trainer_args(recipe, cfg: dict, **extra) -> dict:
+    t, steps = recipe.train, recipe.train.max_steps
+    return dict(
         output_dir=cfg["trainer_dir"], max_steps=steps, per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=1, learning_rate=t.lr, lr_scheduler_type="cosine",
         warmup_steps=int(t.warmup_ratio * steps), weight_decay=t.weight_decay,
@@ -260,22 +323,68 @@ def worker_trainer(recipe, cfg: dict) -> dict:
         max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed, use_cpu=True,
         eval_strategy="no", save_strategy="no", logging_strategy="steps", logging_steps=steps,
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-        dataloader_pin_memory=False, skip_memory_metrics=True,
-    )
-    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
-    trainer = CountingTrainer(model=model, args=args, train_dataset=dataset,
-                              data_collator=collator, callbacks=[Clock()])
+        dataloader_pin_memory=False, **extra)
+
+
+def _finish(trainer, counts: dict, marks: dict, warmup: int, steps: int, extra: dict) -> dict:
     start = time.perf_counter()
     marks[0] = (start, 0)
     output = trainer.train()
-    seconds = time.perf_counter() - start
-    return {
-        "steps": trainer.state.global_step, "tokens": counts["tokens"],
-        "train_seconds": seconds, "tokens_per_s": counts["tokens"] / seconds,
-        **_steady(marks, warmup, steps), "padded_tokens": counts["padded"],
-        "examples": counts["examples"], "final_loss": output.training_loss,
-        "peak_rss_bytes": _peak_rss_bytes(),
-    }
+    seconds = marks[steps][0] - start
+    return {"steps": trainer.state.global_step, "tokens": counts["tokens"],
+            "padded_tokens": counts["padded"], "train_seconds": seconds,
+            "tokens_per_s": counts["tokens"] / seconds, **_steady(marks, warmup, steps),
+            "final_loss": output.training_loss, "peak_rss_bytes": _peak_rss_bytes(), **extra}
+
+
+def worker_trainer(recipe, cfg: dict) -> dict:
+    """transformers.Trainer + peft over the same tokenized examples, padded per batch."""
+    import datasets
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    tokenizer, train = _tokenized(recipe)  # truncated and masked as peftune does
+    dataset = datasets.Dataset.from_dict({
+        "input_ids": [train[i][0].tolist() for i in range(len(train))],
+        "labels": [train[i][1].tolist() for i in range(len(train))],
+    })
+    model = _load_model(recipe)
+    counts, marks = {"tokens": 0, "padded": 0}, {}
+    trainer_class, clock = _clocked(Trainer, counts, marks)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    trainer = trainer_class(model=model, args=TrainingArguments(**_trainer_args(recipe, cfg)),
+                            train_dataset=dataset, data_collator=collator, callbacks=[clock])
+    return _finish(trainer, counts, marks, cfg["warmup"], recipe.train.max_steps,
+                   {"precision": "fp32", "gradient_checkpointing": False})
+
+
+def worker_trl(recipe, cfg: dict) -> dict:
+    """TRL's SFTTrainer + peft, packing on, its other defaults (gradient checkpointing, bf16)."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from peftune.models import load_tokenizer
+
+    rows = [json.loads(line) for line in Path(recipe.data.train).read_text().splitlines() if line]
+    if recipe.data.format == "chat":  # prompt-completion rows: TRL masks the prompt
+        dataset = datasets.Dataset.from_list([{"prompt": r["messages"][:-1],
+                                               "completion": r["messages"][-1:]} for r in rows])
+    else:
+        dataset = datasets.Dataset.from_list([{"text": r["text"]} for r in rows])
+    tokenizer = load_tokenizer(_model_path(recipe))
+    model = _load_model(recipe, with_lora=False)
+    counts, marks = {"tokens": 0, "padded": 0}, {}
+    trainer_class, clock = _clocked(SFTTrainer, counts, marks)
+    config = SFTConfig(**_trainer_args(recipe, cfg), packing=True,
+                       max_length=recipe.data.max_length)
+    trainer = trainer_class(model=model, args=config, train_dataset=dataset,
+                            processing_class=tokenizer, peft_config=_lora_config(recipe),
+                            callbacks=[clock])
+    return _finish(trainer, counts, marks, cfg["warmup"], recipe.train.max_steps,
+                   {"precision": "bf16" if config.bf16 else "fp32",
+                    "gradient_checkpointing": bool(config.gradient_checkpointing)})
+
+
+WORKERS = {"bare": worker_bare, "trainer": worker_trainer, "trl": worker_trl}
 
 
 def run_worker(kind: str, config_path: Path, result_path: Path) -> int:
@@ -285,18 +394,17 @@ def run_worker(kind: str, config_path: Path, result_path: Path) -> int:
 
     cfg = json.loads(config_path.read_text())
     torch.set_num_threads(cfg["threads"])
-    recipe = load_recipe(cfg["recipe"])
-    result = (worker_bare if kind == "bare" else worker_trainer)(recipe, cfg)
+    result = WORKERS[kind](load_recipe(cfg["recipe"]), cfg)
     result["torch_threads"] = torch.get_num_threads()
     result_path.write_text(json.dumps(result))
     return 0
 
 
-# --------------------------------------------------------------------------- the three runs
+# --------------------------------------------------------------------------- running
 
 
 def run_child(name: str, command: list[str], *, env: dict, log: Path) -> float:
-    print(f"  {name:<12} running ...", end="", flush=True)
+    print(f"  {name:<22} running ...", end="", flush=True)
     began = time.perf_counter()
     with log.open("w") as handle:
         code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
@@ -316,42 +424,78 @@ def peftune_result(run_dir: Path, warmup: int, steps: int) -> dict:
     train = {r["step"]: r for r in records if "loss" in r}
     marks = {s: (r["elapsed_s"], r["tokens"]) for s, r in train.items()}
     marks[0] = (0.0, 0)
-    return {
-        "steps": summary["steps"], "tokens": summary["tokens"],
-        "train_seconds": summary["train_seconds"], "tokens_per_s": summary["tokens_per_s"],
-        **_steady(marks, warmup, steps), "setup_seconds": summary["setup_seconds"],
-        "peak_rss_bytes": summary["peak_rss_bytes"], "final_loss": summary["final_loss"],
-        "logged": {s: r["loss"] for s, r in sorted(train.items())},
-    }
+    return {"steps": summary["steps"], "tokens": summary["tokens"],
+            "train_seconds": summary["train_seconds"], "tokens_per_s": summary["tokens_per_s"],
+            **_steady(marks, warmup, steps), "setup_seconds": summary["setup_seconds"],
+            "peak_rss_bytes": summary["peak_rss_bytes"], "final_loss": summary["final_loss"],
+            "logged": {s: r["loss"] for s, r in sorted(train.items())}}
 
 
-def ratios(results: dict) -> dict:
-    p, tr, b = results["peftune"], results["trainer"], results["bare"]
-    values = {
-        "peftune_vs_trainer_tokens_per_s": p["steady_tokens_per_s"] / tr["steady_tokens_per_s"],
-        "peftune_vs_trainer_peak_rss": p["peak_rss_bytes"] / tr["peak_rss_bytes"],
-        "loop_overhead_vs_bare": 1 - p["steady_tokens_per_s"] / b["steady_tokens_per_s"],
-    }
-    whole = {
-        "peftune_vs_trainer_tokens_per_s": p["tokens_per_s"] / tr["tokens_per_s"],
-        "peftune_vs_trainer_peak_rss": values["peftune_vs_trainer_peak_rss"],
-        "loop_overhead_vs_bare": 1 - p["tokens_per_s"] / b["tokens_per_s"],
-    }
+def run_shape(shape: str, systems: tuple[str, ...], *, work: Path, env: dict, recipe: Path,
+              cfg: dict) -> dict:
+    config = work / f"{shape}-config.json"
+    config.write_text(json.dumps(cfg))
+    results = {}
+    for system in systems:
+        if system in PEFTUNE_OVERRIDES:
+            out = work / f"{shape}-{system}"
+            command = [sys.executable, "-m", "peftune.cli", "train", str(recipe), "--overwrite",
+                       f"output.dir={out}", *PEFTUNE_OVERRIDES[system]]
+        else:
+            out = work / f"{shape}-{system}.json"
+            command = [sys.executable, str(HERE), "--worker", system, "--config", str(config),
+                       "--result", str(out)]
+        wall = run_child(f"{shape}: {system}", command, env=env, log=work / f"{shape}-{system}.log")
+        result = (peftune_result(out, cfg["warmup"], cfg["steps"]) if system in PEFTUNE_OVERRIDES
+                  else json.loads(out.read_text()))
+        result["wall_seconds"] = wall
+        if "padded_tokens" in result:
+            result["fill"] = result["tokens"] / result["padded_tokens"]
+        results[system] = result
+    if "bare" in results:  # peftune's batches are the bare loop's
+        for system in PEFTUNE_OVERRIDES:
+            if system in results:
+                results[system]["fill"] = results["bare"]["fill"]
+    return results
+
+
+def ratios(report: dict) -> dict:
     out = {}
-    for name, (what, op, target) in TARGETS.items():
-        value = values[name]
+    for name, (shape, num, den, measure, op, target) in TARGETS.items():
+        systems = report["shapes"].get(shape, {}).get("systems", {})
+        if num not in systems or den not in systems:
+            continue
+        a, b = systems[num], systems[den]
+        if measure == "tokens_per_s":
+            value = a["steady_tokens_per_s"] / b["steady_tokens_per_s"]
+            what = f"{shape}: {num} / {den} tokens/s"
+        elif measure == "peak_rss":
+            value = a["peak_rss_bytes"] / b["peak_rss_bytes"]
+            what = f"{shape}: {num} / {den} peak RSS"
+        else:
+            value = 1 - a["steady_tokens_per_s"] / b["steady_tokens_per_s"]
+            what = f"{shape}: peftune loop overhead vs bare"
         passed = value >= target if op == ">=" else value <= target
-        shown = f"{target:.0%}" if "overhead" in name else f"{target:g}x"
-        out[name] = {"what": what, "value": value, "whole_run_value": whole[name],
-                     "target": target, "comparison": op, "target_shown": f"{op} {shown}",
-                     "pass": passed}
+        shown = f"{target:.0%}" if measure == "overhead" else f"{target:g}x"
+        out[name] = {"what": what, "value": value, "target": target, "comparison": op,
+                     "target_shown": f"{op} {shown}", "pass": passed}
     return out
+
+
+def qlora_check(report: dict) -> dict | None:
+    """The nf4 base's peak RSS against the fp32 base's minus half the weight savings."""
+    systems = report["shapes"].get("full", {}).get("systems", {})
+    if "peftune+nf4" not in systems or "peftune" not in systems:
+        return None
+    saved = report["model"]["linear_weight_bytes_fp32"] - report["model"]["linear_weight_bytes_nf4"]
+    fp32, nf4 = systems["peftune"]["peak_rss_bytes"], systems["peftune+nf4"]["peak_rss_bytes"]
+    return {"fp32_peak_rss_bytes": fp32, "nf4_peak_rss_bytes": nf4, "weight_savings_bytes": saved,
+            "target_bytes": fp32 - saved / 2, "pass": nf4 <= fp32 - saved / 2}
 
 
 def loss_check(peftune: dict, bare: dict) -> dict:
     """peftune and the bare loop train on the same batches from the same start: their logged
-    window losses should agree to float precision (a check that the comparison is like for
-    like)."""
+    window losses agree to float precision (the comparison is like for like)."""
     diffs, previous = [], 0
     for step, loss in peftune["logged"].items():
         window = bare["losses"][previous:step]
@@ -361,50 +505,60 @@ def loss_check(peftune: dict, bare: dict) -> dict:
             "max_abs_loss_diff": max(diffs) if diffs else None}
 
 
+def model_facts(path: str) -> dict:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = h // config.num_attention_heads * getattr(config, "num_key_value_heads", config.num_attention_heads)
+    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * i)  # q, o; k, v; gate, up, down
+    return {"architecture": config.architectures[0] if config.architectures else config.model_type,
+            "layers": layers, "hidden_size": h, "vocab_size": config.vocab_size,
+            "linear_params": linear, "linear_weight_bytes_fp32": 4 * linear,
+            # nf4: 4 bits a weight plus one fp32 absmax per block of 64
+            "linear_weight_bytes_nf4": linear // 2 + 4 * (linear // 64)}
+
+
 def print_report(report: dict) -> None:
-    r, cfg = report["systems"], report["config"]
-    w = cfg["warmup_steps_discarded"]
+    cfg, model = report["config"], report["model"]
     print()
-    print(f"model: tiny llama, hidden {cfg['hidden_size']}, {cfg['layers']} layers, "
-          f"{cfg['heads']} heads; LoRA r {LORA['r']} alpha {LORA['alpha']} all-linear; fp32; "
-          f"torch threads: {cfg['threads']}")
-    d = report["data"]
-    print(f"data: {d['examples']:,} examples, {d['tokens']:,} tokens, lengths "
-          f"{d['length_min']}..{d['length_max']} (median {d['length_median']:g}, mean "
-          f"{d['length_mean']:g}); max_length {cfg['max_length']}")
-    print(f"each system: {cfg['steps']} optimizer steps of micro-batch {cfg['batch_size']}; "
-          f"warm-up: the first {w} steps are discarded from 'steady tok/s' (the figure the "
-          f"targets use); 'train s' and 'tok/s' cover all steps")
-    if cfg["repeats"] > 1:
-        spread = "; ".join(f"{name} " + ", ".join(f"{v:,.0f}" for v in
-                                                 r[name]["repeats_steady_tokens_per_s"])
-                           for name in SYSTEMS)
-        print(f"runs: {cfg['repeats']} of each system, interleaved; each row is that system's "
-              f"fastest run (steady tok/s of every run: {spread})")
-    print()
-    header = (f"{'system':<21}{'steps':>6}{'real tokens':>13}{'ex/step':>9}{'fill':>7}"
-              f"{'train s':>9}{'tok/s':>9}{'steady tok/s':>14}{'peak RSS MiB':>14}")
-    print(header)
-    print("-" * len(header))
-    for name in SYSTEMS:
-        s = r[name]
-        fill = f"{s['fill']:.0%}" if s.get("fill") is not None else "-"
-        per_step = f"{s['examples_per_step']:.1f}" if s.get("examples_per_step") else "-"
-        print(f"{LABELS[name]:<21}{s['steps']:>6}{s['tokens']:>13,}{per_step:>9}{fill:>7}"
-              f"{s['train_seconds']:>9.1f}{s['tokens_per_s']:>9,.0f}"
-              f"{s['steady_tokens_per_s']:>14,.0f}{s['peak_rss_bytes'] / MiB:>14,.0f}")
-    print("(fill: real tokens / batch cells; peftune's batches are the bare loop's, "
-          "see the check below)")
+    print(f"model: {cfg['model']} ({model['architecture']}, {model['layers']} layers, hidden "
+          f"{model['hidden_size']}, vocabulary {model['vocab_size']:,}); LoRA r {LORA['r']} alpha "
+          f"{LORA['alpha']} all-linear; fp32 unless noted; torch threads {cfg['threads']}")
+    print(f"each system: {cfg['steps']} optimizer steps of micro-batch {cfg['batch_size']} x "
+          f"{cfg['max_length']} tokens; the first {cfg['warmup']} discarded from 'steady tok/s' "
+          "(the figure ratios use)")
+    header = (f"{'system':<26}{'real tokens':>12}{'fill':>7}{'train s':>9}{'tok/s':>8}"
+              f"{'steady tok/s':>14}{'peak RSS MiB':>14}")
+    for shape, block in report["shapes"].items():
+        d = block["data"]
+        print(f"\n{SHAPE_TITLES[shape]}: {d['examples']:,} examples, {d['tokens']:,} tokens "
+              f"({d['target_tokens']:,} targets), lengths {d['length_min']}..{d['length_max']} "
+              f"(median {d['length_median']:g})")
+        print(header)
+        print("-" * len(header))
+        for name, s in block["systems"].items():
+            fill = f"{s['fill']:.0%}" if s.get("fill") is not None else "-"
+            label = LABELS[name] + (" bf16" if s.get("precision") == "bf16" else "")
+            print(f"{label:<26}{s['tokens']:>12,}{fill:>7}{s['train_seconds']:>9.1f}"
+                  f"{s['tokens_per_s']:>8,.0f}{s['steady_tokens_per_s']:>14,.1f}"
+                  f"{s['peak_rss_bytes'] / MiB:>14,.0f}")
+        if "check" in block:
+            c = block["check"]
+            print(f"check: peftune and the bare loop saw the same real tokens: "
+                  f"{c['same_real_tokens']}; max |loss difference| {c['max_abs_loss_diff']:.2e}")
     print()
     for item in report["ratios"].values():
-        value, whole = item["value"], item["whole_run_value"]
-        shown = (f"{value:.1%}  (all steps {whole:.1%})" if "overhead" in item["what"]
-                 else f"{value:.2f}x  (all steps {whole:.2f}x)")
+        value = item["value"]
+        shown = f"{value:.1%}" if "overhead" in item["what"] else f"{value:.2f}x"
         verdict = "PASS" if item["pass"] else "MISS"
-        print(f"{item['what']:<40} {shown:<30} target {item['target_shown']:<7} {verdict}")
-    check = report["check"]
-    print(f"check: peftune and bare loop saw the same real tokens: {check['same_real_tokens']}; "
-          f"max |loss difference| over logged windows: {check['max_abs_loss_diff']:.2e}")
+        print(f"{item['what']:<44} {shown:>8}   target {item['target_shown']:<7} {verdict}")
+    q = report.get("qlora")
+    if q:
+        print(f"QLoRA on CPU: nf4 base peak {q['nf4_peak_rss_bytes'] / MiB:,.0f} MiB vs fp32 base "
+              f"{q['fp32_peak_rss_bytes'] / MiB:,.0f} MiB (4-bit weights save "
+              f"{q['weight_savings_bytes'] / MiB:,.0f} MiB; target <= "
+              f"{q['target_bytes'] / MiB:,.0f} MiB) {'PASS' if q['pass'] else 'MISS'}")
     loads = report["environment"]["load_average_1min"]
     if loads and max(loads) > cfg["threads"] + 0.5:
         print(f"note: the machine was busy (1-min load average up to {max(loads):.1f} on "
@@ -416,20 +570,23 @@ def print_report(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, help=f"optimizer steps (default {FULL['steps']})")
-    parser.add_argument("--batch-size", type=int,
-                        help=f"micro-batch size (default {FULL['batch_size']})")
-    parser.add_argument("--warmup", type=int,
-                        help="first steps discarded from steady-state figures (default steps/10)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated data shapes: mixed, masked, full (default: all; "
+                             "mixed with --quick)")
+    parser.add_argument("--systems", default=None,
+                        help="comma-separated systems to run where a shape has them (default: all)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default 5; 6 with --quick)")
+    parser.add_argument("--batch-size", type=int, help="micro-batch size (default 4)")
+    parser.add_argument("--max-length", type=int, help="tokens per row (default 512)")
+    parser.add_argument("--warmup", type=int, help="first steps left out of steady figures (default 1)")
     parser.add_argument("--threads", type=int,
-                        help="torch threads in every system (default: torch's default; 1 with --quick)")
-    parser.add_argument("--repeats", type=int,
-                        help="runs of each system, interleaved; the fastest counts (default 2, "
-                             "1 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
+                        help="torch threads in every system (default: torch's; 1 with --quick)")
+    parser.add_argument("--model", default=None,
+                        help=f"model path or catalogue name (default {REAL_MODEL})")
+    parser.add_argument("--quick", action="store_true", help="a tiny random model: the smoke test")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/bench_train.json"))
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--worker", choices=("bare", "trainer"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=tuple(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -440,87 +597,84 @@ def main(argv: list[str] | None = None) -> int:
     sizes = dict(QUICK if args.quick else FULL)
     steps = args.steps or sizes["steps"]
     batch_size = args.batch_size or sizes["batch_size"]
-    warmup = args.warmup if args.warmup is not None else max(1, steps // 10)
-    repeats = args.repeats or (1 if args.quick else 2)
-    if repeats < 1:
-        parser.error("--repeats must be at least 1")
+    max_length = args.max_length or sizes["max_length"]
+    warmup = args.warmup if args.warmup is not None else 1
+    shapes = (args.shapes or ("mixed" if args.quick else ",".join(SHAPES))).split(",")
+    if unknown := [s for s in shapes if s not in SHAPES]:
+        parser.error(f"--shapes: unknown {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    chosen = set(args.systems.split(",")) if args.systems else None
     if not 0 < warmup < steps:
         parser.error(f"--warmup must be in [1, steps); got {warmup} with --steps {steps}")
 
     import torch
 
-    from peftune.models import build_tiny_model
+    from peftune.models import build_tiny_model, load_tokenizer, resolve_model_path
 
-    # --quick: one thread, as its ops are too small to gain from more, and a second OpenMP
-    # thread makes each op wait for a free core whenever the machine is busy.
     threads = args.threads or (1 if args.quick else torch.get_num_threads())
     work = Path(tempfile.mkdtemp(prefix="peftune-bench-"))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PEFTUNE_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    os.environ.update({k: env[k] for k in ("PEFTUNE_CACHE", "HF_HUB_OFFLINE")})
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    if args.quick:  # the tiny model's data cache is thrown away; the real model's is the user's
+        env["PEFTUNE_CACHE"] = str(work / "cache")
+    os.environ.update({k: env[k] for k in ("PEFTUNE_CACHE", "HF_HUB_OFFLINE") if k in env})
+    report: dict = {"shapes": {}}
+    loads: list[float] = []
     try:
         print(f"peftune training benchmark in {work}", flush=True)
-        model = build_tiny_model(work / "model", hidden_size=sizes["hidden_size"],
-                                 layers=sizes["layers"], heads=sizes["heads"], seed=0)
-        corpus = work / "corpus.jsonl"
-        # Enough text that peftune's packed rows do not run out within `steps`.
-        build_corpus(corpus, tokens=int(1.3 * steps * batch_size * sizes["max_length"]) + 4096,
-                     max_length=sizes["max_length"], seed=0)
-        recipe = work / "recipe.yaml"
-        write_recipe(recipe, model=model, data=corpus, out=work / "peftune-run", steps=steps,
-                     batch_size=batch_size, max_length=sizes["max_length"], log_every=warmup)
-        data = data_summary(recipe)
-        cfg = {"recipe": str(recipe), "threads": threads, "warmup": warmup,
-               "trainer_dir": str(work / "trainer-run")}
-        (work / "config.json").write_text(json.dumps(cfg))
-
-        runs: dict[str, list[dict]] = {name: [] for name in SYSTEMS}
-        loads = []
-        for round_ in range(1, repeats + 1):
-            for kind in SYSTEMS:
-                tag = f"{kind} {round_}/{repeats}" if repeats > 1 else kind
-                if kind == "peftune":
-                    command = [sys.executable, "-m", "peftune.cli", "train", str(recipe),
-                               "--overwrite"]
-                else:
-                    command = [sys.executable, str(HERE), "--worker", kind, "--config",
-                               str(work / "config.json"), "--result", str(work / f"{kind}.json")]
-                wall = run_child(tag, command, env=env, log=work / f"{kind}-{round_}.log")
-                loads.append(os.getloadavg()[0])
-                result = (peftune_result(work / "peftune-run", warmup, steps) if kind == "peftune"
-                          else json.loads((work / f"{kind}.json").read_text()))
-                runs[kind].append({**result, "wall_seconds": wall})
+        if args.quick:
+            model = str(build_tiny_model(work / "model", hidden_size=sizes["hidden_size"],
+                                         layers=sizes["layers"], heads=sizes["heads"], seed=0))
+        else:
+            model = args.model or REAL_MODEL
+        model_dir = str(resolve_model_path(model))  # a catalogue model is pulled here, once
+        tokenizer = load_tokenizer(model_dir)
+        report["model"] = model_facts(model_dir)
+        trl_missing = _missing("trl")
+        for shape in shapes:
+            data = work / f"{shape}.jsonl"
+            need = int(1.5 * steps * batch_size * max_length) + 4096
+            if shape == "mixed":
+                build_text(data, tokenizer, tokens=need, low=16, high=max_length, seed=0)
+            elif shape == "full":
+                build_text(data, tokenizer, tokens=need * 2, low=max_length + 64,
+                           high=max_length + 64, seed=0)
+            else:
+                sample = _stdlib_texts()[0][:20000]
+                chars_per_token = len(sample) / len(tokenizer(sample)["input_ids"])
+                build_docstring_task(data, rows=6 * steps * batch_size + 64,
+                                     max_chars=int(0.9 * max_length * chars_per_token), seed=0)
+            recipe = work / f"{shape}.yaml"
+            write_recipe(recipe, model=model, data=data, out=work / f"{shape}-peftune",
+                         shape=shape, steps=steps, batch_size=batch_size, max_length=max_length,
+                         log_every=warmup)
+            systems = QUICK_SYSTEMS if args.quick and chosen is None else SHAPE_SYSTEMS[shape]
+            systems = tuple(s for s in systems if chosen is None or s in chosen)
+            if "trl" in systems and trl_missing:
+                print(f"  {shape}: trl skipped ({trl_missing}; pip install -e '.[bench]')")
+                systems = tuple(s for s in systems if s != "trl")
+            cfg = {"recipe": str(recipe), "threads": threads, "warmup": warmup, "steps": steps,
+                   "trainer_dir": str(work / f"{shape}-trainer-run")}
+            block = {"data": data_summary(recipe)}
+            block["systems"] = run_shape(shape, systems, work=work, env=env, recipe=recipe, cfg=cfg)
+            loads.append(os.getloadavg()[0])
+            if "bare" in block["systems"] and "peftune" in block["systems"]:
+                block["check"] = loss_check(block["systems"]["peftune"], block["systems"]["bare"])
+            report["shapes"][shape] = block
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    # Noise on a shared machine only ever slows a run down: keep each system's fastest run.
-    results = {}
-    for name, attempts in runs.items():
-        best = max(attempts, key=lambda r: r["steady_tokens_per_s"])
-        results[name] = {**best, "repeats_steady_tokens_per_s":
-                         [r["steady_tokens_per_s"] for r in attempts]}
-    for s in results.values():
-        s["peak_rss_mib"] = s["peak_rss_bytes"] / MiB
-        if "padded_tokens" in s:
-            s["fill"] = s["tokens"] / s["padded_tokens"]
-            s["examples_per_step"] = s["examples"] / s["steps"]
-    bare = results["bare"]
-    results["peftune"].update(fill=bare["fill"], examples_per_step=bare["examples_per_step"])
-    report = {
-        "config": {**sizes, "steps": steps, "batch_size": batch_size, "threads": threads,
-                   "warmup_steps_discarded": warmup, "repeats": repeats, "quick": args.quick,
-                   "lora": LORA, "train": TRAIN},
-        "data": data,
-        "systems": results,
-        "ratios": ratios(results),
-        "check": loss_check(results["peftune"], bare),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "transformers": _version("transformers"), "peft": _version("peft"),
-                        "cpu_count": os.cpu_count(), "load_average_1min": loads},
-        "elapsed_seconds": time.perf_counter() - began,
-    }
+    report["config"] = {"model": "tiny random llama" if args.quick else model, "steps": steps,
+                        "batch_size": batch_size, "max_length": max_length, "warmup": warmup,
+                        "threads": threads, "quick": args.quick, "lora": LORA, "train": TRAIN}
+    report["ratios"] = ratios(report)
+    report["qlora"] = qlora_check(report)
+    report["environment"] = {
+        "python": platform.python_version(), "torch": torch.__version__,
+        **{name: _version(name) for name in ("transformers", "peft", "trl")},
+        "cpu_count": os.cpu_count(), "load_average_1min": loads}
+    report["elapsed_seconds"] = time.perf_counter() - began
     print_report(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -528,10 +682,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _version(package: str) -> str:
-    from importlib.metadata import version
+def _missing(module: str) -> str | None:
+    import importlib.util
 
-    return version(package)
+    return None if importlib.util.find_spec(module) else f"{module} is not installed"
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Smoke test of the training benchmark (`make bench`): `--quick` runs all three systems
-(peftune, HF Trainer, bare loop) on a tiny model and writes the report JSON."""
+"""Smoke test of the training benchmark (`make bench`): `--quick` runs peftune, the HF Trainer
+and the bare loop on a tiny model over the mixed-length text and writes the report JSON. The
+figures that count come from the real model (docs/memory.md)."""
 
 from __future__ import annotations
 
@@ -16,30 +17,28 @@ def test_bench_quick_writes_three_systems_and_ratios(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PEFTUNE_CACHE": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=180)
+                          capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads(out.read_text())
 
-    systems = report["systems"]
+    block = report["shapes"]["mixed"]
+    systems = block["systems"]
     assert set(systems) == {"peftune", "trainer", "bare"}
     steps = report["config"]["steps"]
     for name, system in systems.items():
         assert system["steps"] == steps, name
         assert system["tokens"] > 0, name
-        assert system["tokens_per_s"] > 0, name
         assert system["steady_tokens_per_s"] > 0, name
         assert system["peak_rss_bytes"] > 0, name
-    # peftune and the bare loop train on the same packed batches; the Trainer pads.
-    assert report["check"]["same_real_tokens"]
-    assert report["check"]["max_abs_loss_diff"] < 1e-3
+    # peftune and the bare loop train on the same packed batches and loss; the Trainer pads.
+    assert block["check"]["same_real_tokens"]
+    assert block["check"]["max_abs_loss_diff"] < 1e-4
     assert systems["trainer"]["fill"] < 1.0
 
     ratios = report["ratios"]
-    assert set(ratios) == {"peftune_vs_trainer_tokens_per_s", "peftune_vs_trainer_peak_rss",
-                           "loop_overhead_vs_bare"}
+    assert set(ratios) == {"mixed_tokens_per_s", "mixed_peak_rss", "mixed_loop_overhead"}
     for ratio in ratios.values():
-        assert isinstance(ratio["value"], float)
-        assert isinstance(ratio["pass"], bool)
-    for line in ("peftune / Trainer effective tokens/s", "peftune / Trainer peak RSS",
-                 "peftune loop overhead vs bare loop"):
+        assert isinstance(ratio["value"], float) and isinstance(ratio["pass"], bool)
+    for line in ("mixed: peftune / trainer tokens/s", "mixed: peftune / trainer peak RSS",
+                 "mixed: peftune loop overhead vs bare"):
         assert line in done.stdout

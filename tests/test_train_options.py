@@ -69,7 +69,8 @@ def test_a_bad_checkpointing_value_is_refused(tmp_path, tiny_model_dir, text_dat
 
 
 def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16():
-    from peftune.train.setup import cpu_has_bf16, mixed_precision
+    from peftune.device import cpu_has_bf16
+    from peftune.train.setup import mixed_precision
 
     cpu = torch.device("cpu")
     assert mixed_precision("auto", cpu, cpu_flags={"avx512f", "avx512_bf16"}) == "bf16"
@@ -80,6 +81,21 @@ def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16():
     assert mixed_precision("fp32", cpu, cpu_flags={"avx512_bf16"}) == "no"
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     assert cpu_has_bf16() == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+def test_quantized_layers_compute_in_fp32_on_cpus_without_native_bf16(monkeypatch):
+    """quant.compute_dtype auto: emulated bf16 made a 4-bit base ~18x slower on such CPUs."""
+    import peftune.device
+    from peftune.quant import compute_dtype
+    from peftune.recipe.schema import QuantSection
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(peftune.device, "cpu_flags", lambda: {"avx512f", "avx2"})
+    assert compute_dtype(QuantSection(method="nf4"), cpu) == torch.float32
+    assert compute_dtype(QuantSection(method="nf4", compute_dtype="bfloat16"), cpu) == torch.bfloat16
+    monkeypatch.setattr(peftune.device, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert compute_dtype(QuantSection(method="nf4"), cpu) == torch.bfloat16
+    assert compute_dtype(QuantSection(method="int4", compute_dtype="float32"), cpu) == torch.float32
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -179,7 +179,7 @@ def load_model(model_cfg: Any, quant_cfg: Any, *, device: Any,
     check_model_loadable(path, trust_remote_code=model_cfg.trust_remote_code)
     quiet_libraries()
 
-    quant = quantization_config(quant_cfg)
+    quant = quantization_config(quant_cfg, device=device)
     # A checkpoint saved quantized (bitsandbytes) loads quantized whatever the recipe says; it
     # then needs the same preparation as a base quantized at load (the CPU fix above all).
     prequantized = quant is None and _saved_quantized(path, model_cfg.trust_remote_code)

@@ -23,7 +23,7 @@ from peftune.recipe.schema import QuantSection
 class QuantBackend:
     name: str
     # -> the `quantization_config` for from_pretrained; None: quantized after loading
-    load_config: Callable[[QuantSection], Any] | None
+    load_config: Callable[[QuantSection, Any], Any] | None  # (section, device)
     bits: int
 
 
@@ -34,22 +34,35 @@ def _torch_dtype(name: str) -> Any:
             "uint8": torch.uint8}[name]
 
 
-def _bnb_4bit(quant_type: str) -> Callable[[QuantSection], Any]:
-    def config(quant: QuantSection) -> Any:
+def compute_dtype(quant: QuantSection, device: Any) -> Any:
+    """The torch dtype quantized layers compute in on `device` (`auto` resolved)."""
+    import torch
+
+    from peftune.device import native_bf16
+
+    if quant.compute_dtype != "auto":
+        return _torch_dtype(quant.compute_dtype)
+    if native_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if getattr(device, "type", "cpu") == "cuda" else torch.float32
+
+
+def _bnb_4bit(quant_type: str) -> Callable[[QuantSection, Any], Any]:
+    def config(quant: QuantSection, device: Any) -> Any:
         from transformers import BitsAndBytesConfig
 
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant_type,
             bnb_4bit_use_double_quant=quant.double_quant,
-            bnb_4bit_compute_dtype=_torch_dtype(quant.compute_dtype),
+            bnb_4bit_compute_dtype=compute_dtype(quant, device),
             bnb_4bit_quant_storage=_torch_dtype(quant.storage_dtype),
         )
 
     return config
 
 
-def _bnb_int8(quant: QuantSection) -> Any:
+def _bnb_int8(quant: QuantSection, device: Any) -> Any:
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_8bit=True)
@@ -63,14 +76,14 @@ BACKENDS: dict[str, QuantBackend] = {
 }
 
 
-def quantization_config(quant: QuantSection) -> Any | None:
+def quantization_config(quant: QuantSection, *, device: Any) -> Any | None:
     """The `quantization_config` to load the base with; None for `quant.method: none` and
     for backends that quantize the loaded model (`int4`)."""
     backend = BACKENDS.get(quant.method)
     if backend is None or backend.load_config is None:
         return None
     _quiet_bitsandbytes()
-    return backend.load_config(quant)
+    return backend.load_config(quant, device)
 
 
 def prepare_quantized_model(model: Any, quant: QuantSection, *, device: Any) -> Any:
@@ -90,7 +103,7 @@ def prepare_quantized_model(model: Any, quant: QuantSection, *, device: Any) -> 
 
         model.to(device)
         model = quantize_model_int4(model, group_size=quant.group_size,
-                                    compute_dtype=_torch_dtype(quant.compute_dtype), device=device)
+                                    compute_dtype=compute_dtype(quant, device), device=device)
     else:
         import bitsandbytes as bnb
 

@@ -42,11 +42,13 @@ class ModelSection(Section):
 class QuantSection(Section):
     """The frozen base's quantization. nf4/fp4/int8: bitsandbytes; int4: HQQ 4-bit integer
     codes in groups of `group_size` inputs, each group with its own scale and zero
-    (`peftune.quant.hqq`). `compute_dtype` is the dtype the quantized matmuls run in."""
+    (`peftune.quant.hqq`). `compute_dtype` is the dtype the quantized matmuls run in; `auto`:
+    bfloat16 where the device computes it natively (a recent GPU, a CPU with AVX512-BF16 or
+    AMX), float16 on older GPUs, else float32 (emulated bf16 on CPU is ~18x slower)."""
 
     method: Literal["none", "nf4", "fp4", "int8", "int4"] = "none"
     double_quant: bool = True
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # nf4/fp4 only: the dtype the packed 4-bit codes are stored in (bitsandbytes'
     # bnb_4bit_quant_storage). FSDP flattens a block's parameters into one dtype, so FSDP +
     # QLoRA needs it equal to the rest of the model (bfloat16); uint8 is bitsandbytes' default.

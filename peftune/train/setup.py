@@ -15,10 +15,10 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from peftune.adapters.hooks import AdapterHooks
+from peftune.device import native_bf16
 from peftune.errors import InputError
 from peftune.recipe.schema import Recipe
 
@@ -164,40 +164,14 @@ def agree(state: Any, fn: Any) -> Any:
 
 def mixed_precision(precision: str, device: Any, *, cpu_flags: set[str] | None = None) -> str:
     """Accelerate's mixed-precision mode for `train.precision` on this device. `auto`: bf16
-    autocast on a GPU that supports it and on a CPU with native bf16 arithmetic (see
-    `cpu_has_bf16`), else fp32 (emulated bf16 on CPU is slower than fp32)."""
-    import torch
-
+    autocast on a GPU that supports it and on a CPU with native bf16 arithmetic
+    (peftune/device.py), else fp32 (emulated bf16 on CPU is far slower than fp32)."""
     cuda = device.type == "cuda"
     if precision == "auto":
-        if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "no"
-        return "bf16" if cpu_has_bf16(cpu_flags) else "no"
+        return "bf16" if native_bf16(device, flags=cpu_flags) else "no"
     if precision == "fp16" and not cuda:
         raise InputError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-
-
-BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX512-BF16 / AMX, Arm BF16
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags Linux reports in /proc/cpuinfo (empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):  # x86, Arm
-            flags.update(value.split())
-    return flags
-
-
-def cpu_has_bf16(flags: set[str] | None = None) -> bool:
-    """Whether the CPU does bf16 arithmetic natively (AVX512-BF16, AMX, or Arm's BF16)."""
-    return bool(BF16_CPU_FLAGS & (cpu_flags() if flags is None else flags))
 
 
 def _accelerator(precision: str, handlers: Sequence[Any] = ()) -> Any:
