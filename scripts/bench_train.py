@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
                 build_text(data, tokenizer, tokens=need * 2, low=max_length + 64,
                            high=max_length + 64, seed=0)
             else:
-                sample = _stdlib_texts()[0][:20000]
+                sample = Path(sysconfig.get_paths()["stdlib"], "typing.py").read_text()[:20000]
                 chars_per_token = len(sample) / len(tokenizer(sample)["input_ids"])
                 build_docstring_task(data, rows=6 * steps * batch_size + 64,
                                      max_chars=int(0.9 * max_length * chars_per_token), seed=0)

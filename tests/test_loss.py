@@ -194,7 +194,6 @@ def test_rows_of_one_example_take_the_causal_path_and_give_the_masked_loss():
     with torch.no_grad():
         for batch in (single, padded):
             fast = float(token_loss_sum(model, batch))
-            masked = {k: v for k, v in batch.items()}
             if "position_ids" in batch:
                 from peftune.data import block_causal_mask
 
@@ -202,7 +201,7 @@ def test_rows_of_one_example_take_the_causal_path_and_give_the_masked_loss():
                              attention_mask=block_causal_mask(batch["position_ids"]),
                              use_cache=False).logits
             else:
-                full = model(input_ids=masked["input_ids"], attention_mask=masked["attention_mask"],
+                full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              use_cache=False).logits
             targets = loss_module.shifted_targets(batch["labels"])
             assert fast == pytest.approx(float(loss_module._plain_loss(full, targets, per_row=False)),
@@ -216,3 +215,26 @@ def test_rows_with_several_examples_keep_their_block_mask():
     # a second example without any target does not need isolating (nothing after it is scored)
     batch["labels"][0, 10:] = -100
     assert set(model_inputs(model, batch)) == {"input_ids"}
+
+
+def test_a_model_that_rescales_the_head_result_is_refused_with_one_line():
+    """A wrapper that changes the logits after the head (unknown to the config check) would
+    scale the chunked loss silently: the result is checked and refused instead."""
+    from peftune.errors import TrainingError
+
+    class Doubling(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    with pytest.raises(TrainingError, match="set train.chunked_loss: false"):
+        token_loss_sum(Doubling(_tiny(tied=True)), _batch())
+    assert float(token_loss_sum(Doubling(_tiny(tied=True)), _batch(), chunked=False)) > 0

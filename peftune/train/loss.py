@@ -178,7 +178,7 @@ def _loss_head(model: Any, targets: Any, *, per_row: bool):
     parent = bare.get_submodule(parent_name)
     head = getattr(parent, name)
     vocab = int(getattr(getattr(bare, "config", None), "vocab_size", 0) or 32000)
-    sharded = _bare(model) is not model and type(model).__name__ != "DistributedDataParallel"
+    sharded = bare is not model and type(model).__name__ != "DistributedDataParallel"
     sharded = sharded or hasattr(next(iter(head.parameters()), None), "device_mesh")
     loss_head = LossHead(head, targets, per_row=per_row, vocab=vocab, sharded=sharded)
     setattr(parent, name, loss_head)
@@ -201,8 +201,13 @@ class LossHead(torch.nn.Module):
         self.result: Any = None
 
     def returned(self, logits: Any) -> Any:
-        """The model's output `logits`, which must be this head's result unchanged."""
-        if logits is not self.result:
+        """The model's output `logits`, which must be this head's result unchanged (DDP may
+        hand it back through an autograd node of its own: the same values)."""
+        result = self.result
+        changed = logits is not result and (
+            getattr(logits, "shape", None) != result.shape
+            or not torch.equal(logits.detach(), result.detach()))
+        if changed:
             raise TrainingError(
                 "the model changed its output head's result after the head, so the loss "
                 "cannot be computed in chunks; set train.chunked_loss: false")
