@@ -27,6 +27,10 @@ from peftune.errors import InputError
 # write a checkpoint first, which can take minutes for a large model.
 SHUTDOWN_TIMEOUT_S = 900
 
+# How long a rank other than 0 waits, after a bad-input error that rank 0 prints, for the
+# launcher to end it once rank 0 has exited with the error (seconds; it exits itself after).
+QUIET_RANK_WAIT_S = 60.0
+
 
 def parse_nproc(value: str | None) -> int | None:
     """`--nproc`: a whole number >= 1, or None when not given."""
@@ -168,12 +172,17 @@ def found_on_every_rank(message: str) -> InputError:
 
 
 def quiet_on_this_rank(err: BaseException) -> bool:
-    """A bad-input error that rank 0 also raised and prints: the other ranks exit without
-    printing it, a moment later, so that rank 0's exit code is the job's. Either way the
-    process group is left first: exiting with it live can abort the process (SIGABRT)."""
+    """A bad-input error that rank 0 also raised and prints: the other ranks wait for rank 0
+    to print it and exit (the launcher then ends them), so that rank 0's line is shown and its
+    exit code is the job's; on a loaded machine rank 0 can take seconds to get there, so the
+    wait is long and ended by the launcher, not by a guess. Either way the process group is
+    left first: exiting with it live can abort the process (SIGABRT)."""
     leave_process_group()
     if getattr(err, "shown_by_main", False):
-        time.sleep(1.0)
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ended by the launcher: quietly
+        time.sleep(QUIET_RANK_WAIT_S)
         return True
     return False
 
