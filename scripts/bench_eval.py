@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchlib
+
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
          "every jovial boxer and sphinx of black quartz judges my vow").split()
 
@@ -122,7 +124,8 @@ def main() -> None:
         "bare": {"seconds": min(bare), "tokens_per_s": bare_tokens / min(bare), "loss": bare_loss},
         "check": {"same_tokens": tokens == bare_tokens,
                   "loss_diff": abs(metrics["loss"]["value"] - bare_loss)},
-        "overhead": {"value": ratio - 1, "target": 0.10, "pass": ratio - 1 <= 0.10},
+        "overhead": {"value": ratio - 1, "target": 0.10,
+                     "pass": benchlib.meets(ratio - 1, "<=", 0.10)},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
@@ -134,7 +137,7 @@ def main() -> None:
           f"({min(bare):.3f}s)")
     print(f"same tokens: {summary['check']['same_tokens']}; loss difference "
           f"{summary['check']['loss_diff']:.2e}")
-    verdict = "PASS" if summary["overhead"]["pass"] else "FAIL"
+    verdict = benchlib.verdict_word(summary["overhead"]["pass"])
     print(f"peftune eval overhead vs bare loop: {100 * (ratio - 1):+.1f}% "
           f"(ratio {ratio:.3f}; target <= +10%) {verdict}")
     print(f"wrote {args.out}")

@@ -1,12 +1,13 @@
-"""Benchmark (issue 8): peak RSS and time of `peftune merge` of one LoRA into a sharded base
+"""Benchmark: peak RSS and time of `peftune merge` of one LoRA into a sharded base
 against peft's `merge_and_unload()` + `save_pretrained`, on the same local model and adapter.
 
 The model (Llama-shaped, random weights, fp32, a few hundred MB) is saved in >= 4 shards and
 given a LoRA (r=16 on every linear, random B so the adapter changes every module). Each side
-runs in its own fresh Python process; peak RSS is that process's VmHWM. "Above imports" is the
-peak minus a process that only imports torch, transformers and peft, i.e. the memory the merge
-itself holds; the targets (issue 8: peak RSS <= 0.5x, time <= 1.0x) are judged on that and on
-wall time. Both outputs are then loaded and compared, so a fast wrong merge cannot pass.
+runs in its own fresh Python process; peak RSS is that process's VmHWM (`benchlib.run_python`).
+"Above imports" is the peak minus a process that only imports torch, transformers and peft, i.e.
+the memory the merge itself holds; the targets (peak RSS above imports <= 0.5x peft's, wall time
+<= 1.0x peft's) are judged on that and on wall time. Both outputs are then loaded and compared,
+so a fast wrong merge cannot pass.
 
     python scripts/bench_merge.py [--hidden 1024] [--layers 16] [--shard-size 120MB] [--rounds 2]
 
@@ -17,11 +18,10 @@ alternates between rounds).
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+import benchlib
 
 IMPORTS = """
 import torch, transformers, peft, safetensors
@@ -52,16 +52,14 @@ except SystemExit as done:
 TARGET_RSS, TARGET_TIME = 0.5, 1.0
 
 
-def measure(code: str, *args: str) -> tuple[float, float]:
-    """(peak RSS in MiB, wall seconds) of a fresh Python process running `code`."""
-    script = (f"{code}\nprint([l.split()[1] for l in open('/proc/self/status') "
-              "if l.startswith('VmHWM')][0])")
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode:
-        raise SystemExit(f"benchmark process failed:\n{done.stderr[-3000:]}")
-    return int(done.stdout.strip().splitlines()[-1]) / 1024, seconds
+def measure(code: str, base: Path, adapter: Path, out: Path,
+            shard_size: str) -> tuple[float, float]:
+    """(peak RSS in MiB, wall seconds) of a fresh Python process running `code` with the
+    arguments BASE ADAPTER OUT SHARD_SIZE (its log beside OUT)."""
+    run = benchlib.run_python(code, str(base), str(adapter), str(out), shard_size,
+                              log=out.with_name(out.name + ".log"),
+                              name=f"the process writing {out.name}")
+    return run["peak_rss_bytes"] / benchlib.MiB, run["wall_seconds"]
 
 
 def build(root: Path, *, hidden: int, layers: int, shard_size: str) -> tuple[Path, Path, int, float]:
@@ -107,7 +105,7 @@ def same_weights(a: Path, b: Path) -> float:
     return worst
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=16)
@@ -120,14 +118,12 @@ def main() -> None:
                                                 shard_size=args.shard_size)
         if shards < 4:
             raise SystemExit(f"the base has {shards} shards; use a smaller --shard-size")
-        common = (str(base), str(adapter))
-        floor, _ = measure(IMPORTS, *common, str(root / "unused"), args.shard_size)
+        floor, _ = measure(IMPORTS, base, adapter, root / "unused", args.shard_size)
         runs: dict[str, list[tuple[float, float]]] = {"peft": [], "peftune": []}
         for i in range(args.rounds):  # alternate the order: a shared machine's load drifts
             for label in (("peft", "peftune") if i % 2 == 0 else ("peftune", "peft")):
-                out = root / f"{label}-{i}"
-                runs[label].append(measure(PEFT if label == "peft" else PEFTUNE, *common,
-                                           str(out), args.shard_size))
+                runs[label].append(measure(PEFT if label == "peft" else PEFTUNE, base, adapter,
+                                           root / f"{label}-{i}", args.shard_size))
         error = same_weights(root / "peftune-0", root / "peft-0")
     # peak RSS: the largest over rounds; time: the fastest (the least disturbed) round
     peft_rss, peft_time = max(r for r, _ in runs["peft"]), min(t for _, t in runs["peft"])
@@ -146,8 +142,9 @@ def main() -> None:
           f"process {ours_rss / peft_rss:.2f}x); time {time_ratio:.2f}x peft (target <= "
           f"{TARGET_TIME}x)")
     ok = rss_ratio <= TARGET_RSS and time_ratio <= TARGET_TIME and error < 1e-4
-    print(f"merge bench: {'PASS' if ok else 'FAIL'}")
+    print(f"merge bench: {benchlib.verdict_word(ok)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    benchlib.run_main(main)

@@ -11,8 +11,8 @@ same number of optimizer steps; each variant in its own process so that peak RSS
 
 Figures: the largest optimizer state after any step (every tensor in optimizer.state,
 GaLore's projection matrices included; LISA's right after a step, before a resample releases
-it) and its ratio to AdamW's; the process's peak RSS and its rise
-over the RSS with the model loaded; on CUDA also the peak allocated GPU memory; first and last
+it) and its ratio to AdamW's; the process's peak RSS (ru_maxrss) and its rise over the RSS
+with the model loaded; on CUDA also the peak allocated GPU memory; first and last
 loss (a sanity check that each variant trains).
 
     python scripts/bench_optimizer_memory.py [--hidden 256] [--layers 4] [--steps 6]
@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import benchlib
+from benchlib import MiB
 
 VARIANTS = ("adamw", "lisa", "galore", "galore8bit")
 
 
 def run_variant(args: argparse.Namespace) -> dict:
-    import psutil
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -47,7 +47,7 @@ def run_variant(args: argparse.Namespace) -> dict:
                 "(galore-torch calls torch.cuda.synchronize() every step)"}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
-    baseline_rss = psutil.Process().memory_info().rss
+    baseline_rss = benchlib.current_rss_bytes()
     galore = {"name": "galore", "rank": args.rank, "update_proj_gap": 200}
     if args.variant.startswith("galore"):
         cfg = TrainSection(lr=1e-3, strategy=galore,
@@ -70,7 +70,7 @@ def run_variant(args: argparse.Namespace) -> dict:
             after(model, step)
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak_rss = benchlib.peak_rss_bytes()
     out = {"variant": args.variant, "state_bytes": state_bytes,
            "peak_rss_bytes": peak_rss, "rss_rise_bytes": peak_rss - baseline_rss,
            "first_loss": losses[0], "last_loss": losses[-1],
@@ -80,7 +80,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     return out
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -93,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))
-        return
+        return 0
 
     from peftune.models import build_tiny_model
 
@@ -102,12 +102,14 @@ def main() -> None:
                                  layers=args.layers, heads=4, seed=0)
         results = []
         for variant in VARIANTS:
-            child = subprocess.run(
-                [sys.executable, __file__, "--variant", variant, "--model", str(model),
-                 "--steps", str(args.steps), "--rank", str(args.rank),
-                 "--lisa-layers", str(args.lisa_layers)],
-                capture_output=True, text=True, check=True)
-            results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+            log = Path(work) / f"{variant}.log"
+            command = [sys.executable, __file__, "--variant", variant, "--model", str(model),
+                       "--steps", str(args.steps), "--rank", str(args.rank),
+                       "--lisa-layers", str(args.lisa_layers)]
+            benchlib.run_child(variant, command, log=log, quiet=True)
+            lines = log.read_text().splitlines()  # the result is the last JSON line printed
+            results.append(json.loads(next(line for line in reversed(lines)
+                                           if line.startswith("{"))))
     adamw = results[0]
     print(f"tiny Llama: hidden {args.hidden}, {args.layers} layers, {adamw['parameters']:,} "
           f"parameters; {args.steps} steps; GaLore rank {args.rank}; LISA "
@@ -120,13 +122,14 @@ def main() -> None:
             continue
         r["state_ratio"] = r["state_bytes"] / adamw["state_bytes"]
         r["rss_rise_ratio"] = r["rss_rise_bytes"] / max(adamw["rss_rise_bytes"], 1)
-        print(f"{r['variant']:<11} {r['state_bytes'] / 2**20:>10.2f} {r['state_ratio']:>9.3f} "
-              f"{r['peak_rss_bytes'] / 2**20:>13.1f} {r['rss_rise_bytes'] / 2**20:>13.1f} "
+        print(f"{r['variant']:<11} {r['state_bytes'] / MiB:>10.2f} {r['state_ratio']:>9.3f} "
+              f"{r['peak_rss_bytes'] / MiB:>13.1f} {r['rss_rise_bytes'] / MiB:>13.1f} "
               f"{r['first_loss']:>8.3f}->{r['last_loss']:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"written: {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    benchlib.run_main(main)

@@ -27,7 +27,7 @@ ZIP-FIT    (a) gzip level 1: peftune's pair throughput (pool x target pairs per 
            (`gzip.compress`, `lz4.frame.compress`), and against the reference's scores.
 
 Every run is a child process; peak RSS is the sum over its process tree (sampled every
-100 ms; pages shared between processes count once per process).
+100 ms by `benchlib.run_child`; pages shared between processes count once per process).
 
     python scripts/bench_select.py [--pool-size N] [--target-size N] [--k K] [--quick]
                                    [--workdir DIR] [--out FILE] [--no-scale-test]
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.util
 import json
 import math
 import multiprocessing
@@ -52,22 +51,21 @@ import os
 import platform
 import random
 import re
-import resource
 import shutil
-import subprocess
 import sys
 import sysconfig
 import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
+import benchlib
 import numpy as np
 import psutil
+from benchlib import MiB
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
-MiB, GB = 1 << 20, 10**9
+GB = 10**9
 CORPUS_VERSION = 1  # bump when the way documents are cut changes
 GUI = {"idlelib", "tkinter", "turtledemo", "turtle"}
 FULL = dict(pool_size=200_000, target_size=1_000, k=10_000, gzip_pool=20_000,
@@ -75,7 +73,6 @@ FULL = dict(pool_size=200_000, target_size=1_000, k=10_000, gzip_pool=20_000,
 QUICK = dict(pool_size=3_000, target_size=200, k=300, gzip_pool=1_000, gzip_targets=20,
              lz4_targets=20, ref_pool=500, formula_rows=50)
 SCALE_RSS_LIMIT = 2 * GB
-SAMPLE_SECONDS = 0.1  # one sample of a process tree costs ~2 ms of CPU
 LOADS: list[float] = []  # 1-minute load average after each run
 # (description, comparison, target); the tolerances allow for two different Gumbel draws
 TARGETS = {
@@ -91,6 +88,8 @@ TARGETS = {
     "zipfit_scale_rss": ("ZIP-FIT lz4 scale: peak RSS (GB)", "<", SCALE_RSS_LIMIT / GB),
 }
 KL_RELATIVE_TOLERANCE = 0.01
+# The modules each reference package imports (zip-fit imports zstandard, brotli and datasets
+# without declaring them).
 REFERENCE_MODULES = {"data-selection": ("data_selection", "nltk", "joblib", "tqdm"),
                      "zip-fit": ("zip_fit", "lz4", "zstandard", "brotli", "datasets")}
 
@@ -222,38 +221,14 @@ def build_inputs(workdir: Path, sizes: dict, *, target_label: str, seed: int) ->
 # --------------------------------------------------------------------------- measuring
 
 
-def tree_rss(process: psutil.Process) -> int:
-    total = 0
-    for member in [process, *process.children(recursive=True)]:
-        try:
-            total += member.memory_info().rss
-        except psutil.Error:  # a worker that just exited
-            pass
-    return total
-
-
 def run_measured(name: str, command: list[str], *, log: Path, env: dict) -> dict:
     """Run a child to completion; its wall time and the peak RSS summed over its tree."""
-    print(f"  {name:<50} ...", end="", flush=True)
-    began = time.perf_counter()
-    peak = 0
-    with log.open("w") as handle:
-        child = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-        process = psutil.Process(child.pid)
-        while child.poll() is None:
-            try:
-                peak = max(peak, tree_rss(process))
-            except psutil.Error:
-                pass
-            time.sleep(SAMPLE_SECONDS)
-    wall = time.perf_counter() - began
-    LOADS.append(os.getloadavg()[0])
-    print(f" {wall:7.1f}s  peak RSS {peak / MiB:7,.0f} MiB", flush=True)
-    if child.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"{name} failed with exit code {child.returncode}; last lines of "
-                           f"{log}:\n{tail}")
-    return {"wall_seconds": wall, "peak_rss_bytes": peak}
+    run = benchlib.run_child(
+        name, command, log=log, env=env, sample_rss=True, width=50, waiting="...",
+        describe=lambda run: (f" {run.wall_seconds:7.1f}s  peak RSS "
+                              f"{run.peak_rss_bytes / MiB:7,.0f} MiB"))
+    LOADS.append(run.load_after)
+    return {"wall_seconds": run.wall_seconds, "peak_rss_bytes": run.peak_rss_bytes}
 
 
 def run_worker_child(name: str, kind: str, config: dict, *, work: Path, env: dict) -> dict:
@@ -278,35 +253,8 @@ def run_peftune(name: str, *, method: str, pool: str, target: str, k: int, out: 
     return {"report": report, "out": str(out), **measured}
 
 
-def interleaved(runs: dict[str, tuple[Callable[[str], dict], Callable[[dict], float]]],
-                repeats: int) -> dict[str, dict]:
-    """Run each of `runs` (name: (run given a tag for its line, its seconds)) `repeats`
-    times, interleaved, and keep each one's fastest run: on a shared machine, noise only
-    ever slows a run down. Every other round runs them in reverse order (A B, B A, ...), so
-    that a change in the machine's load during the rounds favours none of them. Every run's
-    seconds are kept beside it; peak RSS is the highest of all runs."""
-    attempts: dict[str, list[dict]] = {name: [] for name in runs}
-    for round_ in range(1, repeats + 1):
-        tag = f" [{round_}/{repeats}]" if repeats > 1 else ""
-        order = list(runs.items())
-        for name, (run, _) in (order if round_ % 2 else order[::-1]):
-            attempts[name].append(run(tag))
-    best = {}
-    for name, (_, seconds) in runs.items():
-        chosen = min(attempts[name], key=seconds)
-        best[name] = {**chosen, "repeat_seconds": [seconds(a) for a in attempts[name]]}
-        if "peak_rss_bytes" in chosen:  # memory is not noise: the highest sample counts
-            best[name]["peak_rss_bytes"] = max(a["peak_rss_bytes"] for a in attempts[name])
-    return best
-
-
 def precision(labels: list[str], target_label: str) -> float:
     return sum(label == target_label for label in labels) / max(len(labels), 1)
-
-
-def _self_peak_rss() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 # --------------------------------------------------------------------------- workers
@@ -346,10 +294,10 @@ def worker_zipfit_reference(cfg: dict) -> dict:
     source = zipfit.load_and_process_datasets(cfg["pool"], None, None)
     target = zipfit.load_and_process_datasets(cfg["target"], None, None)
     loaded = time.perf_counter()
-    rss_before = psutil.Process().memory_info().rss
+    rss_before = benchlib.current_rss_bytes()
     ranked = zipfit.rank_sequences_by_alignment(source, target)
     done = time.perf_counter()
-    peak = _self_peak_rss()
+    peak = benchlib.peak_rss_bytes()
     by_text = dict(ranked)  # a text's score does not depend on where it occurs
     np.save(cfg["scores"], np.array([by_text[text] for text in source], dtype=np.float64))
     pairs = len(source) * len(target)
@@ -446,14 +394,9 @@ class KLScorer:
 
 
 def verdict(name: str, value: float | None, target: float | None = None) -> dict:
+    """The verdict of TARGETS[name] on `value`, against `target` where given."""
     what, op, default = TARGETS[name]
-    target = default if target is None else target
-    if value is None or target is None:
-        return {"what": what, "value": value, "target": target, "comparison": op, "pass": None}
-    value = float(value)
-    passed = {">=": value >= target, "<=": value <= target, "<": value < target}[op]
-    return {"what": what, "value": value, "target": target, "comparison": op,
-            "pass": bool(passed)}
+    return benchlib.verdict(what, value, op, default if target is None else target)
 
 
 def output_problems(out: Path, pool: str, report: dict, k: int) -> list[str]:
@@ -520,7 +463,7 @@ def bench_dsir(inputs: dict, texts: dict, cfg: dict, *, work: Path, env: dict,
           f"reference's min_example_length=0: its default of 100 tokens would drop "
           f"{short:.1%} of this pool)")
     out = work / "dsir-peftune"
-    lacking = missing_modules("data-selection")
+    lacking = benchlib.missing_modules(REFERENCE_MODULES["data-selection"])
     have_reference = not lacking
     if lacking:
         notes.append(f"data-selection cannot run here (missing: {', '.join(lacking)}): the "
@@ -541,7 +484,7 @@ def bench_dsir(inputs: dict, texts: dict, cfg: dict, *, work: Path, env: dict,
         lambda run: run["wall_seconds"])}
     if have_reference:
         runs["reference"] = (reference_run(0), lambda run: run["timings"]["total"])
-    best = interleaved(runs, cfg["repeats"])
+    best = benchlib.interleaved(runs, cfg["repeats"])
     eligible = round((1 - short) * pool_size)
     if have_reference and cfg["ref_default_min_length"] and eligible < k:
         notes.append(f"data-selection with its default min length of 100 tokens is not run: "
@@ -604,7 +547,7 @@ def bench_dsir_long(texts: dict, cfg: dict, *, work: Path, env: dict,
     into one (20,000 documents of ~1,200 characters from the 200,000-document pool). Per
     n-gram costs then outweigh per-document ones, as on most real corpora. Speed and KL
     reduction only (a joined document mixes labels)."""
-    if missing_modules("data-selection"):
+    if benchlib.missing_modules(REFERENCE_MODULES["data-selection"]):
         return None
     group, k = cfg["long_group"], max(1, cfg["k"] // cfg["long_group"])
     pool = ["\n".join(texts["pool"][i:i + group]) for i in range(0, len(texts["pool"]), group)]
@@ -626,7 +569,7 @@ def bench_dsir_long(texts: dict, cfg: dict, *, work: Path, env: dict,
         "reference": (lambda tag: run_worker_child(
             f"data-selection HashedNgramDSIR, long documents{tag}", "dsir-reference", config,
             work=work, env=env), lambda run: run["timings"]["total"])}
-    best = interleaved(runs, cfg["repeats"])
+    best = benchlib.interleaved(runs, cfg["repeats"])
     ours, ref = best["peftune"], best["reference"]
     result = {"documents": len(pool), "mean_chars": sum(map(len, pool)) / len(pool), "k": k,
               "peftune": {"seconds": ours["report"]["timings"]["total"],
@@ -682,7 +625,7 @@ def bench_zipfit(inputs: dict, texts: dict, cfg: dict, *, work: Path, env: dict,
 
     # (a) gzip: peftune vs the raw zlib loop over the same pairs
     gzip_level, g_pool, g_target = cfg["gzip_level"], cfg["gzip_pool"], cfg["gzip_targets"]
-    best = interleaved({
+    best = benchlib.interleaved({
         "peftune": (lambda tag: zipfit_run(
             f"peftune zipfit gzip-{gzip_level} {g_pool:,} x {g_target}{tag}",
             pool=files["gzip_pool"], target=files["gzip_target"], n_pool=g_pool,
@@ -700,7 +643,7 @@ def bench_zipfit(inputs: dict, texts: dict, cfg: dict, *, work: Path, env: dict,
                       "formula_check": check,
                       "ratio_vs_zlib_loop": peftune["pairs_per_s"] / loop["pairs_per_s"]}
 
-    if not importable("lz4"):
+    if not benchlib.importable("lz4"):
         notes.append("lz4 is not installed: the lz4 comparison and the scale test are skipped")
         return result
     # (b) lz4: peftune on the full pool; the reference on a sub-sample, extrapolated
@@ -716,7 +659,7 @@ def bench_zipfit(inputs: dict, texts: dict, cfg: dict, *, work: Path, env: dict,
             level=level, k=max(1, r_pool // 10), out=work / "zipfit-lz4-sub", cfg=cfg,
             env=env), by_scoring),
     }
-    lacking = missing_modules("zip-fit")
+    lacking = benchlib.missing_modules(REFERENCE_MODULES["zip-fit"])
     if not lacking:
         runs["reference"] = (lambda tag: run_worker_child(
             f"zip-fit ZIPFIT lz4-{level} {r_pool:,} x {l_target}{tag}", "zipfit-reference",
@@ -727,7 +670,7 @@ def bench_zipfit(inputs: dict, texts: dict, cfg: dict, *, work: Path, env: dict,
     else:
         notes.append(f"zip-fit cannot run here (missing: {', '.join(lacking)}): the ZIP-FIT "
                      "reference comparison is skipped")
-    lz4: dict = {"level": level, **interleaved(runs, cfg["repeats"])}
+    lz4: dict = {"level": level, **benchlib.interleaved(runs, cfg["repeats"])}
     selected = read_rows(Path(lz4["peftune"]["selected"]))
     lz4["peftune"]["precision"] = precision([row["label"] for row in selected],
                                             cfg["target_label"])
@@ -770,19 +713,6 @@ def reference_rss(ref: dict, pairs: int) -> float:
     """zip-fit's peak RSS projected to `pairs`: its measured tree peak plus what its main
     process grew per pair on the sub-sample, for each further pair."""
     return ref["peak_rss_bytes"] + (pairs - ref["pairs"]) * ref["bytes_per_pair"]
-
-
-def missing_modules(package: str) -> list[str]:
-    """The modules a reference package imports that are not installed (zip-fit imports
-    zstandard, brotli and datasets without declaring them)."""
-    return [module for module in REFERENCE_MODULES[package] if not importable(module)]
-
-
-def importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 # --------------------------------------------------------------------------- report
@@ -924,12 +854,9 @@ def print_zipfit(zipfit: dict, label: str) -> None:
 def print_verdicts(checks: dict) -> None:
     print()
     for item in checks.values():
-        if item["pass"] is None:
-            print(f"{item['what']:<54} {_num(item['value'], '.4g'):>12}   not measured")
-            continue
-        shown = f"{item['comparison']} {item['target']:.4g}"
-        print(f"{item['what']:<54} {item['value']:>12.4g}   target {shown:<10} "
-              f"{'PASS' if item['pass'] else 'FAIL'}")
+        shown = "" if item["target"] is None else f"{item['comparison']} {item['target']:.4g}"
+        print(benchlib.verdict_line(item, width=54, value=f"{_num(item['value'], '.4g'):>12}",
+                                    target=f"{shown:<10}"))
 
 
 # --------------------------------------------------------------------------- main
@@ -1053,9 +980,9 @@ def main(argv: list[str] | None = None) -> int:
     if zipfit:
         print_zipfit(zipfit, args.target_label)
     print_verdicts(checks)
-    if LOADS and max(LOADS) > (os.cpu_count() or 1) + 0.5:
-        notes.append(f"the machine was busy (1-min load average up to {max(LOADS):.1f} on "
-                     f"{os.cpu_count()} CPUs): times are noisier than usual")
+    busy = benchlib.busy_note(LOADS, limit=(os.cpu_count() or 1) + 0.5, noun="times")
+    if busy:
+        notes.append(busy)
     for note in dict.fromkeys(notes):
         print(f"note: {note}")
     report = {
@@ -1064,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
                         "load_average_1min": LOADS,
                         "memory_bytes": psutil.virtual_memory().total,
-                        "packages": {name: _version(name) for name in
+                        "packages": {name: benchlib.package_version(name) for name in
                                      ("data-selection", "zip-fit", "lz4", "numpy")}},
         "elapsed_seconds": time.perf_counter() - began,
     }
@@ -1074,18 +1001,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    benchlib.run_main(main)

@@ -12,26 +12,15 @@ first left out of the steady throughput. Prints a Markdown table and writes JSON
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve()
-MiB = 1 << 20
-
-
-def _bench_train():
-    """scripts/bench_train.py as a module (its data builders and recipe writer)."""
-    spec = importlib.util.spec_from_file_location("bench_train", HERE.parent / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import bench_train as bench  # its data builders, recipe writer and result reader
+import benchlib
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first is left out of tokens/s)")
 
-    bench = _bench_train()
     from peftune.models import load_tokenizer, resolve_model_path
 
     model = args.model or bench.REAL_MODEL
@@ -71,16 +59,12 @@ def main(argv: list[str] | None = None) -> int:
                 bench.write_recipe(recipe, model=model, data=data, out=out, shape="full",
                                    steps=args.steps, batch_size=batch, max_length=length,
                                    log_every=1)
-                print(f"  {batch} x {length}, checkpointing {ckpt} ...", end="", flush=True)
-                began = time.perf_counter()
-                done = subprocess.run([sys.executable, "-m", "peftune.cli", "train", str(recipe),
-                                       "--overwrite", f"train.gradient_checkpointing={ckpt}"],
-                                      capture_output=True, text=True, env=env)
-                if done.returncode != 0:
-                    print(done.stdout[-2000:] + done.stderr[-2000:], file=sys.stderr)
-                    return 1
+                benchlib.run_child(f"{batch} x {length}, checkpointing {ckpt}",
+                                   [sys.executable, "-m", "peftune.cli", "train", str(recipe),
+                                    "--overwrite", f"train.gradient_checkpointing={ckpt}"],
+                                   log=work / f"{batch}x{length}-{ckpt}.log", env=env, width=0,
+                                   waiting="...", describe=lambda run: f" {run.wall_seconds:.0f}s")
                 result = bench.peftune_result(out, 1, args.steps)
-                print(f" {time.perf_counter() - began:.0f}s")
                 rows.append({"batch": batch, "length": length, "checkpointing": ckpt,
                              "peak_rss_bytes": result["peak_rss_bytes"],
                              "steady_tokens_per_s": result["steady_tokens_per_s"]})
@@ -101,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    benchlib.run_main(main)

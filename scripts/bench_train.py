@@ -28,7 +28,8 @@ Three data shapes, from the Python standard library (no downloads):
 
 Effective throughput is real (non-padding) tokens per second of training, steady state (the
 first `--warmup` steps discarded; model loading and data preparation excluded); peak RSS is
-the process's. Targets (issue 17) are printed with the figures reached, met or not.
+the process's. Targets (the ratios in TARGETS: e.g. tokens/s >= 2.5x the Trainer's on mixed
+lengths, peak RSS <= 0.6x) are printed with the figures reached, met or not.
 
     python scripts/bench_train.py [--shapes mixed,masked,full] [--steps N] [--threads T]
                                   [--model PATH|NAME] [--quick] [--out FILE]
@@ -45,19 +46,18 @@ import math
 import os
 import platform
 import random
-import resource
 import shutil
-import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
+import benchlib
 import yaml
+from benchlib import MiB
 
 HERE = Path(__file__).resolve()
-MiB = 1 << 20
 REAL_MODEL = "smollm2-135m-instruct"
 SHAPES = ("mixed", "masked", "full")
 SHAPE_TITLES = {"mixed": "(a) plain text of mixed lengths", "masked": "(b) instructions, prompts masked",
@@ -200,11 +200,6 @@ def data_summary(recipe_path: Path) -> dict:
 # --------------------------------------------------------------------------- workers
 
 
-def _peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
 def _model_path(recipe) -> str:
     from peftune.models import resolve_model_path
 
@@ -291,7 +286,7 @@ def worker_bare(recipe, cfg: dict) -> dict:
     seconds = marks[steps][0] - marks[0][0]
     return {"steps": steps, "tokens": tokens, "padded_tokens": padded, "train_seconds": seconds,
             "tokens_per_s": tokens / seconds, **_steady(marks, warmup, steps),
-            "losses": losses, "peak_rss_bytes": _peak_rss_bytes()}
+            "losses": losses, "peak_rss_bytes": benchlib.peak_rss_bytes()}
 
 
 def _clocked(trainer_class, counts: dict, marks: dict):
@@ -334,7 +329,8 @@ def _finish(trainer, counts: dict, marks: dict, warmup: int, steps: int, extra: 
     return {"steps": trainer.state.global_step, "tokens": counts["tokens"],
             "padded_tokens": counts["padded"], "train_seconds": seconds,
             "tokens_per_s": counts["tokens"] / seconds, **_steady(marks, warmup, steps),
-            "final_loss": output.training_loss, "peak_rss_bytes": _peak_rss_bytes(), **extra}
+            "final_loss": output.training_loss, "peak_rss_bytes": benchlib.peak_rss_bytes(),
+            **extra}
 
 
 def worker_trainer(recipe, cfg: dict) -> dict:
@@ -403,20 +399,6 @@ def run_worker(kind: str, config_path: Path, result_path: Path) -> int:
 # --------------------------------------------------------------------------- running
 
 
-def run_child(name: str, command: list[str], *, env: dict, log: Path) -> float:
-    print(f"  {name:<22} running ...", end="", flush=True)
-    began = time.perf_counter()
-    with log.open("w") as handle:
-        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    wall = time.perf_counter() - began
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f" {wall:.1f}s wall (1-min load average after: {load:.2f})", flush=True)
-    if code != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"{name} failed with exit code {code}; last lines of {log}:\n{tail}")
-    return wall
-
-
 def peftune_result(run_dir: Path, warmup: int, steps: int) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -445,7 +427,8 @@ def run_shape(shape: str, systems: tuple[str, ...], *, work: Path, env: dict, re
             out = work / f"{shape}-{system}.json"
             command = [sys.executable, str(HERE), "--worker", system, "--config", str(config),
                        "--result", str(out)]
-        wall = run_child(f"{shape}: {system}", command, env=env, log=work / f"{shape}-{system}.log")
+        wall = benchlib.run_child(f"{shape}: {system}", command, env=env,
+                                  log=work / f"{shape}-{system}.log").wall_seconds
         result = (peftune_result(out, cfg["warmup"], cfg["steps"]) if system in PEFTUNE_OVERRIDES
                   else json.loads(out.read_text()))
         result["wall_seconds"] = wall
@@ -475,10 +458,8 @@ def ratios(report: dict) -> dict:
         else:
             value = 1 - a["steady_tokens_per_s"] / b["steady_tokens_per_s"]
             what = f"{shape}: peftune loop overhead vs bare"
-        passed = value >= target if op == ">=" else value <= target
         shown = f"{target:.0%}" if measure == "overhead" else f"{target:g}x"
-        out[name] = {"what": what, "value": value, "target": target, "comparison": op,
-                     "target_shown": f"{op} {shown}", "pass": passed}
+        out[name] = {**benchlib.verdict(what, value, op, target), "target_shown": f"{op} {shown}"}
     return out
 
 
@@ -551,18 +532,19 @@ def print_report(report: dict) -> None:
     for item in report["ratios"].values():
         value = item["value"]
         shown = f"{value:.1%}" if "overhead" in item["what"] else f"{value:.2f}x"
-        verdict = "PASS" if item["pass"] else "MISS"
-        print(f"{item['what']:<44} {shown:>8}   target {item['target_shown']:<7} {verdict}")
+        print(benchlib.verdict_line(item, width=44, value=f"{shown:>8}",
+                                    target=f"{item['target_shown']:<7}", missed="MISS"))
     q = report.get("qlora")
     if q:
         print(f"QLoRA on CPU: nf4 base peak {q['nf4_peak_rss_bytes'] / MiB:,.0f} MiB vs fp32 base "
               f"{q['fp32_peak_rss_bytes'] / MiB:,.0f} MiB (4-bit weights save "
               f"{q['weight_savings_bytes'] / MiB:,.0f} MiB; target <= "
-              f"{q['target_bytes'] / MiB:,.0f} MiB) {'PASS' if q['pass'] else 'MISS'}")
-    loads = report["environment"]["load_average_1min"]
-    if loads and max(loads) > cfg["threads"] + 0.5:
-        print(f"note: the machine was busy (1-min load average up to {max(loads):.1f} on "
-              f"{report['environment']['cpu_count']} CPUs): figures are noisier than usual")
+              f"{q['target_bytes'] / MiB:,.0f} MiB) "
+              f"{benchlib.verdict_word(q['pass'], missed='MISS')}")
+    note = benchlib.busy_note(report["environment"]["load_average_1min"],
+                              limit=cfg["threads"] + 0.5)
+    if note:
+        print(f"note: {note}")
 
 
 # --------------------------------------------------------------------------- main
@@ -630,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = str(resolve_model_path(model))  # a catalogue model is pulled here, once
         tokenizer = load_tokenizer(model_dir)
         report["model"] = model_facts(model_dir)
-        trl_missing = _missing("trl")
+        trl_missing = benchlib.missing_modules(["trl"])
         for shape in shapes:
             data = work / f"{shape}.jsonl"
             need = int(1.5 * steps * batch_size * max_length) + 4096
@@ -651,13 +633,13 @@ def main(argv: list[str] | None = None) -> int:
             systems = QUICK_SYSTEMS if args.quick and chosen is None else SHAPE_SYSTEMS[shape]
             systems = tuple(s for s in systems if chosen is None or s in chosen)
             if "trl" in systems and trl_missing:
-                print(f"  {shape}: trl skipped ({trl_missing}; pip install -e '.[bench]')")
+                print(f"  {shape}: trl skipped (trl is not installed; pip install -e '.[bench]')")
                 systems = tuple(s for s in systems if s != "trl")
             cfg = {"recipe": str(recipe), "threads": threads, "warmup": warmup, "steps": steps,
                    "trainer_dir": str(work / f"{shape}-trainer-run")}
             block = {"data": data_summary(recipe)}
             block["systems"] = run_shape(shape, systems, work=work, env=env, recipe=recipe, cfg=cfg)
-            loads.append(os.getloadavg()[0])
+            loads.append(benchlib.load_average())
             if "bare" in block["systems"] and "peftune" in block["systems"]:
                 block["check"] = loss_check(block["systems"]["peftune"], block["systems"]["bare"])
             report["shapes"][shape] = block
@@ -672,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     report["qlora"] = qlora_check(report)
     report["environment"] = {
         "python": platform.python_version(), "torch": torch.__version__,
-        **{name: _version(name) for name in ("transformers", "peft", "trl")},
+        **{name: benchlib.package_version(name) for name in ("transformers", "peft", "trl")},
         "cpu_count": os.cpu_count(), "load_average_1min": loads}
     report["elapsed_seconds"] = time.perf_counter() - began
     print_report(report)
@@ -682,24 +664,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _missing(module: str) -> str | None:
-    import importlib.util
-
-    return None if importlib.util.find_spec(module) else f"{module} is not installed"
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    benchlib.run_main(main)
