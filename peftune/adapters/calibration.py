@@ -1,4 +1,5 @@
-"""Running the model over calibration batches for data-driven inits (CorDA, LoRA-GA, EVA).
+"""Calibration for data-driven inits (CorDA, LoRA-GA, EVA, LoRA-SB): the `adapter.calibration`
+keys, and running the model over the calibration batches.
 
 The batches are padded micro-batches of the recipe's own data (input_ids, attention_mask,
 labels), built by the training setup from `adapter.calibration`.
@@ -7,6 +8,20 @@ labels), built by the training setup from `adapter.calibration`.
 from __future__ import annotations
 
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Calibration(BaseModel):
+    """`adapter.calibration`: the examples a data-driven init runs the model on."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    examples: int = Field(default=64, gt=0, description="rows taken from the data")
+    batch_size: int = Field(default=4, gt=0)
+    data: str | None = Field(default=None, description="a data file in data.format; "
+                                                       "default: data.train")
+
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 

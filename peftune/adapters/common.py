@@ -1,8 +1,11 @@
-"""Pieces every method's hooks share: the trainable state a checkpoint holds."""
+"""Pieces every method's hooks share: the trainable state a checkpoint holds, the export,
+parameter counts, and the decoder layers of a model (also used by the training strategies)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from peftune.errors import InputError
 
 
 def trainable_state(model: Any) -> dict:
@@ -56,3 +59,14 @@ def count_parameters(model: Any) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The decoder's blocks: the longest ModuleList of the model (`model.layers`, `h`, ...)."""
+    import torch
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise InputError("adapter.layers: cannot find the decoder layers of this model; use "
+                         "adapter.modules to name the parameters to train")
+    return list(max(lists, key=len))

@@ -4,6 +4,10 @@ A method registers a pydantic config (torch-free, so `peftune validate` and `pef
 methods` stay cheap) and the dotted path of its `apply` function, imported only when a
 model is actually built. The training loop never looks at a method's name: `apply`
 returns the hooks the loop calls (see `peftune.adapters.hooks.AdapterHooks`).
+
+This module imports no method: each family's `configs.py` calls `register`, and
+`peftune.adapters.specs` imports every family once. Importing `peftune.adapters` (which any
+import of this module does first) runs it, so the lookups below always see every method.
 """
 
 from __future__ import annotations
@@ -88,23 +92,17 @@ def register(spec: MethodSpec) -> MethodSpec:
 BNB_4BIT = frozenset({"nf4", "fp4"})
 INT8 = frozenset({"int8"})
 INT4 = frozenset({"int4"})
+# `unquantized_because` of the inits that move part of W into the adapter (PiSSA, NLoRA...)
+RESIDUAL = "its init rewrites the frozen weight as W - B0·A0, which a quantized base cannot hold"
 
 
 def get_method(name: str) -> MethodSpec:
-    _load_builtin_methods()
     return _METHODS[name]
 
 
 def method_names() -> list[str]:
-    _load_builtin_methods()
     return sorted(_METHODS)
 
 
 def all_methods() -> list[MethodSpec]:
-    _load_builtin_methods()
     return [_METHODS[name] for name in sorted(_METHODS)]
-
-
-def _load_builtin_methods() -> None:
-    # Importing the spec modules registers them; they are torch-free by contract.
-    from peftune.adapters import specs  # noqa: F401

@@ -1,101 +1,23 @@
-"""Registrations of the built-in adapter methods (configs only; torch-free).
+"""The built-in adapter methods: importing this module registers every one (torch-free).
 
-Importing this module registers every method: the LoRA family (`lora_configs`), peft's
-other tuners (`tuner_configs`, `product_configs`), the virtual-token methods (`prompt_configs`), the native
-low-rank methods (`lowrank.configs`) and, here,
-the methods that train the base's own weights (`full`, `freeze`). Implementations live
-in sibling modules and are imported only when a model is built.
+Each family's `configs.py` defines its methods' recipe configs and registers them with
+`peftune.adapters.registry`; this is the one module that imports them all, once.
+`peftune.adapters` imports it, so the registry is complete whenever it can be reached.
+Implementations live beside each family's configs (`model.py`, ...) and are imported only
+when a model is built. Adding a method: docs/adding_a_method.md.
 """
 
 from __future__ import annotations
 
-import fnmatch
-from typing import Any, Literal
-
-from pydantic import Field, model_validator
-
-from peftune.adapters import (  # noqa: F401
-    bottleneck_configs,
-    lora_configs,
-    product_configs,
-    prompt_configs,
-    tuner_configs,
-)
-from peftune.adapters.lora_configs import LoraConfig
-from peftune.adapters.lowrank import configs as lowrank_configs  # noqa: F401
-from peftune.adapters.registry import MethodConfig, MethodSpec, register
+from peftune.adapters.bottleneck import configs as bottleneck  # noqa: F401
+from peftune.adapters.full import configs as full  # noqa: F401
+from peftune.adapters.full.configs import FreezeConfig, FullConfig
+from peftune.adapters.lora import configs as lora  # noqa: F401
+from peftune.adapters.lora.configs import LoraConfig
+from peftune.adapters.lowrank import budget_configs as lowrank_budget  # noqa: F401
+from peftune.adapters.lowrank import configs as lowrank  # noqa: F401
+from peftune.adapters.prompt import configs as prompt  # noqa: F401
+from peftune.adapters.tuners import configs as tuners  # noqa: F401
+from peftune.adapters.tuners import product_configs as tuner_products  # noqa: F401
 
 __all__ = ["FreezeConfig", "FullConfig", "LoraConfig"]
-
-
-class FullConfig(MethodConfig):
-    """Full fine-tuning: every parameter of the base model trains (no adapter)."""
-
-    method: Literal["full"] = "full"
-
-    def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
-        return model["total"]
-
-
-class FreezeConfig(MethodConfig):
-    """Partial fine-tuning (freeze the rest): only the last `layers` decoder layers, and/or
-    the parameters whose names match one of `modules` (shell-style patterns such as
-    `model.layers.*.mlp.*`), and optionally the input `embeddings` and the output `head`
-    train. A tied head trains with the embeddings. Exports `model/` like `full`."""
-
-    method: Literal["freeze"] = "freeze"
-    layers: int | None = Field(default=None, gt=0)
-    modules: list[str] | None = None
-    embeddings: bool = False
-    head: bool = False
-
-    @model_validator(mode="after")
-    def _something_trains(self) -> FreezeConfig:
-        if self.layers is None and not self.modules and not self.embeddings and not self.head:
-            raise ValueError("adapter.method freeze trains nothing: set adapter.layers (the "
-                             "last N decoder layers), adapter.modules, adapter.embeddings "
-                             "or adapter.head")
-        return self
-
-    def trains(self, name: str, layer: int | None, num_layers: int) -> bool:
-        """Whether parameter `name` (in decoder layer `layer`, if any) trains."""
-        if self.layers is not None and layer is not None and layer >= num_layers - self.layers:
-            return True
-        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.modules or [])
-
-    def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
-        if self.layers is not None and self.layers > model["layers"]:
-            return None
-        trained: set[str] = set()
-        embedding = next(m.name for m in model["modules"] if m.name.endswith("embed_tokens"))
-        for module in model["modules"]:
-            index = model["layer_of"](module.name)
-            if (self.trains(f"{module.name}.weight", index, model["layers"])
-                    or (self.embeddings and module.name == embedding)
-                    or (self.head and module.name == "lm_head")):
-                # a tied head is the embedding's tensor: it trains, and counts, once
-                trained.add(embedding if module.tied else module.name)
-        return sum(m.weight + m.bias for m in model["modules"] if m.name in trained)
-
-
-register(MethodSpec(
-    name="full",
-    config=FullConfig,
-    apply="peftune.adapters.full:apply_full",
-    description="full fine-tuning: every base parameter trains; exports model/",
-    paper="-",
-    mergeable=True,
-    exports_plain_lora=False,
-    trains_base_weights=True,
-))
-
-register(MethodSpec(
-    name="freeze",
-    config=FreezeConfig,
-    apply="peftune.adapters.full:apply_freeze",
-    description="partial fine-tuning: only the last N layers / named parameters train",
-    paper="-",
-    mergeable=True,
-    exports_plain_lora=False,
-    trains_base_weights=True,
-))

@@ -1,4 +1,5 @@
-"""Which layers a method's `target_modules` names, checked before peft sees them.
+"""Which layers a method's `target_modules` names, checked before peft sees them, and the
+config keys of every method that attaches to named linear layers (`TargetedConfig`).
 
 peft's own errors for a target that matches nothing, or a rank no layer can hold, come
 late and name peft's internals; these checks name the recipe key and the model's layers.
@@ -9,9 +10,51 @@ and, for LoRA, embedding layers may be listed by name).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
+from pydantic import field_validator
+
+from peftune.adapters.registry import MethodConfig
 from peftune.errors import InputError
+
+
+class TargetedConfig(MethodConfig):
+    """Keys of every method that attaches to named linear layers."""
+
+    target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] | None = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and value != "all-linear":
+            return [value]
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module, or be all-linear")
+        return value
+
+    # The recipe key holding the rank that must fit every targeted layer, if any.
+    rank_key: ClassVar[str | None] = None
+
+    def layers_problem(self, layers: dict[str, tuple[int, int]]) -> tuple[str, str] | None:
+        """Why the targeted `layers` (name -> (fan_in, fan_out)) cannot take this method, as
+        (adapter key, message): a rank above the smallest layer's, or a shape the method's
+        blocks do not fit. Checked by validate (from config.json) and at train start."""
+        if self.rank_key is not None:
+            rank = getattr(self, self.rank_key)
+            name, (fan_in, fan_out) = min(layers.items(), key=lambda item: min(item[1]))
+            if rank > min(fan_in, fan_out):
+                return self.rank_key, (f"{rank} is larger than layer {name} ({fan_in} x "
+                                       f"{fan_out}) allows; use at most {min(fan_in, fan_out)}")
+        for name, (fan_in, fan_out) in layers.items():
+            problem = self.divisor_problem(name, fan_in, fan_out)
+            if problem:
+                return problem
+        return None
+
+    def divisor_problem(self, name: str, fan_in: int, fan_out: int) -> tuple[str, str] | None:
+        """(key, why) when a layer of this shape does not fit the method's blocks, or None."""
+        return None
 
 
 def linear_layers(model: Any, *, embeddings: bool = False) -> dict[str, tuple[int, int]]:

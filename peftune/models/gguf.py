@@ -171,7 +171,7 @@ def _convert(path: Path, out: Path, *, key: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftune.models.loading import quiet_libraries
+    from peftune.models.quiet import quiet_libraries
 
     quiet_libraries()
     folder, name = str(path.parent), path.name

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from peftune.errors import InputError
+from peftune.models.quiet import quiet_libraries
 from peftune.models.sources import resolve_model_path
+from peftune.recipe.model_facts import pickle_weights_problem
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _WARNED_REMOTE_CODE: set[str] = set()
 
 
@@ -36,27 +37,6 @@ def check_weights_format(directory: str | Path, *, allow_pickle: bool, key: str 
     problem = pickle_weights_problem(directory, allow_pickle=allow_pickle, weights=weights)
     if problem:
         raise InputError(f"{key}: {problem}")
-
-
-def pickle_weights_problem(directory: str | Path, *, allow_pickle: bool,
-                           weights: str = "model") -> str | None:
-    """`check_weights_format`'s message without the key, or None (the recipe loader uses it
-    to report the line of model.path before anything loads)."""
-    local = Path(directory).expanduser()
-    if allow_pickle or not local.is_dir():
-        return None
-    try:
-        names = [f.name for f in local.iterdir() if f.is_file()]
-    except OSError:
-        return None  # an unreadable directory: the load itself reports it
-    if any(name.endswith(".safetensors") for name in names):
-        return None
-    pickles = sorted(name for name in names if name.endswith(_PICKLE_SUFFIXES))
-    if not pickles:
-        return None
-    return (f"{directory} has {weights} weights only as pickle ({', '.join(pickles[:3])}), "
-            "which can run code when loaded; convert them to safetensors, or set "
-            "model.allow_pickle: true for files you trust")
 
 
 def check_model_loadable(path: str, *, trust_remote_code: bool) -> None:
@@ -108,31 +88,6 @@ def _uncached_and_hub_unreachable(path: str) -> str | None:
     except OSError as err:
         return f"{host}: {err.strerror or type(err).__name__}"
     return None
-
-
-def quiet_libraries() -> None:
-    """No per-tensor loading bars, advisory warnings or optional-kernel notices from the
-    libraries underneath: peftune prints its own progress, and these say nothing actionable.
-    Call before importing peft or bitsandbytes."""
-    import logging
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    # bitsandbytes on CPU logs that the optional `kernels` package is absent (it must stay
-    # absent: it downloads kernels from the hub), and transformers' deprecation notices
-    # triggered inside peft are not the user's to fix.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    # peft on a LoRA over a tied lm_head: peftune adapts the head alone on purpose, exports
-    # only the factors, and `peftune merge` unties the head (validate says so)
-    warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
-    # PiSSA / OLoRA / CorDA: peftune exports them as a plain LoRA on the original base
-    # (export_residual_as_lora), which is what this warning asks the user to do
-    warnings.filterwarnings("ignore", message=".*changes the base weights of the model.*")
 
 
 def load_tokenizer(model: Any, *, trust_remote_code: bool = False) -> Any:

@@ -52,7 +52,7 @@ def build_tiny_model(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from peftune.models.loading import quiet_libraries
+    from peftune.models.quiet import quiet_libraries
 
     quiet_libraries()
     if hidden_size % heads:

@@ -7,6 +7,9 @@ Both come from bitsandbytes through transformers' `BitsAndBytesConfig`.
 
 `int4` is HQQ's 4-bit integer quantization (`peftune.quant.hqq`, which says why HQQ): the
 model loads unquantized and its linear layers are then replaced by 4-bit ones.
+
+The backends read the recipe's `quant:` section through `QuantSettings`, the keys they use,
+so that this package does not depend on the recipe schema (the schema's section has them).
 """
 
 from __future__ import annotations
@@ -14,16 +17,24 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from peftune.recipe.schema import QuantSection
+
+class QuantSettings(Protocol):
+    """What the backends read of `quant:` (`peftune.recipe.schema.QuantSection` has it)."""
+
+    method: str  # none, nf4, fp4, int8, int4
+    double_quant: bool
+    compute_dtype: str  # auto, float32, bfloat16, float16
+    storage_dtype: str  # nf4/fp4: the dtype the packed 4-bit codes are stored in
+    group_size: int | None  # int4: inputs per group
 
 
 @dataclass(frozen=True)
 class QuantBackend:
     name: str
     # -> the `quantization_config` for from_pretrained; None: quantized after loading
-    load_config: Callable[[QuantSection, Any], Any] | None  # (section, device)
+    load_config: Callable[[QuantSettings, Any], Any] | None  # (section, device)
     bits: int
 
 
@@ -34,7 +45,7 @@ def _torch_dtype(name: str) -> Any:
             "uint8": torch.uint8}[name]
 
 
-def compute_dtype(quant: QuantSection, device: Any) -> Any:
+def compute_dtype(quant: QuantSettings, device: Any) -> Any:
     """The torch dtype quantized layers compute in on `device` (`auto` resolved)."""
     import torch
 
@@ -47,8 +58,8 @@ def compute_dtype(quant: QuantSection, device: Any) -> Any:
     return torch.float16 if getattr(device, "type", "cpu") == "cuda" else torch.float32
 
 
-def _bnb_4bit(quant_type: str) -> Callable[[QuantSection, Any], Any]:
-    def config(quant: QuantSection, device: Any) -> Any:
+def _bnb_4bit(quant_type: str) -> Callable[[QuantSettings, Any], Any]:
+    def config(quant: QuantSettings, device: Any) -> Any:
         from transformers import BitsAndBytesConfig
 
         return BitsAndBytesConfig(
@@ -62,7 +73,7 @@ def _bnb_4bit(quant_type: str) -> Callable[[QuantSection, Any], Any]:
     return config
 
 
-def _bnb_int8(quant: QuantSection, device: Any) -> Any:
+def _bnb_int8(quant: QuantSettings, device: Any) -> Any:
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_8bit=True)
@@ -76,7 +87,7 @@ BACKENDS: dict[str, QuantBackend] = {
 }
 
 
-def quantization_config(quant: QuantSection, *, device: Any) -> Any | None:
+def quantization_config(quant: QuantSettings, *, device: Any) -> Any | None:
     """The `quantization_config` to load the base with; None for `quant.method: none` and
     for backends that quantize the loaded model (`int4`)."""
     backend = BACKENDS.get(quant.method)
@@ -86,7 +97,7 @@ def quantization_config(quant: QuantSection, *, device: Any) -> Any | None:
     return backend.load_config(quant, device)
 
 
-def prepare_quantized_model(model: Any, quant: QuantSection, *, device: Any) -> Any:
+def prepare_quantized_model(model: Any, quant: QuantSettings, *, device: Any) -> Any:
     """Make a freshly loaded model quantized (if it is not yet), safe, and ready to train
     adapters on.
 

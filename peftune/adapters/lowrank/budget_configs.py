@@ -2,8 +2,8 @@
 parameter budget differently, on the same layer (`peftune.adapters.lowrank.layer`):
 shards shared across layers (MoS), a frozen random fraction of the entries (LoRA-SP), and
 rank grown where it matters during training (IncreLoRA). Each exports an exact plain PEFT
-LoRA (per-module ranks for IncreLoRA). Init rules: `inits.py` (MoS, LoRA-SP) and
-`increlora.py`.
+LoRA (per-module ranks for IncreLoRA). Init rules: `inits.py` (MoS, LoRA-SP, named by
+their configs' `init_rule`); IncreLoRA has its own `apply` (`increlora.py`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class MosConfig(ScaledConfig):
     sharing_ratio: float = Field(default=8.0, ge=1.0)
     private_fraction: float = Field(default=0.125, ge=0.0, le=1.0)
     seed: int = 0
+    init_rule: ClassVar[str] = "mos_init"
 
     def divisor_problem(self, name: str, fan_in: int, fan_out: int) -> tuple[str, str] | None:
         if fan_in % self.shards_per_vector or fan_out % self.shards_per_vector:
@@ -81,6 +82,7 @@ class LoraSpConfig(ScaledConfig):
     method: Literal["lora-sp"] = "lora-sp"
     frozen_fraction: float = Field(default=0.5, ge=0.0, lt=1.0)
     seed: int = 0
+    init_rule: ClassVar[str] = "sparse_init"
 
     def frozen(self, numel: int) -> int:
         return int(self.frozen_fraction * numel)  # floor: at least one entry stays free
@@ -182,10 +184,10 @@ class IncreloraConfig(NativeTargetedConfig):
 
 _ADDS = BNB_4BIT | INT8
 for _name, _config, _apply, _description, _paper in (
-    ("mos", MosConfig, "peftune.adapters.lowrank.methods:apply_lowrank",
+    ("mos", MosConfig, "peftune.adapters.lowrank.model:apply_lowrank",
      "LoRA whose A, B are routed shards of global pools shared across layers",
      "Wang et al. 2024, arXiv:2410.00938 (MoS)"),
-    ("lora-sp", LoraSpConfig, "peftune.adapters.lowrank.methods:apply_lowrank",
+    ("lora-sp", LoraSpConfig, "peftune.adapters.lowrank.model:apply_lowrank",
      "LoRA with a seeded random fraction of its entries frozen",
      "Zhang et al. 2024, arXiv:2403.08822 (LoRA-SP)"),
     ("increlora", IncreloraConfig, "peftune.adapters.lowrank.increlora:apply_increlora",

@@ -1,9 +1,11 @@
 """Recipe configs of the native low-rank methods (torch-free), all on one layer shape,
-ΔW = s · B·M·A (`peftune.adapters.lowrank.layer`). Each config says which factors exist
-and train (`core`, `trainable`), whether its init moves part of W into the factors
-(`residual`), and its own keys; `peftune.adapters.lowrank.methods` holds the init rules and
-hooks. Every method exports an exact plain PEFT LoRA (B·M folded into B; for residual inits
-the change W_trained - W_original, rank <= 2r) that applies to the original base.
+ΔW = s · B·M·A (`peftune.adapters.lowrank.layer`). A config is the whole definition of its
+method: its keys, which factors exist and train (`core`, `trainable`), whether its init
+moves part of W into the factors (`residual`), its init rule (`init_rule`, a function of
+`inits.py`) and the hooks it gives the training loop (`training_hooks`, functions of
+`training_hooks.py`); `peftune.adapters.lowrank.model.apply_lowrank` applies any of them.
+Every method exports an exact plain PEFT LoRA (B·M folded into B; for residual inits the
+change W_trained - W_original, rank <= 2r) that applies to the original base.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from peftune.adapters.lora_configs import RESIDUAL, Calibration, TargetedConfig
-from peftune.adapters.registry import BNB_4BIT, INT8, MethodSpec, register
+from peftune.adapters.calibration import Calibration
+from peftune.adapters.registry import BNB_4BIT, INT8, RESIDUAL, MethodSpec, register
+from peftune.adapters.targets import TargetedConfig
 
 
 class NativeTargetedConfig(TargetedConfig):
@@ -41,6 +44,10 @@ class LowRankConfig(NativeTargetedConfig):
     residual: ClassVar[bool] = False
     sequential: ClassVar[bool] = False
     calibrated: ClassVar[bool] = False
+    # How the factors start: the name of a function of `inits.py` (LoRA's A Kaiming, B zero)
+    init_rule: ClassVar[str] = "lora_init"
+    # What the loop calls while training: names of functions of `training_hooks.py`
+    training_hooks: ClassVar[tuple[str, ...]] = ()
 
     def scaling(self) -> float:
         return 1.0
@@ -76,6 +83,7 @@ class SoraConfig(ScaledConfig):
     sparsity: float = Field(default=0.1, ge=0.0)
     core: ClassVar[str | None] = "diag"
     trainable: ClassVar[tuple[str, ...]] = ("A", "M", "B")
+    training_hooks: ClassVar[tuple[str, ...]] = ("soft_threshold_gates",)
 
 
 class DyloraConfig(ScaledConfig):
@@ -88,6 +96,7 @@ class DyloraConfig(ScaledConfig):
     method: Literal["dylora"] = "dylora"
     min_rank: int = Field(default=1, gt=0)
     export_rank: int | None = Field(default=None, gt=0)
+    training_hooks: ClassVar[tuple[str, ...]] = ("sample_rank",)
 
     @model_validator(mode="after")
     def _ranks(self) -> DyloraConfig:
@@ -119,6 +128,8 @@ class DyrankConfig(ScaledConfig):
     schedules_by_length: ClassVar[bool] = True
     core: ClassVar[str | None] = "diag"
     trainable: ClassVar[tuple[str, ...]] = ("A", "M", "B")
+    init_rule: ClassVar[str] = "dyrank_init"
+    training_hooks: ClassVar[tuple[str, ...]] = ("prune_components",)
 
     @model_validator(mode="after")
     def _schedule(self) -> DyrankConfig:
@@ -153,6 +164,7 @@ class NloraConfig(LowRankConfig):
     core: ClassVar[str | None] = "full"
     trainable: ClassVar[tuple[str, ...]] = ("A", "M", "B")
     residual: ClassVar[bool] = True
+    init_rule: ClassVar[str] = "nystrom_init"
 
 
 class InttuneConfig(NloraConfig):
@@ -178,6 +190,7 @@ class LoraSbConfig(ScaledConfig):
     core: ClassVar[str | None] = "full"
     trainable: ClassVar[tuple[str, ...]] = ("M",)
     calibrated: ClassVar[bool] = True
+    init_rule: ClassVar[str] = "gradient_svd_init"
 
 
 class LamdaConfig(ScaledConfig):
@@ -192,6 +205,7 @@ class LamdaConfig(ScaledConfig):
     schedules_by_length: ClassVar[bool] = True
     core: ClassVar[str | None] = "full"
     trainable: ClassVar[tuple[str, ...]] = ("M", "B")
+    training_hooks: ClassVar[tuple[str, ...]] = ("freeze_b_late",)
 
 
 class SvfitConfig(LowRankConfig):
@@ -204,6 +218,7 @@ class SvfitConfig(LowRankConfig):
     core: ClassVar[str | None] = "diag"
     trainable: ClassVar[tuple[str, ...]] = ("M",)
     residual: ClassVar[bool] = True
+    init_rule: ClassVar[str] = "svd_init"
 
 
 class LolduConfig(SvfitConfig):
@@ -215,6 +230,7 @@ class LolduConfig(SvfitConfig):
 
     method: Literal["loldu"] = "loldu"  # type: ignore[assignment]
     trainable: ClassVar[tuple[str, ...]] = ("M", "scalar")
+    init_rule: ClassVar[str] = "ldu_init"
 
 
 class NolaConfig(ScaledConfig):
@@ -227,6 +243,7 @@ class NolaConfig(ScaledConfig):
     num_basis: int = Field(default=64)
     basis_seed: int = 0
     trainable: ClassVar[tuple[str, ...]] = ("A", "B")
+    init_rule: ClassVar[str] = "nola_init"
 
     @field_validator("num_basis")
     @classmethod
@@ -249,6 +266,8 @@ class S2loraConfig(ScaledConfig):
     sparsity: float = Field(default=1e-4, ge=0.0)
     core: ClassVar[str | None] = "diag"
     trainable: ClassVar[tuple[str, ...]] = ("A", "M", "B")
+    init_rule: ClassVar[str] = "shared_init"
+    training_hooks: ClassVar[tuple[str, ...]] = ("l1_on_coefficients",)
 
     def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
         shapes = {layer.dims for layer in layers}
@@ -268,6 +287,8 @@ class SorsaConfig(LowRankConfig):
     core: ClassVar[str | None] = "diag"
     trainable: ClassVar[tuple[str, ...]] = ("A", "M", "B")
     residual: ClassVar[bool] = True
+    init_rule: ClassVar[str] = "svd_init"
+    training_hooks: ClassVar[tuple[str, ...]] = ("orthonormal_penalty",)
 
 
 class HydraConfig(ScaledConfig):
@@ -314,10 +335,7 @@ for _name, _config, _description, _paper, _quantized, _because in (
      "its sequential branch needs the base weight, read from 4-bit layers only"),
 ):
     register(MethodSpec(
-        name=_name, config=_config, apply="peftune.adapters.lowrank.methods:apply_lowrank",
+        name=_name, config=_config, apply="peftune.adapters.lowrank.model:apply_lowrank",
         description=_description, paper=_paper, mergeable=True, exports_plain_lora=True,
         quantized=_quantized, **({"unquantized_because": _because} if _because else {}),
     ))
-
-# MoS, LoRA-SP and IncreLoRA register themselves (they build on the configs above).
-from peftune.adapters.lowrank import budget_configs  # noqa: E402, F401

@@ -1,11 +1,13 @@
-"""Init rules of the native low-rank methods, keyed by recipe name. Each sets a layer's
-factors from a random draw (seeded by the run), W's SVD, LU or Nyström sketch, or a
-gradient estimated over calibration batches; `residual` methods then move the initial
-product out of W (done by the caller). Returns what the run header reports, if anything.
+"""Init rules of the native low-rank methods; a config names its rule in `init_rule`. Each
+rule, `rule(layers, config, context)`, sets the layers' factors from a random draw (seeded
+by the run), W's SVD, LU or Nyström sketch, or a gradient estimated over calibration
+batches; `residual` methods then move the initial product out of W (done by the caller).
+It returns what the run header reports, if anything.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -18,6 +20,18 @@ from peftune.adapters.lowrank.layer import LowRankLinear
 from peftune.errors import InputError
 
 Layers = dict[str, LowRankLinear]
+
+
+def timed(rule: Callable[[Layers, Any, dict], Any]) -> Callable[[Layers, Any, dict], dict]:
+    """A rule whose run time the run header reports (the decompositions of W)."""
+
+    @functools.wraps(rule)
+    def run(layers: Layers, config: Any, context: dict) -> dict:
+        started = time.perf_counter()
+        rule(layers, config, context)
+        return {"init_seconds": round(time.perf_counter() - started, 3)}
+
+    return run
 
 
 def kaiming(rows: int, cols: int, device: Any) -> torch.Tensor:
@@ -47,6 +61,7 @@ def dyrank_init(layers: Layers, config: Any, context: dict) -> None:
             layer.lora_M.zero_()
 
 
+@timed
 def svd_init(layers: Layers, config: Any, context: dict) -> None:
     """B = U_r, M = diag(S_r), A = V_rᵀ from W's SVD (SVFit, SORSA)."""
     with torch.no_grad():
@@ -58,6 +73,7 @@ def svd_init(layers: Layers, config: Any, context: dict) -> None:
             layer.lora_A.copy_(vh[:r])
 
 
+@timed
 def ldu_init(layers: Layers, config: Any, context: dict) -> None:
     """W = P·L·D·U (pivoted LU, L and U unit triangular): B = P·L[:, :r], M = D[:r],
     A = U[:r], and a trained scalar (1 at init) in front (LoLDU)."""
@@ -75,6 +91,7 @@ def ldu_init(layers: Layers, config: Any, context: dict) -> None:
             layer.lora_scalar = nn.Parameter(torch.ones((), device=weight.device))
 
 
+@timed
 def nystrom_init(layers: Layers, config: Any, context: dict) -> None:
     """r random columns C = W[:, J] and rows R = W[I, :] of W give W's Nyström
     approximation C·pinv(W[I, J])·R (NLoRA, IntTune). With W[I, J] = U·S·Vᵀ it is set as
@@ -279,21 +296,3 @@ def _scattered(layer: LowRankLinear, factor: str) -> Callable[[], torch.Tensor]:
         return flat.view_as(initial)
 
     return build
-
-
-def _timed(rule: Callable[[Layers, Any, dict], Any]) -> Callable[[Layers, Any, dict], dict]:
-    def run(layers: Layers, config: Any, context: dict) -> dict:
-        started = time.perf_counter()
-        rule(layers, config, context)
-        return {"init_seconds": round(time.perf_counter() - started, 3)}
-
-    return run
-
-
-INITS: dict[str, Callable[[Layers, Any, dict], Any]] = {
-    "sora": lora_init, "dylora": lora_init, "slora": lora_init, "lamda": lora_init,
-    "hydra": lora_init, "dyrank": dyrank_init, "s2lora": shared_init, "nola": nola_init,
-    "svfit": _timed(svd_init), "sorsa": _timed(svd_init), "loldu": _timed(ldu_init),
-    "nlora": _timed(nystrom_init), "inttune": _timed(nystrom_init),
-    "lora-sb": gradient_svd_init, "mos": mos_init, "lora-sp": sparse_init,
-}

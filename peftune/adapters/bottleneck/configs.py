@@ -1,6 +1,6 @@
 """Recipe configs of the bottleneck adapters (torch-free): `bottleneck` (series / parallel
 adapters, Houlsby et al. 2019; He et al. 2022; LLM-Adapters, Hu et al. 2023) and
-`compacter` (Mahabadi et al. 2021), implemented in `peftune.adapters.bottleneck`.
+`compacter` (Mahabadi et al. 2021), implemented in `peftune.adapters.bottleneck.model`.
 
 Both add small modules beside the frozen base (nothing of it changes), so they train over
 any bitsandbytes base and are not mergeable: the nonlinearity between the down- and the
@@ -168,7 +168,7 @@ for _name, _config, _description, _paper in (
      "Mahabadi et al. 2021, arXiv:2106.04647"),
 ):
     register(MethodSpec(
-        name=_name, config=_config, apply="peftune.adapters.bottleneck:apply_bottleneck",
+        name=_name, config=_config, apply="peftune.adapters.bottleneck.model:apply_bottleneck",
         description=_description, paper=_paper, mergeable=False, exports_plain_lora=False,
         quantized=BNB_4BIT | INT8 | INT4, unquantized_because=_BECAUSE,
     ))

@@ -1,4 +1,5 @@
-"""peft's tuners other than the LoRA family, applied from their recipe configs.
+"""peft's tuners other than the LoRA family, applied from their recipe configs (the
+virtual-token methods of `peftune.adapters.prompt` too).
 
 Method-specific training behaviour reaches the loop only through hooks: AdaLoRA's rank
 allocation after each optimizer step and its orthogonality penalty as an extra loss.
@@ -11,9 +12,9 @@ from typing import Any
 
 from peftune.adapters.common import load_trainable_state, save_with_tokenizer, trainable_state
 from peftune.adapters.hooks import AdapterHooks
-from peftune.adapters.product_configs import PolyConfig
 from peftune.adapters.targets import peft_targets
-from peftune.adapters.tuner_configs import AdaLoraConfig
+from peftune.adapters.tuners.configs import AdaLoraConfig
+from peftune.adapters.tuners.product_configs import PolyConfig
 from peftune.errors import InputError
 
 

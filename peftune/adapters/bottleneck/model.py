@@ -5,7 +5,7 @@ al. 2022, arXiv:2110.04366; LLM-Adapters, Hu et al. 2023) and Compacter (Mahabad
 For a sub-block f (attention or MLP) and a(z) = scaling·up(σ(down(z))):
 series y = f(x) + a(f(x)); parallel y = f(x) + a(x). `bottleneck` has plain linear
 projections; `compacter` has PHM projections W = Σ_i A_i ⊗ (s_i·t_iᵀ) with the A_i
-shared by every projection (formulas and inits: `bottleneck_configs.py`).
+shared by every projection (formulas and inits: `configs.py`).
 
 Supported architectures: decoders whose layers are the model's longest `nn.ModuleList`
 and whose sub-blocks are children named `self_attn` (Llama, Mistral, Qwen2, Qwen3, and
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peftune.adapters.bottleneck_configs import (
+from peftune.adapters.bottleneck.configs import (
     NATIVE_CONFIG,
     NATIVE_WEIGHTS,
     BottleneckConfig,

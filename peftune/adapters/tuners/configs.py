@@ -2,7 +2,7 @@
 RandLoRA, MiSS / Bone, SHiRA and (IA)³ (`product_configs.py` has the rest).
 
 Each config names its paper, its keys with the defaults used here, and builds its peft
-config in `peft_config()`; all are applied by `peftune.adapters.tuners:apply_tuner`.
+config in `peft_config()`; all are applied by `peftune.adapters.tuners.model:apply_tuner`.
 Defaults follow peft's unless a peft default cannot fit a small model (noted per key).
 """
 
@@ -12,8 +12,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from peftune.adapters.lora_configs import TargetedConfig
 from peftune.adapters.registry import BNB_4BIT, INT8, MethodSpec, register
+from peftune.adapters.targets import TargetedConfig
 
 LLAMA_ATTENTION_VALUE_FFN = ["k_proj", "v_proj", "down_proj"]
 
@@ -265,7 +265,7 @@ class Ia3Config(TunerConfig):
 def register_tuner(name: str, config: type[TunerConfig], description: str, paper: str, *,
               mergeable: bool = True, quantized: frozenset[str], because: str) -> None:
     register(MethodSpec(
-        name=name, config=config, apply="peftune.adapters.tuners:apply_tuner",
+        name=name, config=config, apply="peftune.adapters.tuners.model:apply_tuner",
         description=description, paper=paper, mergeable=mergeable, exports_plain_lora=False,
         quantized=quantized, unquantized_because=because,
     ))

@@ -1,6 +1,5 @@
 """The LoRA family through peft: LoRA, rsLoRA, DoRA and the data- or weight-driven inits
-(PiSSA, OLoRA, CorDA, EVA, LoRA-GA, LoftQ); the configs in `lora_configs.py` name the
-papers.
+(PiSSA, OLoRA, CorDA, EVA, LoRA-GA, LoftQ); the configs in `configs.py` name the papers.
 
 Inits that rewrite the frozen weight (PiSSA, OLoRA, CorDA, LoRA-GA: W -> W - B0·A0) keep a
 copy of their initial adapter, and the export converts the trained adapter into a plain
@@ -19,7 +18,7 @@ from typing import Any
 
 from peftune.adapters.common import load_trainable_state, save_with_tokenizer, trainable_state
 from peftune.adapters.hooks import AdapterHooks
-from peftune.adapters.lora_configs import (
+from peftune.adapters.lora.configs import (
     CordaConfig,
     EvaConfig,
     LoftqConfig,
@@ -72,7 +71,7 @@ def apply_lora(model: Any, config: LoraConfig, *,
         ranks = sorted({int(r) for r in peft_model.peft_config["default"].rank_pattern.values()})
         report["eva_ranks"] = f"{ranks[0]}..{ranks[-1]}" if ranks else str(config.r)
     if isinstance(config, LoftqConfig):
-        from peftune.adapters.loftq import loftq_initialise
+        from peftune.adapters.lora.loftq import loftq_initialise
 
         if model_path is None:
             raise InputError("adapter.method loftq needs the base model's local weights")

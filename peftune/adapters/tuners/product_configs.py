@@ -1,6 +1,6 @@
 """Recipe configs of peft's tuners whose update is not a plain B·A (torch-free): Kronecker
 (LoKr) and Hadamard (LoHa) products, orthogonal rotations of W (OFT, BOFT, HRA), and routed
-mixtures of LoRA modules (Poly, MHR). Applied by `peftune.adapters.tuners:apply_tuner`.
+mixtures of LoRA modules (Poly, MHR). Applied by `peftune.adapters.tuners.model:apply_tuner`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from peftune.adapters.registry import BNB_4BIT, INT8
-from peftune.adapters.tuner_configs import NO_4BIT, NO_INT4, TunerConfig, register_tuner
+from peftune.adapters.tuners.configs import NO_4BIT, NO_INT4, TunerConfig, register_tuner
 
 
 class LokrConfig(TunerConfig):

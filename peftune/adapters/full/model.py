@@ -8,9 +8,14 @@ import fnmatch
 from pathlib import Path
 from typing import Any
 
-from peftune.adapters.common import load_trainable_state, save_with_tokenizer, trainable_state
+from peftune.adapters.common import (
+    decoder_layers,
+    load_trainable_state,
+    save_with_tokenizer,
+    trainable_state,
+)
+from peftune.adapters.full.configs import FreezeConfig, FullConfig
 from peftune.adapters.hooks import AdapterHooks
-from peftune.adapters.specs import FreezeConfig, FullConfig
 from peftune.errors import InputError
 
 
@@ -61,14 +66,3 @@ def apply_freeze(model: Any, config: FreezeConfig, **_: Any) -> tuple[Any, Adapt
         load_trainable_state=load_trainable_state,
         artifact="model",
     )
-
-
-def decoder_layers(model: Any) -> list[Any]:
-    """The decoder's blocks: the longest ModuleList of the model (`model.layers`, `h`, ...)."""
-    import torch
-
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        raise InputError("adapter.layers: cannot find the decoder layers of this model; use "
-                         "adapter.modules to name the parameters to train")
-    return list(max(lists, key=len))

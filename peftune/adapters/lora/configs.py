@@ -10,66 +10,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
-from peftune.adapters.registry import (
-    BNB_4BIT,
-    INT4,
-    INT8,
-    MethodConfig,
-    MethodSpec,
-    register,
-)
-
-
-class TargetedConfig(MethodConfig):
-    """Keys of every method that attaches to named linear layers."""
-
-    target_modules: str | list[str] = "all-linear"
-    modules_to_save: list[str] | None = None
-
-    @field_validator("target_modules")
-    @classmethod
-    def _targets(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, str) and value != "all-linear":
-            return [value]
-        if isinstance(value, list) and not value:
-            raise ValueError("must name at least one module, or be all-linear")
-        return value
-
-    # The recipe key holding the rank that must fit every targeted layer, if any.
-    rank_key: ClassVar[str | None] = None
-
-    def layers_problem(self, layers: dict[str, tuple[int, int]]) -> tuple[str, str] | None:
-        """Why the targeted `layers` (name -> (fan_in, fan_out)) cannot take this method, as
-        (adapter key, message): a rank above the smallest layer's, or a shape the method's
-        blocks do not fit. Checked by validate (from config.json) and at train start."""
-        if self.rank_key is not None:
-            rank = getattr(self, self.rank_key)
-            name, (fan_in, fan_out) = min(layers.items(), key=lambda item: min(item[1]))
-            if rank > min(fan_in, fan_out):
-                return self.rank_key, (f"{rank} is larger than layer {name} ({fan_in} x "
-                                       f"{fan_out}) allows; use at most {min(fan_in, fan_out)}")
-        for name, (fan_in, fan_out) in layers.items():
-            problem = self.divisor_problem(name, fan_in, fan_out)
-            if problem:
-                return problem
-        return None
-
-    def divisor_problem(self, name: str, fan_in: int, fan_out: int) -> tuple[str, str] | None:
-        """(key, why) when a layer of this shape does not fit the method's blocks, or None."""
-        return None
-
-
-class Calibration(BaseModel):
-    """`adapter.calibration`: the examples a data-driven init runs the model on."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    examples: int = Field(default=64, gt=0, description="rows taken from the data")
-    batch_size: int = Field(default=4, gt=0)
-    data: str | None = Field(default=None, description="a data file in data.format; "
-                                                       "default: data.train")
+from peftune.adapters.calibration import Calibration
+from peftune.adapters.registry import BNB_4BIT, INT4, INT8, RESIDUAL, MethodSpec, register
+from peftune.adapters.targets import TargetedConfig
 
 
 class LoraConfig(TargetedConfig):
@@ -285,7 +230,6 @@ class LoftqConfig(LoraConfig):
         return problems
 
 
-RESIDUAL = "its init rewrites the frozen weight as W - B0·A0, which a quantized base cannot hold"
 _LORA_QUANT = BNB_4BIT | INT8 | INT4
 
 
@@ -293,7 +237,7 @@ def _register(name: str, config: type[LoraConfig], description: str, paper: str,
               quantized: frozenset[str] = _LORA_QUANT, because: str = "",
               plain: bool = True) -> None:
     register(MethodSpec(
-        name=name, config=config, apply="peftune.adapters.lora:apply_lora",
+        name=name, config=config, apply="peftune.adapters.lora.model:apply_lora",
         description=description, paper=paper, mergeable=True, exports_plain_lora=plain,
         quantized=quantized, **({"unquantized_because": because} if because else {}),
     ))

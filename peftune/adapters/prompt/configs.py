@@ -1,7 +1,8 @@
 """Recipe configs of the virtual-token methods (torch-free): prompt tuning, prefix tuning
-and P-tuning, through peft. They leave the base's weights alone and prepend trained
-vectors to every sequence, so they are not mergeable and need unpacked rows (a packed row
-holds several examples, and the virtual tokens would only precede the first)."""
+and P-tuning, through peft, applied like peft's other tuners (`peftune.adapters.tuners`).
+They leave the base's weights alone and prepend trained vectors to every sequence, so they
+are not mergeable and need unpacked rows (a packed row holds several examples, and the
+virtual tokens would only precede the first)."""
 
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ for _name, _config, _description, _paper in (
      "Liu et al. 2021, arXiv:2103.10385"),
 ):
     register(MethodSpec(
-        name=_name, config=_config, apply="peftune.adapters.tuners:apply_tuner",
+        name=_name, config=_config, apply="peftune.adapters.tuners.model:apply_tuner",
         description=_description, paper=_paper, mergeable=False, exports_plain_lora=False,
         quantized=_ANY_BASE,
     ))
