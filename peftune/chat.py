@@ -241,12 +241,12 @@ def resolve_chat_target(target: str, *, adapter: str | None, quant: str | None) 
     """A directory (run, model or adapter) resolves as eval's TARGET; anything else (a .gguf
     file, a catalogue name, a hub id) as eval's --model, with `adapter` on it. Torch-free,
     except that a .gguf file or catalogue model is converted (once) here."""
-    from peftune.evaluate.targets import _looks_local
+    from peftune.evaluate.targets import looks_local
     from peftune.models.catalogue import looks_like_catalogue_name
     from peftune.models.sources import is_gguf, resolve_model_path
 
     path = Path(target).expanduser()
-    local = path.exists() or _looks_local(target) or (path.parent != Path(".")
+    local = path.exists() or looks_local(target) or (path.parent != Path(".")
                                                       and path.parent.is_dir())
     if path.is_dir() or (local and not is_gguf(target)):
         resolved = resolve_target(target, quant=quant, flag=FLAG)

@@ -1,7 +1,7 @@
 """The eval configuration: an eval YAML (an `eval:` section, the same block a training recipe
 takes) and/or command-line flags, validated as one `EvalSection` with every problem reported
-at once as `file:line: eval.tasks[0].key: message` (or `--flag: ...`), through the recipe
-loader's own YAML reading and error machinery. Torch-free.
+at once as `file:line: eval.tasks[0].key: message` (or `--flag: ...`), read as recipes are
+(`peftune.recipe.yamlfile`). Torch-free.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from peftune.errors import InputError
 from peftune.recipe.errors import Problem, Where, locate, pydantic_problems, show
 from peftune.recipe.schema import EvalSection, EvalTask
+from peftune.recipe.yamlfile import read_yaml, unique_lines
 
 _FLAGS = 3  # problems sort as: file (0), its parent (1), then flags
 
@@ -22,12 +23,8 @@ def load_eval_config(path: str | Path | None, flags: dict[str, Any] | None = Non
                      *, batch_size: int | None = None) -> EvalSection:
     """The eval section of `path` (if given), with one more task from `flags` (when
     `flags['task']` is set) and `flags`' other task keys applied to every task."""
-    from peftune.recipe.loader import _apply_extends, _read_yaml, _unique_lines
-
     if path is not None:
-        shown = str(path)
-        data, where, problems = _read_yaml(Path(path), shown, order=0)
-        data, where, problems = _apply_extends(data, where, problems, Path(path), shown)
+        data, where, problems = read_yaml(path, normalise=_empty_eval_section)
         extra = sorted(set(data) - {"eval"})
         if extra:
             problems.append(Problem(locate((extra[0],), where), (extra[0],),
@@ -68,8 +65,15 @@ def load_eval_config(path: str | Path | None, flags: dict[str, Any] | None = Non
                                 "--data FILE, or --config FILE with eval.tasks"))
     config = validate_section(section, data, where, problems)
     if problems or config is None:
-        raise InputError(*_unique_lines(problems))
+        raise InputError(*unique_lines(problems))
     return config
+
+
+def _empty_eval_section(data: dict, where: dict) -> None:
+    """`eval:` with every key commented out is the section with its defaults, as in a recipe,
+    so a file that extends another keeps its parent's tasks."""
+    if "eval" in data and data["eval"] is None:
+        data["eval"] = {}
 
 
 def validate_section(section: dict, data: dict, where: dict,

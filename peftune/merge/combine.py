@@ -30,6 +30,7 @@ Conventions (docs/merging.md has the table against mergekit and peft):
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,11 @@ class Inputs:
     k: int | None = None
     t: float | None = None  # slerp
     generator: torch.Generator | None = None  # one per module (k-means)
+
+
+def seed_for(seed: int, adapter: int, name: str) -> int:
+    """DARE's mask seed for one adapter's module: independent of module order and shards."""
+    return (seed * 1_000_003 + adapter * 7_919 + zlib.crc32(name.encode())) % (2**63)
 
 
 def _weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:

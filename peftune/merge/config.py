@@ -1,6 +1,6 @@
 """merge.yaml: several LoRA adapters (`adapters:`) or full fine-tuned models (`models:` with
 `base:`, `peftune.merge.model_merge`) of one base combined by a merge method. A `merge:`
-section, validated through the recipe loader's YAML reading and error machinery, so every
+section, read as recipes are (`peftune.recipe.yamlfile`) and validated so that every
 problem is reported at once as `merge.yaml:LINE: merge.key: message`. Torch-free.
 
     merge:
@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from peftune.errors import InputError
 from peftune.merge.registry import MERGE_METHODS, merge_method_names
 from peftune.recipe.errors import Locations, Problem, did_you_mean, locate, pydantic_problems, show
+from peftune.recipe.yamlfile import read_yaml, unique_lines
 
 Density = Field(default=None, gt=0, le=1)
 
@@ -74,11 +75,7 @@ class MergeSection(BaseModel):
 
 def load_merge_config(path: Path) -> tuple[MergeSection, Locations]:
     """The validated merge section and where each key was written (for later path errors)."""
-    from peftune.recipe.loader import _apply_extends, _read_yaml, _unique_lines
-
-    shown = str(path)
-    data, where, problems = _read_yaml(path, shown, order=0)
-    data, where, problems = _apply_extends(data, where, problems, path, shown)
+    data, where, problems = read_yaml(path)
     extra = sorted(set(data) - {"merge"})
     if extra:
         problems.append(Problem(locate((extra[0],), where), (extra[0],),
@@ -96,7 +93,7 @@ def load_merge_config(path: Path) -> tuple[MergeSection, Locations]:
     if config is not None:
         problems += _method_problems(config, where)
     if problems or config is None:
-        raise InputError(*_unique_lines(problems))
+        raise InputError(*unique_lines(problems))
     return config, where
 
 

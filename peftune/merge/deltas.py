@@ -3,7 +3,7 @@ it: ΔW = scale·B·A with scale = alpha/r (alpha/√r under rsLoRA), per-module
 `rank_pattern` / `alpha_pattern`, transposed for `fan_in_fan_out` layers, embeddings'
 ΔE = scale·(B·A)ᵀ, plus whole tensors that `modules_to_save` replaces.
 
-Only plain LoRA (no DoRA) is read here; other methods merge through peft (`runner`).
+Only plain LoRA (no DoRA) is read here; other methods merge through peft (`whole_model`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from peftune.errors import InputError
 
@@ -36,7 +38,8 @@ class LoraAdapter:
         rank_pattern = self.config.get("rank_pattern") or {}
         alpha_pattern = self.config.get("alpha_pattern") or {}
         r, alpha = self.config["r"], self.config["lora_alpha"]
-        if rank_pattern or alpha_pattern:  # peft's own matching rule (importing peft is slow)
+        if rank_pattern or alpha_pattern:  # peft's own matching rule (importing peft is slow,
+            # and a streaming merge imports transformers, which peft needs, in a thread meanwhile)
             from peft.utils.other import get_pattern_key
 
             r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)
@@ -82,6 +85,18 @@ class LoraAdapter:
         return out
 
 
+def lazy_deltas(lora: LoraAdapter) -> Callable[[str], torch.Tensor | None]:
+    """Base tensor name -> its ΔW computed when asked, None for a tensor the adapter leaves
+    alone (the streaming writer's `delta_of`: one module's delta in memory at a time)."""
+    modules = {lora.weight_name(m): m for m in lora.factors}
+
+    def delta_of(name: str) -> torch.Tensor | None:
+        module = modules.get(name)
+        return None if module is None else lora.delta(module)
+
+    return delta_of
+
+
 def read_adapter_config(path: Path) -> dict:
     try:
         return json.loads((path / "adapter_config.json").read_text())
@@ -100,8 +115,6 @@ def is_plain_lora(config: dict) -> bool:
 
 def load_lora_adapter(path: Path) -> LoraAdapter:
     """Read a plain LoRA adapter's tensors; one InputError line when its files are missing."""
-    from safetensors.torch import load_file
-
     config = read_adapter_config(path)
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():

@@ -11,42 +11,30 @@ peft loading the written LoRA against the base with the truncated deltas added.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
-from peftune.errors import InputError, TrainingError
-from peftune.merge.config import MergeSection, load_merge_config, where_text
+from peftune.errors import InputError
+from peftune.merge.adapter_merge import check_adapter_matches, resolve_job
+from peftune.merge.combine import Inputs, refactor_svd, seed_for
+from peftune.merge.common import local_model_dir, publish_verified, say, staging_dir, stored_dtype
+from peftune.merge.config import MergeSection, where_text
+from peftune.merge.deltas import LoraAdapter, is_plain_lora, load_lora_adapter, read_adapter_config
 from peftune.merge.registry import MERGE_METHODS
+from peftune.merge.verify import compare, probe_inputs, probe_logits
+from peftune.merge.whole_model import load_base, merged_logits
+from peftune.merge.writer import MergeStats, check_out_dir, copy_model_files, write_merged
+from peftune.models import load_tokenizer
 
 
-def run_multi_merge(*, config_path: Path, out: Path | None, shard_size: str, dtype: str,
+def run_multi_merge(config: MergeSection, where: Any, *, out: Path, dtype: str, shard_bytes: int,
                     overwrite: bool, allow_noop: bool, out_rank: int | None, quiet: bool) -> dict:
-    from peftune.merge.runner import say, temp_dir_for
-    from peftune.merge.writer import check_out_dir, parse_size, publish
-
-    config, where = load_merge_config(config_path)
-    out = out or (Path(config.out) if config.out else None)
-    if out is None:
-        raise InputError(f"{where_text(where)}: merge.out: required (or give --out DIR): the "
-                         "directory to write the merged model into")
-    out_rank = out_rank or config.out_rank
-    dtype = dtype if dtype != "auto" else config.dtype
-    shard_size = shard_size if shard_size != "5GB" else config.shard_size
-    shard_bytes = parse_size(shard_size)
-    if config.models:
-        from peftune.merge.model_merge import run_model_merge
-
-        if out_rank is not None:
-            raise InputError(f"{where_text(where, 'models')}: --out-rank re-factors merged LoRA "
-                             "deltas; merging full models writes a model")
-        return run_model_merge(config, where, out=out, dtype=dtype, shard_bytes=shard_bytes,
-                               overwrite=overwrite, allow_noop=allow_noop, quiet=quiet)
+    """Combine merge.yaml's `adapters:` into their base (or, with `out_rank`, into one LoRA),
+    verify, and put the result at `out`; returns the report written beside it."""
     base, loras = resolve_adapters(config, where)
     check_out_dir(out, overwrite=overwrite)
     started = time.perf_counter()
@@ -56,8 +44,7 @@ def run_multi_merge(*, config_path: Path, out: Path | None, shard_size: str, dty
         if config.k > ranks:
             raise InputError(f"{where_text(where, 'k')}: merge.k: {config.k} is more than the "
                              f"{ranks} rank units the adapters hold for {name}; choose k <= {ranks}")
-    tmp = temp_dir_for(out)
-    try:
+    with staging_dir(out) as tmp:
         if out_rank is None:
             report = _into_base(base, combined, tmp, dtype=dtype, shard_bytes=shard_bytes)
         else:
@@ -71,15 +58,8 @@ def run_multi_merge(*, config_path: Path, out: Path | None, shard_size: str, dty
                                     for i, (a, lora) in enumerate(zip(config.adapters, loras, strict=True))],
                        "lambda": config.lambda_, "q": config.q, "seed": config.seed,
                        "seconds": round(time.perf_counter() - started, 3)})
-        check = report["verification"]
-        if not check["ok"]:
-            raise TrainingError(f"merge verification failed: logits differ by "
-                                f"{check['max_abs_logit_error']:.3g} (tolerance "
-                                f"{check['tolerance']:g}); nothing was written to {out}")
-        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish_verified(report, tmp, out)
+    check = report["verification"]
     norm = report["relative_delta_norm"]
     say(quiet, f"merged {len(loras)} adapters by {config.method} on {base}: "
                f"{report['modules_changed']} modules changed"
@@ -92,11 +72,8 @@ def run_multi_merge(*, config_path: Path, out: Path | None, shard_size: str, dty
     return report
 
 
-def resolve_adapters(config: MergeSection, where: Any) -> tuple[Path, list[Any]]:
+def resolve_adapters(config: MergeSection, where: Any) -> tuple[Path, list[LoraAdapter]]:
     """The common base and each adapter's LoRA factors; one line per problem."""
-    from peftune.merge.deltas import is_plain_lora, load_lora_adapter, read_adapter_config
-    from peftune.merge.runner import check_adapter_matches, local_model_dir, resolve_job
-
     jobs, bases = [], []
     for i, adapter in enumerate(config.adapters):
         at = f"{where_text(where, 'adapters', i, 'path')}: merge.adapters[{i}].path"
@@ -104,16 +81,16 @@ def resolve_adapters(config: MergeSection, where: Any) -> tuple[Path, list[Any]]
             job = resolve_job(target=adapter.path, base=None, adapter=None)
         except InputError as err:
             raise InputError(f"{at}: {err.lines[0]}") from None
-        if job["adapter"] is None:
+        if job.adapter is None:
             raise InputError(f"{at}: {adapter.path} trained the full model (no adapter/); "
                              "multi-merging combines LoRA adapters")
-        adapter_config = read_adapter_config(job["adapter"])
+        adapter_config = read_adapter_config(job.adapter)
         if not is_plain_lora(adapter_config):
             kind = "DoRA" if adapter_config.get("use_dora") else adapter_config.get("peft_type")
             raise InputError(f"{at}: a {kind} adapter; multi-merging combines plain LoRA deltas "
                              "(B·A); merge it alone with peftune merge RUN_DIR")
         jobs.append(job)
-        bases.append(job["base"])
+        bases.append(job.base)
     if config.base is not None:
         base = local_model_dir(config.base)
     else:
@@ -127,22 +104,17 @@ def resolve_adapters(config: MergeSection, where: Any) -> tuple[Path, list[Any]]
         base = bases[0]
     loras = []
     for i, job in enumerate(jobs):
-        lora = load_lora_adapter(job["adapter"])
+        lora = load_lora_adapter(job.adapter)
         check_adapter_matches(lora, base, flag=f"{where_text(where, 'adapters', i, 'path')}: "
                                                f"merge.adapters[{i}]")
         loras.append(lora)
     return base, loras
 
 
-def seed_for(seed: int, adapter: int, name: str) -> int:
-    """DARE's mask seed for one adapter's module: independent of module order and shards."""
-    return (seed * 1_000_003 + adapter * 7_919 + zlib.crc32(name.encode())) % (2**63)
-
-
 class CombinedDelta:
     """The merged ΔW of each base tensor, computed when asked (one module at a time)."""
 
-    def __init__(self, config: MergeSection, loras: list[Any]):
+    def __init__(self, config: MergeSection, loras: list[LoraAdapter]):
         self.config, self.loras = config, loras
         self.method = MERGE_METHODS[config.method].load()
         self.modules = {}
@@ -151,8 +123,6 @@ class CombinedDelta:
                 self.modules.setdefault(lora.weight_name(module), module)
 
     def __call__(self, name: str) -> torch.Tensor | None:
-        from peftune.merge.combine import Inputs
-
         module = self.modules.get(name)
         if module is None:
             return None
@@ -181,10 +151,6 @@ class CombinedDelta:
 
 def _logits_with_deltas(base: Path, deltas: dict[str, torch.Tensor]):
     """Probe logits of the fp32 base, and of the base with `deltas` added to its weights."""
-    from peftune.merge.verify import probe_inputs, probe_logits
-    from peftune.merge.whole_model import load_base
-    from peftune.models import load_tokenizer
-
     inputs = probe_inputs(load_tokenizer(str(base)))
     model = load_base(base, dequantize=False)
     before = probe_logits(model, inputs)
@@ -197,15 +163,10 @@ def _logits_with_deltas(base: Path, deltas: dict[str, torch.Tensor]):
 
 def _into_base(base: Path, combined: CombinedDelta, tmp: Path, *, dtype: str,
                shard_bytes: int) -> dict:
-    from peftune.merge.runner import _stored_dtype
-    from peftune.merge.verify import compare
-    from peftune.merge.whole_model import merged_logits
-    from peftune.merge.writer import write_merged
-
     stats, files = write_merged(base=base, out=tmp, delta_of=combined, replaced={}, dtype=dtype,
                                 shard_bytes=shard_bytes, tokenizer_from=combined.loras[0].path)
     reference, before, _ = _logits_with_deltas(base, {n: combined(n) for n in combined.modules})
-    written = dtype if dtype != "auto" else _stored_dtype(base)
+    written = dtype if dtype != "auto" else stored_dtype(base)
     check = compare(merged=merged_logits(tmp), reference=reference, base=before, dtype=written)
     return {**stats.as_dict(), "mode": "streaming, into the base", "dtype": written,
             "shards": files, "verification": check.as_dict()}
@@ -213,12 +174,7 @@ def _into_base(base: Path, combined: CombinedDelta, tmp: Path, *, dtype: str,
 
 def _as_lora(base: Path, combined: CombinedDelta, tmp: Path, *, rank: int) -> dict:
     """Truncated SVD of each merged ΔW into a plain PEFT LoRA (alpha = r: scale 1)."""
-    from peft import LoraConfig, PeftModel
-    from safetensors.torch import save_file
-
-    from peftune.merge.combine import refactor_svd
-    from peftune.merge.verify import compare, probe_logits
-    from peftune.merge.writer import MergeStats, copy_model_files
+    from peft import LoraConfig, PeftModel  # heavy (transformers): only this path needs it
 
     tensors, ranks, truncated = {}, {}, {}
     stats, error_sq, delta_sq = MergeStats(), 0.0, 0.0
@@ -241,8 +197,6 @@ def _as_lora(base: Path, combined: CombinedDelta, tmp: Path, *, rank: int) -> di
                base_model_name_or_path=str(base)).save_pretrained(str(tmp))
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     reference, before, inputs = _logits_with_deltas(base, truncated)
-    from peftune.merge.whole_model import load_base
-
     loaded = PeftModel.from_pretrained(load_base(base, dequantize=False), str(tmp))
     check = compare(merged=probe_logits(loaded, inputs), reference=reference, base=before,
                     dtype="float32")

@@ -13,13 +13,14 @@ import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-_NAMES = {v: k for k, v in _DTYPES.items()}
+_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -41,7 +42,7 @@ def iter_tensors(path: Path, *, scratch: bytearray | None = None
     with open(path, "rb") as fh:
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             begin, end = info["data_offsets"]
-            dtype = _DTYPES[info["dtype"]]
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
             if end == begin:
                 yield name, torch.empty(info["shape"], dtype=dtype)
                 continue
@@ -53,6 +54,19 @@ def iter_tensors(path: Path, *, scratch: bytearray | None = None
             if fh.readinto(buffer) != end - begin:
                 raise OSError(f"{path}: truncated safetensors file (tensor {name})")
             yield name, torch.frombuffer(buffer, dtype=dtype).view(info["shape"])
+
+
+def read_tensor(fh: BinaryIO, data_start: int, info: dict) -> torch.Tensor:
+    """One tensor of an open file, read into its own buffer: `info` is its header entry,
+    `data_start` where the file's tensor data starts (`read_header`)."""
+    begin, end = info["data_offsets"]
+    dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    if end == begin:
+        return torch.empty(info["shape"], dtype=dtype)
+    buffer = bytearray(end - begin)
+    fh.seek(data_start + begin)
+    fh.readinto(buffer)
+    return torch.frombuffer(buffer, dtype=dtype).view(info["shape"])
 
 
 def tensor_bytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:

@@ -13,8 +13,14 @@ towards the reference (a merge that dropped the adapter could hide inside a loos
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from peftune.errors import TrainingError
+from peftune.merge.stio import read_tensor
+from peftune.merge.writer import base_shards, tensor_locations, threads_for
 
 PROBES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -129,8 +135,6 @@ class ModuleCheck:
 
     def before(self, name: str, weight: torch.Tensor) -> None:
         """The reference (W·X + B'·(A'·X))ᵀ, taken from the base tensor before the merge."""
-        import torch.nn.functional as F
-
         b_mat, a_mat = self.lora.units(self.units[name])
         x = self._x(weight.shape[-1])  # F.linear(x, W) = x·Wᵀ: W read once, row-major
         path = F.linear(F.linear(x, a_mat), b_mat)
@@ -138,10 +142,6 @@ class ModuleCheck:
                               float(torch.linalg.vector_norm(path)))
 
     def after(self, name: str, merged: torch.Tensor) -> None:
-        import torch.nn.functional as F
-
-        from peftune.errors import TrainingError
-
         reference, effect = self.pending.pop(name)
         error = float(torch.linalg.vector_norm(F.linear(self._x(merged.shape[-1]),
                                                         merged.float()) - reference))
@@ -157,8 +157,6 @@ class ModuleCheck:
                 f"{self.tolerance:g}); nothing was written. Set PEFTUNE_DEBUG=1 and report it")
 
     def finish(self) -> None:
-        from peftune.errors import TrainingError
-
         missed = sorted(set(self.units) - self.done)
         if missed:
             raise TrainingError(f"merge verification failed: {missed[0]}, which the adapter "
@@ -185,8 +183,6 @@ def lazy_logits(directory, inputs: list[torch.Tensor], *, extra=None,
         batch[row, : ids.shape[1]] = ids[0]
         mask[row, : ids.shape[1]] = 1
     lazy.from_row = len(inputs) if paired else 0
-    from peftune.merge.writer import threads_for
-
     with threads_for(0):  # a probe batch: one thread, but for modules with much work (hooks)
         logits = lazy.model(input_ids=batch, attention_mask=mask, use_cache=False).logits.float()
     out = [logits[row : row + 1, :n] for row, n in enumerate(lengths)]
@@ -196,8 +192,6 @@ def lazy_logits(directory, inputs: list[torch.Tensor], *, extra=None,
 def lora_forward(lora) -> object | None:
     """A LazyWeights `extra` adding each module's LoRA path, scale·B(A x), to its output (the
     adapter's own forward, not ΔW); None when the adapter has a layer this does not cover."""
-    import torch.nn.functional as F
-
     if lora.config.get("fan_in_fan_out"):
         return None
     factors = {m: (lora.scale(m), {k: v.float() for k, v in f.items()})
@@ -231,12 +225,9 @@ class LazyWeights:
 LoRA path) for the batch rows from `from_row` on."""
 
     def __init__(self, directory, extra=None, overrides: dict[str, torch.Tensor] | None = None):
-        from pathlib import Path
-
+        # transformers: heavy, and imported in a thread while a streaming merge runs
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
-
-        from peftune.merge.writer import base_shards, tensor_locations
 
         directory = Path(directory)
         config = AutoConfig.from_pretrained(directory)
@@ -260,26 +251,17 @@ LoRA path) for the batch rows from `from_row` on."""
             module.register_forward_hook(self._dropper(module_name, dict(module._parameters)))
 
     def _read(self, candidates: list[str]) -> torch.Tensor:
-        from peftune.merge.stio import _DTYPES
-
         for name in candidates:
             if name in self.overrides:
                 return self.overrides[name].float()
             found = self.location.get(name)
             if found is not None:
                 shard, start, info = found
-                begin, end = info["data_offsets"]
-                buffer = bytearray(end - begin)
                 with open(shard, "rb") as fh:
-                    fh.seek(start + begin)
-                    fh.readinto(buffer)
-                return torch.frombuffer(buffer, dtype=_DTYPES[info["dtype"]]) \
-                    .view(info["shape"]).float()
+                    return read_tensor(fh, start, info).float()
         raise MissingTensor(f"no tensor {candidates[0]} in the written files")
 
     def _loader(self, own: dict[str, list[str]]):
-        from peftune.merge.writer import threads_for
-
         def hook(module, args):
             for pname, candidates in own.items():
                 module._parameters[pname] = torch.nn.Parameter(self._read(candidates),

@@ -2,30 +2,40 @@
 stream tensor by tensor: the fp32 base (dequantized into plain linears when the checkpoint
 holds only bitsandbytes weights), peft's own `merge_and_unload` for the methods that are not
 plain LoRA (DoRA, LoHa, LoKr, VeRA, OFT, IA3, ...), and the probe logits of whole models for
-the verification of those merges (`peftune.merge.verify`)."""
+the verification of those merges (`peftune.merge.verify`).
+
+transformers and peft are imported inside the functions that load models: they are heavy,
+and a streaming merge imports transformers in a background thread while it works
+(`adapter_merge`), which an import at the top of this module would serialise.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from peftune.errors import InputError
+from peftune.merge.verify import probe_inputs, probe_logits
+from peftune.merge.writer import (
+    DTYPES,
+    MergeStats,
+    ShardWriter,
+    base_tensor_shapes,
+    copy_model_files,
+)
+from peftune.models import load_model, load_tokenizer, quiet_libraries
+from peftune.recipe.schema import ModelSection, QuantSection
 
 
 def load_base(base: Path, *, dequantize: bool, trust_remote_code: bool = False) -> Any:
     """The base in fp32 on CPU; a quantized checkpoint dequantized into plain nn.Linear.
     `trust_remote_code`: the recipe's model.trust_remote_code (off by default), on both paths."""
-    import torch
-
-    from peftune.models import load_model
-    from peftune.recipe.schema import ModelSection, QuantSection
-
     if not dequantize:
         return load_model(ModelSection(path=str(base), dtype="float32",
                                        trust_remote_code=trust_remote_code), QuantSection(),
                           device=torch.device("cpu"))
-    from peftune.models import quiet_libraries
-
     quiet_libraries()  # before bitsandbytes is imported: no loading bars or kernel notices
     from peft.utils.integrations import dequantize_bnb_weight
     from transformers import AutoModelForCausalLM
@@ -68,10 +78,6 @@ def attach_adapter(model: Any, base: Path, adapter: Path) -> Any:
 def merge_in_memory(base: Path, adapter: Path, tmp: Path, *, dtype: str, shard_bytes: int,
                dequantize: bool, trust_remote_code: bool = False):
     """peft's own merge (exact for the method) on the fp32 base, then the same writer."""
-    import torch
-
-    from peftune.merge.writer import DTYPES, MergeStats, ShardWriter, copy_model_files
-
     peft_model = attach_adapter(load_base(base, dequantize=dequantize,
                                     trust_remote_code=trust_remote_code), base, adapter)
     before = {n.replace(".base_layer.", "."): p.detach().clone()
@@ -97,17 +103,12 @@ def merge_in_memory(base: Path, adapter: Path, tmp: Path, *, dtype: str, shard_b
 
 
 def checkpoint_names(base: Path):
-    from peftune.merge.writer import base_tensor_shapes
-
     return base_tensor_shapes(base).keys()
 
 
 def reference_logits(base: Path, adapter: Path | None, *, dequantize: bool,
                       trust_remote_code: bool = False):
     """Logits of base + adapter (unmerged, through peft) and of the base, in fp32."""
-    from peftune.merge.verify import probe_inputs, probe_logits
-    from peftune.models import load_tokenizer
-
     inputs = probe_inputs(load_tokenizer(str(base)))
     model = load_base(base, dequantize=dequantize, trust_remote_code=trust_remote_code)
     base_logits = probe_logits(model, inputs)
@@ -120,11 +121,7 @@ def reference_logits(base: Path, adapter: Path | None, *, dequantize: bool,
 
 
 def merged_logits(tmp: Path):
-    import torch
     from transformers import AutoModelForCausalLM
-
-    from peftune.merge.verify import probe_inputs, probe_logits
-    from peftune.models import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)
     return probe_logits(model, probe_inputs(load_tokenizer(str(tmp))))

@@ -13,6 +13,8 @@ tokenizer with its chat template.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import json
 import re
@@ -23,8 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from peftune.errors import InputError
+from peftune.merge.stio import (
+    SAFETENSORS_DTYPES,
+    PlannedFile,
+    iter_tensors,
+    read_header,
+    tensor_bytes,
+)
 
 INDEX = "model.safetensors.index.json"
 REPORT = "merge_report.json"
@@ -64,8 +75,6 @@ def base_shards(base: Path) -> list[Path]:
 def tensor_locations(shards: list[Path]) -> dict[str, tuple[Path, int, dict]]:
     """name -> (shard, offset of its data section, header entry), from the safetensors
     headers alone (no tensor is read): the map every streaming reader works from."""
-    from peftune.merge.stio import read_header
-
     found = {}
     for shard in shards:
         header, start = read_header(shard)
@@ -147,8 +156,6 @@ class ShardWriter:
         self.total += size
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.buffer:
             return
         path = self.out / f".shard-{len(self.files):05d}.safetensors"
@@ -214,9 +221,6 @@ def release_freed_memory() -> None:
 
 @functools.cache
 def _malloc_trim() -> Any:
-    import ctypes
-    import ctypes.util
-
     try:  # find_library runs ldconfig in a subprocess: once per process, not once per shard
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to do
@@ -225,8 +229,6 @@ def _malloc_trim() -> Any:
 
 def iter_base_tensors(base: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every base tensor, one at a time, shard after shard (one open shard)."""
-    from safetensors import safe_open
-
     for shard in base_shards(base):
         with safe_open(str(shard), framework="pt") as f:
             for name in f.keys():
@@ -245,15 +247,13 @@ def write_merged(*, base: Path, out: Path, delta_of: Callable[[str], torch.Tenso
     `untie` {new name: base name}: tensors the base shares (a tied output head is the input
     embedding) written as their own tensor, the base's copy plus the new name's delta, after
     all the others; config.json then says the embeddings are no longer tied."""
-    from peftune.merge.stio import _DTYPES, PlannedFile, iter_tensors, read_header, tensor_bytes
-
     plan: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
     largest = 0
     for shard in base_shards(base):
         header, _ = read_header(shard)
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             largest = max(largest, info["data_offsets"][1] - info["data_offsets"][0])
-            stored = _DTYPES[info["dtype"]]
+            stored = SAFETENSORS_DTYPES[info["dtype"]]
             target = DTYPES.get(dtype, stored) if stored.is_floating_point else stored
             plan.append((name, target, tuple(info["shape"])))
             untie_dtypes = {src: target for src in (untie or {}).values() if src == name}

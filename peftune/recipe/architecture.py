@@ -7,7 +7,6 @@ Architectures: Llama, Mistral, Qwen2, Qwen3 (the module layout transformers give
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,14 +118,14 @@ def model_modules(config: dict) -> list[Module] | None:
     return modules
 
 
-def strategy_problems(recipe: Any) -> list[tuple[tuple[str, ...], str]]:
-    """`train.strategy` against the model, from a local config.json: LISA cannot keep more
-    decoder layers active than the model has (the run checks the built model too); a GaLore
-    rank not below the hidden size projects nothing away."""
+def strategy_problems(recipe: Any, config: dict | None) -> list[tuple[tuple[str, ...], str]]:
+    """`train.strategy` against the model's config.json (None: not on disk): LISA cannot keep
+    more decoder layers active than the model has (the run checks the built model too); a
+    GaLore rank not below the hidden size projects nothing away."""
     strategy = recipe.train.strategy
     if strategy is None:
         return []
-    config = read_model_config(recipe.model.path) or {}
+    config = config or {}
     hidden = config.get("hidden_size", config.get("n_embd"))
     if strategy.name == "galore" and isinstance(hidden, int) and strategy.rank >= hidden:
         return [(("train", "strategy", "rank"), f"{strategy.rank} is not below the model's "
@@ -137,21 +136,6 @@ def strategy_problems(recipe: Any) -> list[tuple[tuple[str, ...], str]]:
         return [(("train", "strategy", "layers"), f"{strategy.layers} active layers is more than "
                  f"the model's {layers} decoder layers; use at most {layers}")]
     return []
-
-
-def read_model_config(path: str) -> dict | None:
-    """The config.json of a model on disk (a local directory, or a GGUF / catalogue model
-    converted earlier), or None (a hub id, not converted yet, or unreadable)."""
-    from peftune.models.sources import local_config_dir
-
-    directory = local_config_dir(path)
-    if directory is None:
-        return None
-    config_file = directory / "config.json"
-    try:
-        return json.loads(config_file.read_text()) if config_file.is_file() else None
-    except (OSError, ValueError):
-        return None
 
 
 def targeted_modules(modules: list[Module], adapter: Any) -> list[Module] | None:
@@ -165,11 +149,11 @@ def targeted_modules(modules: list[Module], adapter: Any) -> list[Module] | None
     return [m for m in modules if matches(m.name, targets) and (m.linear or embeddings)]
 
 
-def model_problems(recipe: Any) -> list[tuple[tuple[str, ...], str]]:
-    """The adapter's checks against the model's layers, from a local config.json: targets
-    that match nothing, a rank above a layer's, block sizes that do not divide. Nothing for
-    a model this table does not know (the run checks the built model the same way)."""
-    config = read_model_config(recipe.model.path)
+def model_problems(recipe: Any, config: dict | None) -> list[tuple[tuple[str, ...], str]]:
+    """The adapter's checks against the model's layers, from its config.json (None: not on
+    disk): targets that match nothing, a rank above a layer's, block sizes that do not
+    divide. Nothing for a model this table does not know (the run checks the built model the
+    same way)."""
     context = (config or {}).get("max_position_embeddings")
     if isinstance(context, int) and recipe.data.max_length > context:
         return [(("data", "max_length"), f"{recipe.data.max_length} is more than the model's "

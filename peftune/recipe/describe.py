@@ -14,12 +14,20 @@ from typing import Any
 
 from peftune.recipe.architecture import COUNTED_ARCHITECTURES, estimate_parameters
 from peftune.recipe.loader import recipe_to_yaml
+from peftune.recipe.model_facts import (
+    InspectModel,
+    ModelFacts,
+    local_model_facts,
+    read_model_config,
+)
 from peftune.recipe.schema import Recipe
 
 __all__ = ["derived_numbers", "describe_recipe", "estimate_parameters"]
 
-def describe_recipe(recipe: Recipe, *, console: Any = None) -> None:
-    """Print the fully resolved recipe as YAML, then the derived training numbers."""
+def describe_recipe(recipe: Recipe, *, console: Any = None,
+                    inspect_model: InspectModel = local_model_facts) -> None:
+    """Print the fully resolved recipe as YAML, then the derived training numbers
+    (`inspect_model` finds the model's config.json, as for `load_recipe`)."""
     from rich.console import Console
     from rich.syntax import Syntax
     from rich.table import Table
@@ -32,16 +40,18 @@ def describe_recipe(recipe: Recipe, *, console: Any = None) -> None:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
-    for name, value in derived_numbers(recipe).items():
+    for name, value in derived_numbers(recipe, inspect_model=inspect_model).items():
         table.add_row(name, value)
     console.print(table)
 
 
-def derived_numbers(recipe: Recipe) -> dict[str, str]:
+def derived_numbers(recipe: Recipe, *,
+                    inspect_model: InspectModel = local_model_facts) -> dict[str, str]:
     """The derived numbers as (label -> text), in print order; one process assumed (validate
     does not know how many `accelerate launch` will start, so the per-process numbers are
     multiplied by it at train start)."""
     train, data = recipe.train, recipe.data
+    model = inspect_model(recipe.model)
     processes = 1
     sequences = train.batch_size * train.grad_accum * processes
     tokens = sequences * data.max_length
@@ -55,19 +65,17 @@ def derived_numbers(recipe: Recipe) -> dict[str, str]:
         "gradient accumulation": f"{train.grad_accum} micro-batch{'es' if train.grad_accum > 1 else ''}"
                                  f" of {train.batch_size} per optimizer step",
         "learning rate": _schedule_summary(recipe),
-        "trainable parameters": _trainable_summary(recipe),
-        **({"note": note} if (note := _tied_head_note(recipe)) else {}),
+        "trainable parameters": _trainable_summary(recipe, model),
+        **({"note": note} if (note := _tied_head_note(recipe, model)) else {}),
     }
 
 
-def _tied_head_note(recipe: Recipe) -> str | None:
+def _tied_head_note(recipe: Recipe, model: ModelFacts) -> str | None:
     """What targeting lm_head means when the model ties it to its input embedding."""
-    from peftune.recipe.architecture import read_model_config
-
     targets = getattr(recipe.adapter, "targets", None)
     if not isinstance(targets, list) or not any(t.split(".")[-1] == "lm_head" for t in targets):
         return None
-    config = read_model_config(recipe.model.path) or {}
+    config = read_model_config(model.config_dir) or {}
     if not config.get("tie_word_embeddings", False):
         return None
     return ("lm_head is tied to the input embedding (one shared weight): the LoRA adapts the "
@@ -92,11 +100,8 @@ def _schedule_summary(recipe: Recipe) -> str:
     return f"peak {train.lr:g}, {warmup}, then {decay[train.scheduler]}; {length}"
 
 
-def _trainable_summary(recipe: Recipe) -> str:
-    from peftune.models.sources import local_config_dir
-
-    directory = local_config_dir(recipe.model.path)
-    config_file = (directory or Path(recipe.model.path).expanduser()) / "config.json"
+def _trainable_summary(recipe: Recipe, model: ModelFacts) -> str:
+    config_file = (model.config_dir or Path(recipe.model.path).expanduser()) / "config.json"
     if not config_file.is_file():
         return "computed at train start (the model is not on disk, or not converted, yet)"
     try:

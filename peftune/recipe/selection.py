@@ -1,7 +1,7 @@
 """Selection recipes: the stand-alone `select:` block of `peftune select-data` (recipe, then
 `KEY=VALUE` overrides, then the command-line flags) and `data.select` inside a training
 recipe, validated as `peftune.select.config.SelectConfig` with every problem located at its
-line or flag, as recipes are (`peftune.recipe.loader`)."""
+line or flag, as recipes are (`peftune.recipe.yamlfile`)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,7 @@ from pydantic import ValidationError
 from peftune.errors import InputError
 from peftune.recipe.errors import Locations, Problem, Where, locate, pydantic_problems, show
 from peftune.recipe.guards import value_paths
-from peftune.recipe.loader import (
-    _OVERRIDES_ORDER,
-    _apply_extends,
-    _apply_override,
-    _read_yaml,
-    _unique_lines,
-)
+from peftune.recipe.yamlfile import OVERRIDES_ORDER, apply_override, read_yaml, unique_lines
 
 if TYPE_CHECKING:
     from peftune.select.config import SelectConfig
@@ -34,13 +28,11 @@ def load_select(path: str | Path | None, overrides: Sequence[str] = (),
     from peftune.select.config import SelectConfig
 
     if path is not None:
-        shown = str(path)
-        data, where, problems = _read_yaml(Path(path), shown, order=0)
-        data, where, problems = _apply_extends(data, where, problems, Path(path), shown)
+        data, where, problems = read_yaml(path)
     else:
-        data, where, problems = {}, {(): Where((_OVERRIDES_ORDER, -1), "command line")}, []
+        data, where, problems = {}, {(): Where((OVERRIDES_ORDER, -1), "command line")}, []
     for number, override in enumerate(overrides):
-        problems += _apply_override(data, where, override, number)
+        problems += apply_override(data, where, override, number)
     section = data.setdefault("select", {})
     where.setdefault(("select",), where[()])
     if not isinstance(section, dict):
@@ -49,7 +41,7 @@ def load_select(path: str | Path | None, overrides: Sequence[str] = (),
     for number, (key, value) in enumerate((flags or {}).items()):
         if value is None or value == []:
             continue
-        at = Where((_OVERRIDES_ORDER + 1, number), f"--{key.replace('_', '-')}")
+        at = Where((OVERRIDES_ORDER + 1, number), f"--{key.replace('_', '-')}")
         section[key] = value
         for stale in [p for p in where if p[:2] == ("select", key)]:
             del where[stale]
@@ -73,7 +65,7 @@ def load_select(path: str | Path | None, overrides: Sequence[str] = (),
                 problems.append(Problem(locate(("select",), where), ("select", key),
                                         f"required: give {flag} or select.{key} in a recipe"))
     if problems or config is None:
-        raise InputError(*_unique_lines(problems))
+        raise InputError(*unique_lines(problems))
     return config
 
 

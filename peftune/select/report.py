@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from peftune.recipe.yamlfile import dump_yaml
 from peftune.select.config import DSIR_KEYS, ZIPFIT_KEYS, SelectConfig
 from peftune.select.kl import ALPHA
 from peftune.select.scoring import first_scores
@@ -90,14 +90,11 @@ def _finite(value: float) -> float | None:
 
 def select_yaml(cfg: SelectConfig) -> str:
     """The resolved `select:` block, runnable again with `peftune select-data FILE`."""
-    from peftune.recipe.loader import _RecipeDumper
-
     foreign = ZIPFIT_KEYS if cfg.method == "dsir" else DSIR_KEYS
     values = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in foreign}
     header = ("# The resolved settings of this selection (paths relative to where it ran).\n"
               "# Run again with: peftune select-data select.yaml select.out=NEW_DIR\n")
-    return header + yaml.dump({"select": values}, Dumper=_RecipeDumper, sort_keys=False,
-                              allow_unicode=True, width=100)
+    return header + dump_yaml({"select": values})
 
 
 def plot_scores(path: Path, scores: np.ndarray, selected: np.ndarray, cfg: SelectConfig) -> None:
