@@ -12,14 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
+from peftune import dist
 from peftune.errors import InputError, TrainingError
-from peftune.interrupts import (
-    VerbInterrupted,
-    interruptible,
-    remember_launch_flags,
-    signals_raise,
-    train_interrupted,
-)
+from peftune.interrupts import VerbInterrupted, interruptible
 
 app = typer.Typer(
     name="peftune",
@@ -39,7 +34,6 @@ OverridesArg = Annotated[
 
 @app.command()
 def train(
-    ctx: typer.Context,
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint")] = False,
@@ -52,55 +46,25 @@ def train(
         "(configs/ has DDP, FSDP, DeepSpeed ones)", show_default=False)] = None,
 ) -> None:
     """Train an adapter (or the full model) as the recipe says."""
-    from peftune.models import warn_remote_code
-    from peftune.recipe import load_recipe
-    from peftune.train.launch import check_config, launched, parse_nproc
+    from peftune.train.launch import train_command
 
-    processes, config = parse_nproc(nproc), check_config(accelerate_config)
-    # Rank 0 alone judges output.dir: other ranks may start after it has begun to write there.
-    resolved = load_recipe(recipe, overrides or [],
-                           check_output=os.environ.get("RANK", "0") == "0")
-    if config is not None or (processes or 1) > 1:  # re-launch with several processes
-        if launched():
-            raise InputError("--nproc/--accelerate-config: this process was already started by a "
-                             "launcher (torchrun, accelerate launch); drop the flag")
-        from peftune.train.launch import command_argv, relaunch
-        from peftune.train.runner import check_output_dir
-
-        warn_remote_code(resolved.model)
-        check_output_dir(Path(resolved.output.dir), resume=resume, overwrite=overwrite)
-        argv = command_argv(ctx, drop={"nproc", "accelerate_config"})
-        remember_launch_flags(processes, config)
-        code = relaunch(argv, nproc=processes, config=config)  # rank 0 says why it stopped
-        if code:
-            raise typer.Exit(code)
-        return
-    if os.environ.get("RANK", "0") == "0":
-        warn_remote_code(resolved.model)
-    from peftune.train.checkpoint import RunInterrupted
-    from peftune.train.runner import run_train
-
-    try:
-        with signals_raise():
-            run_train(resolved, resume=resume, overwrite=overwrite)
-    except (RunInterrupted, KeyboardInterrupt) as stop:  # at a step boundary, or outside the loop
-        raise typer.Exit(train_interrupted(stop, recipe=recipe, overrides=overrides,
-                                           out=Path(resolved.output.dir), resume=resume)) from None
-    if launched():  # one of several processes: leave without the interpreter's teardown
-        from peftune.train.launch import exit_process
-
-        exit_process(0)
+    code = train_command(recipe, overrides or [], resume=resume, overwrite=overwrite, nproc=nproc,
+                         accelerate_config=accelerate_config, argv=sys.argv[1:])
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Validate a recipe and print it resolved, with the numbers it implies. Trains nothing."""
     from peftune.models import warn_remote_code
+    from peftune.models.facts import inspect_model
     from peftune.recipe import describe_recipe, load_recipe
 
-    resolved = load_recipe(recipe, overrides or [], check_output=True)
+    resolved = load_recipe(recipe, overrides or [], check_output=True,
+                           inspect_model=inspect_model)
     warn_remote_code(resolved.model)
-    describe_recipe(resolved)
+    describe_recipe(resolved, inspect_model=inspect_model)
 
 
 @app.command()
@@ -459,12 +423,13 @@ def main() -> None:
     except InputError as err:
         if debug:
             raise
-        from peftune.train.launch import exit_process, quiet_on_this_rank, rank_prefix
-
-        if not quiet_on_this_rank(err):  # several processes: rank 0 prints a shared error
+        dist.leave_process_group()  # before exiting: with the group live the exit can abort
+        if err.shown_by_main:  # several processes found it: rank 0 prints it
+            dist.wait_for_main_to_report()
+        else:
             for line in err.lines:
-                print(f"error: {rank_prefix()}{line}", file=sys.stderr)
-        exit_process(2)
+                print(f"error: {dist.rank_prefix()}{line}", file=sys.stderr)
+        dist.exit_process(2)
     except _CLICK_ERROR as err:  # a bad flag or argument: one line, as for a bad recipe key
         command = err.ctx.command_path if getattr(err, "ctx", None) else "peftune"
         message = " ".join(err.format_message().split())
@@ -479,10 +444,9 @@ def main() -> None:
     except TrainingError as err:
         if debug:
             raise
-        from peftune.train.launch import exit_process, rank_prefix
-
-        print(f"error: {rank_prefix()}{err}", file=sys.stderr)
-        exit_process(1)
+        dist.leave_process_group()
+        print(f"error: {dist.rank_prefix()}{err}", file=sys.stderr)
+        dist.exit_process(1)
     except Exception as err:  # noqa: BLE001 - the top-level boundary of the CLI
         if debug:
             raise
@@ -490,10 +454,8 @@ def main() -> None:
               file=sys.stderr)
         sys.exit(1)
     code = code if isinstance(code, int) else 0  # an int from typer.Exit(code) in a verb
-    from peftune.train.launch import exit_process, launched
-
-    if launched():  # one of several processes (train, eval, select-data): a clean exit code
-        exit_process(code)
+    if dist.launched():  # one of several processes (train, eval, select-data): a clean exit code
+        dist.exit_process(code)
     if code:
         sys.exit(code)
 

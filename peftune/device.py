@@ -36,3 +36,10 @@ def native_bf16(device: Any, *, flags: set[str] | None = None) -> bool:
 
         return bool(torch.cuda.is_bf16_supported())
     return cpu_has_bf16(flags)
+
+
+def has_cuda() -> bool:
+    """Whether torch sees a CUDA GPU (imports torch)."""
+    import torch
+
+    return torch.cuda.is_available()

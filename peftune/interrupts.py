@@ -1,10 +1,11 @@
 """Ctrl-C (SIGINT) and SIGTERM in every verb: one line on stderr saying what was (not)
 written and how to go on, and the exit code 128 + the signal (130, 143), never a traceback.
 
-Inside the training loop the signals are only recorded (`peftune.train.checkpoint.StopRequest`)
-and the run stops at the next step boundary with a checkpoint (`RunInterrupted`). Everywhere
-else `signals_raise` turns both into `Interrupted` where the main thread is, so the verbs'
-own `finally` blocks remove their temporary output before the line is printed.
+Inside the training loop the signals are only recorded and the run stops at the next step
+boundary with a checkpoint: that, and what `peftune train` says when stopped, is training's
+own (`peftune.train.interrupts`). Everywhere else `signals_raise` turns both into
+`Interrupted` where the main thread is, so the verbs' own `finally` blocks remove their
+temporary output before the line is printed.
 
 Importing this module imports neither torch nor accelerate.
 """
@@ -12,8 +13,6 @@ Importing this module imports neither torch nor accelerate.
 from __future__ import annotations
 
 import contextlib
-import os
-import shlex
 import signal
 import sys
 import threading
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-LAUNCH_FLAGS = "PEFTUNE_LAUNCH_FLAGS"  # `--nproc N ...` of a relaunched run, for the hint
+from peftune import dist
 
 
 class Interrupted(KeyboardInterrupt):
@@ -65,13 +64,9 @@ class VerbInterrupted(Exception):
         self.exit_code = exit_code
 
 
-def rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def say(line: str) -> None:
     """One line on stderr, from rank 0 only (every rank stopped for the same reason)."""
-    if rank0():
+    if dist.is_main():
         print(line, file=sys.stderr)
 
 
@@ -89,43 +84,3 @@ def interruptible(verb: str, out: Path | str | None) -> Iterator[None]:
                  else "its output directory was left as it was")
         say(f"interrupted ({signal.Signals(signum).name}): peftune {verb} stopped; {where}")
         raise VerbInterrupted(128 + signum) from None
-
-
-def resume_command(recipe: Path, overrides: list[str] | None) -> str:
-    """The command that continues a run, with the launch flags it was started with."""
-    args = ["peftune", "train", str(recipe), *(overrides or []), "--resume"]
-    command = " ".join(shlex.quote(a) for a in args)
-    flags = os.environ.get(LAUNCH_FLAGS)
-    if flags:
-        return f"{command} {flags}"
-    from peftune.train.launch import launched
-
-    return f"the same launch command with {command}" if launched() else command
-
-
-def remember_launch_flags(processes: int | None, config: Path | None) -> None:
-    """Before relaunching: the flags `resume_command` adds to its hint, for every rank."""
-    flags = [*(["--nproc", str(processes)] if processes else []),
-             *(["--accelerate-config", str(config)] if config else [])]
-    os.environ[LAUNCH_FLAGS] = " ".join(shlex.quote(f) for f in flags)
-
-
-def train_interrupted(stop: BaseException, *, recipe: Path, overrides: list[str] | None,
-                      out: Path, resume: bool) -> int:
-    """Say how an interrupted `peftune train` stopped and return its exit code: at a step
-    boundary with a checkpoint (`RunInterrupted`), or before the loop began."""
-    from peftune.train.checkpoint import RunInterrupted
-
-    if isinstance(stop, RunInterrupted):
-        resumable = getattr(stop, "resumable", True)  # not after the export, in the eval
-        say(f"{stop}; resume with {resume_command(recipe, overrides)}" if resumable
-            else str(stop))
-        return stop.exit_code
-    signum = interrupt_signum(stop)  # while loading or tokenizing
-    if resume:
-        then = f"its checkpoints are as they were; resume with {resume_command(recipe, overrides)}"
-    else:
-        again = " with --overwrite" if out.is_dir() and any(out.iterdir()) else ""
-        then = f"no checkpoint was written; start it again{again}"
-    say(f"interrupted ({signal.Signals(signum).name}) before training began: {then}")
-    return 128 + signum

@@ -16,6 +16,11 @@ from typing import Any, NamedTuple
 import pytest
 import yaml
 
+# Subprocesses (`python -m peftune.cli`, the scripts) import this checkout's peftune, whatever
+# an editable install elsewhere on the machine points to.
+REPO = Path(__file__).resolve().parent.parent
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # Pulled and converted models are shared by every test (and with the user's own runs): each
@@ -120,8 +125,8 @@ def train_in_session(recipe_path: Path) -> tuple[Any, Any, dict, list[float], Pa
     """Train a recipe through the steps `peftune train` takes, keeping what it built:
     (recipe, built run, summary, the logged losses, the output directory)."""
     from peftune.recipe import load_recipe
-    from peftune.train.runner import check_output_dir
-    from peftune.train.session import run_session
+    from peftune.train.output import check_output_dir
+    from peftune.train.run import train_built
     from peftune.train.setup import build_training
 
     recipe = load_recipe(recipe_path)
@@ -129,7 +134,7 @@ def train_in_session(recipe_path: Path) -> tuple[Any, Any, dict, list[float], Pa
     check_output_dir(out, resume=False, overwrite=False)
     built = build_training(recipe, quiet=True)
     out.mkdir(parents=True)
-    summary = run_session(built, out, None)
+    summary = train_built(built, out)
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r]
     return recipe, built, summary, losses, out
 
@@ -152,7 +157,7 @@ def assert_resume_matches_uninterrupted(tmp_path: Path, *, model: Path, data: Pa
     from safetensors.torch import load_file
 
     from peftune.recipe import load_recipe
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     recipe = write_recipe(tmp_path / "r.yaml", model=model, data=data, out=tmp_path / "a",
                           adapter=adapter, train={"max_steps": steps, "save_every": steps // 2,

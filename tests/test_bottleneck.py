@@ -20,19 +20,19 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from peftune.adapters.bottleneck import (
+from peftune.adapters.bottleneck.configs import (
+    NATIVE_CONFIG,
+    NATIVE_WEIGHTS,
+    BottleneckConfig,
+    CompacterConfig,
+)
+from peftune.adapters.bottleneck.model import (
     ATTRIBUTE,
     PHMLinear,
     attach,
     find_sub_blocks,
     load_bottleneck,
     phm_weight,
-)
-from peftune.adapters.bottleneck_configs import (
-    NATIVE_CONFIG,
-    NATIVE_WEIGHTS,
-    BottleneckConfig,
-    CompacterConfig,
 )
 from peftune.errors import InputError
 
@@ -346,7 +346,7 @@ def test_sizes_are_checked_on_the_built_model_too():
 
 
 def test_loader_refuses_another_base_and_other_directories(tmp_path):
-    from peftune.adapters.bottleneck import export_bottleneck
+    from peftune.adapters.bottleneck.model import export_bottleneck
 
     model = _tiny()
     config = BottleneckConfig(bottleneck_size=8)

@@ -34,7 +34,7 @@ def _lines(result: subprocess.CompletedProcess) -> list[str]:
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_model_dir, text_data) -> Path:
     from peftune.recipe import load_recipe
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     root = tmp_path_factory.mktemp("chat")
     recipe = write_recipe(root / "lora.yaml", model=tiny_model_dir, data=text_data["train"],

@@ -56,7 +56,7 @@ def _tokens(run: Path) -> dict[int, int]:
 
 def _train_here(recipe: Path, overrides: list[str]) -> dict:
     from peftune.recipe import load_recipe
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     return run_train(load_recipe(recipe, overrides), quiet=True)
 
@@ -178,7 +178,7 @@ def test_two_processes_train_the_adapter_one_process_trains_with_accumulation_2(
     shutil.copytree(tmp_path / "two", tmp_path / "one")
     shutil.rmtree(tmp_path / "one" / "checkpoints" / "step-4")
     from peftune.recipe import load_recipe
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     run_train(load_recipe(recipe, [f"output.dir={tmp_path / 'one'}"]), resume=True, quiet=True)
     tokens, two_tokens = (_tokens(tmp_path / name) for name in ("one", "two"))

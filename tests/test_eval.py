@@ -47,7 +47,7 @@ def memorised(tmp_path_factory):
     """A tiny model fully fine-tuned (80 steps, ~5 s) until it answers every pair."""
     from peftune.models import build_tiny_model
     from peftune.recipe import load_recipe
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     root = tmp_path_factory.mktemp("memorised")
     model = build_tiny_model(root / "tiny", hidden_size=32, layers=2, heads=4, seed=0)

@@ -35,6 +35,7 @@ import peftune
 from peftune.errors import InputError, TrainingError
 from peftune.recipe import load_recipe
 from peftune.train import checkpoint as ckpt
+from peftune.train import interrupts as train_signals
 
 STEPS = 10
 REPO = Path(peftune.__file__).resolve().parent.parent
@@ -80,12 +81,12 @@ for kind, step, release in json.loads(os.environ["FAULT_GATES"]):
             return loss * float("nan") if calls[0] == _step else loss
         loop.token_loss_sum = poisoned
     elif kind == "steps":  # each process writes the step its loop stopped at
-        from peftune.train import session
-        def run_loop(*args, _real=session.run_loop, _rel=release, **kwargs):
+        from peftune.train import run
+        def run_loop(*args, _real=run.run_loop, _rel=release, **kwargs):
             state = _real(*args, **kwargs)
             Path(f"{_rel}.rank{os.environ.get('RANK', '0')}").write_text(str(state.step))
             return state
-        session.run_loop = run_loop
+        run.run_loop = run_loop
     elif kind == "eval-write":  # hold in eval's temp output dir, after the predictions
         from peftune.evaluate import report
         def plot(*args, _real=report.plot_metrics, _rel=release, **kwargs):
@@ -95,8 +96,8 @@ for kind, step, release in json.loads(os.environ["FAULT_GATES"]):
             return path
         report.plot_metrics = plot
     elif kind == "export":  # hold inside the export, once the adapter's weights are written
-        from peftune.train import session
-        def export(built, out, _real=session._export, _rel=release):
+        from peftune.train import run
+        def export(built, out, _real=run.export, _rel=release):
             real_export = built.hooks.export
             def slow(model, tmp, tokenizer):
                 real_export(model, tmp, tokenizer)
@@ -104,7 +105,7 @@ for kind, step, release in json.loads(os.environ["FAULT_GATES"]):
                 hold(_rel)
             built.hooks.export = slow
             return _real(built, out)
-        session._export = export
+        run.export = export
 '''
 
 WRAPPER = GATES + '''
@@ -327,15 +328,15 @@ def test_signals_wait_while_a_checkpoint_is_written_and_ignored_ones_stay_ignore
     before = signal.getsignal(signal.SIGINT)
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job inherits it
-        with ckpt.StopRequest() as stop:
+        with train_signals.StopRequest() as stop:
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) == stop._handle
-            with ckpt.signals_held():  # the writing thread: a signal to it waits
+            with train_signals.signals_held():  # the writing thread: a signal to it waits
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
                 time.sleep(0.05)
                 assert not stop()
             assert stop() and stop.signum == signal.SIGTERM  # delivered once it is whole
-            with ckpt.signals_held():  # one to the process is only recorded: nothing raises
+            with train_signals.signals_held():  # one to the process is only recorded: nothing raises
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.05)
             assert stop.signum == signal.SIGTERM
@@ -626,7 +627,7 @@ def test_full_output_disk_fails_before_training(tmp_path, tiny_model_dir, text_d
 
 def test_no_free_space_for_the_weights_fails_before_training(
         tmp_path, tiny_model_dir, text_data, monkeypatch):
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", model=tiny_model_dir,
                                       data=text_data["train"], out=tmp_path / "run",
@@ -641,7 +642,7 @@ def test_no_free_space_for_the_weights_fails_before_training(
 
 def test_a_failed_checkpoint_write_removes_its_temp_dir_and_keeps_the_previous(
         tmp_path, tiny_model_dir, text_data, monkeypatch):
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     real_save = torch.save
     calls = {"n": 0}

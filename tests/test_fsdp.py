@@ -54,7 +54,7 @@ def _records(run: Path) -> list[dict]:
 
 def _resume_here(recipe: Path, run: Path) -> None:
     from peftune.recipe import load_recipe
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     run_train(load_recipe(recipe, [f"output.dir={run}"]), resume=True, quiet=True)
 
@@ -66,7 +66,7 @@ def runs(tmp_path_factory, tiny_model_dir):
     data of 5 micro-batches: the ranks take 3 and 2, so FSDP's collective forward must be
     padded on rank 1."""
     from peftune.recipe import load_recipe
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     root = tmp_path_factory.mktemp("fsdp")
     train = write_jsonl(root / "train.jsonl", make_text_rows(64, seed=0))

@@ -9,10 +9,10 @@ import pytest
 from conftest import write_recipe
 
 from peftune.adapters import registry
-from peftune.adapters.lora import apply_lora
+from peftune.adapters.lora.model import apply_lora
 from peftune.adapters.specs import LoraConfig
 from peftune.recipe import load_recipe
-from peftune.train.runner import run_train
+from peftune.train.run import run_train
 
 CALLS: dict[str, list] = {"after_step": [], "extra_loss": 0}
 
@@ -80,9 +80,10 @@ def test_an_unknown_method_lists_the_choices(tmp_path, tiny_model_dir, text_data
 def test_the_loop_never_names_a_method():
     import inspect
 
+    import peftune.train.artifacts as artifacts
     import peftune.train.loop as loop
-    import peftune.train.session as session
+    import peftune.train.run as run
 
-    source = inspect.getsource(loop) + inspect.getsource(session)
+    source = inspect.getsource(loop) + inspect.getsource(run) + inspect.getsource(artifacts)
     for name in registry.method_names():
         assert f'"{name}"' not in source and f"'{name}'" not in source

@@ -47,8 +47,8 @@ def _logits(model, ids=IDS):
 
 def _train_in_process(recipe_path: Path):
     """The `peftune train` path without the process (as tests/test_train.py runs it)."""
-    from peftune.train.runner import check_output_dir
-    from peftune.train.session import run_session
+    from peftune.train.output import check_output_dir
+    from peftune.train.run import train_built
     from peftune.train.setup import build_training
 
     recipe = load_recipe(recipe_path)
@@ -56,7 +56,7 @@ def _train_in_process(recipe_path: Path):
     check_output_dir(out, resume=False, overwrite=False)
     built = build_training(recipe, quiet=True)
     out.mkdir(parents=True, exist_ok=True)
-    return built, run_session(built, out, None)
+    return built, train_built(built, out)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

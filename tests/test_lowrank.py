@@ -187,7 +187,7 @@ def test_lora_sb_with_missing_calibration_data_exits_2_before_loading(tmp_path, 
 
 
 def test_dylora_export_rank_is_what_the_adapter_holds(tmp_path, tiny_model_dir, text_data):
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "run",
@@ -201,7 +201,7 @@ def test_dylora_export_rank_is_what_the_adapter_holds(tmp_path, tiny_model_dir, 
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, text_data):
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     losses = {}
     for checkpointing in (False, True):
@@ -217,7 +217,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, 
 
 def test_resume_refuses_a_new_length_for_methods_that_schedule_by_it(tmp_path, tiny_model_dir,
                                                                     text_data):
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "run", adapter={"method": "lamda", "r": 4},
@@ -225,3 +225,17 @@ def test_resume_refuses_a_new_length_for_methods_that_schedule_by_it(tmp_path, t
     run_train(load_recipe(recipe), quiet=True)
     with pytest.raises(InputError, match="lamda schedules by the run's length, so train.max_steps"):
         run_train(load_recipe(recipe, ["train.max_steps=4"]), resume=True, quiet=True)
+
+
+def test_every_native_config_names_an_init_rule_and_hooks_that_exist():
+    """A native method is its config: the rule and hooks it names are looked up by name."""
+    from peftune.adapters.lowrank import inits, training_hooks
+    from peftune.adapters.lowrank.configs import LowRankConfig
+    from peftune.adapters.registry import all_methods
+
+    native = [spec.config for spec in all_methods() if issubclass(spec.config, LowRankConfig)]
+    assert len(native) == 16  # IncreLoRA has its own apply
+    for config in native:
+        assert callable(getattr(inits, config.init_rule)), config.__name__
+        for name in config.training_hooks:
+            assert callable(getattr(training_hooks, name)), config.__name__

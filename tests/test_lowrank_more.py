@@ -293,7 +293,7 @@ def test_increlora_under_two_process_ddp_trains_what_one_process_trains_with_acc
     import subprocess
     import sys
 
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     adapter = {"method": "increlora", "init_r": 2, "max_r": 4, "target_r": 3, "alpha": 8,
                "warmup_steps": 1, "add_interval": 2, "add_until": 1.0}

@@ -23,7 +23,7 @@ ROWS = {"lora": {"r": 4}, "dora": {"r": 4}, "pissa": {"r": 4}, "sora": {"r": 4, 
 
 def train_run(tmp: Path, model: Path, data: Path, method: str, *, quant: str = "none",
               steps: int = 4) -> Path:
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     sections: dict = {"adapter": {"method": method, **ROWS[method]},
                       "train": {"max_steps": steps, "lr": 2e-3 if method == "full" else 2e-2}}
@@ -128,15 +128,15 @@ def test_bf16_output_is_verified_with_a_looser_tolerance(tmp_path, runs):
 
 
 def test_a_wrong_merge_fails_verification_and_leaves_nothing(tmp_path, runs, monkeypatch):
-    from peftune.merge import runner
+    from peftune.merge import adapter_merge
 
-    real = runner._lazy_deltas
+    real = adapter_merge.lazy_deltas
 
     def halved(lora):
         delta_of = real(lora)
         return lambda name: None if delta_of(name) is None else 0.5 * delta_of(name)
 
-    monkeypatch.setattr(runner, "_lazy_deltas", halved)
+    monkeypatch.setattr(adapter_merge, "lazy_deltas", halved)
     with pytest.raises(TrainingError, match="merge verification failed"):
         run_merge(target=str(runs["lora"]), out=tmp_path / "bad", quiet=True)
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".tmp-merge-*"))
@@ -154,10 +154,10 @@ WRONG_DELTAS = {  # what a wrong ΔW looks like: each is caught by the check of 
 
 @pytest.mark.parametrize("wrong", list(WRONG_DELTAS))
 def test_every_wrong_delta_is_caught_by_the_module_check(tmp_path, runs, monkeypatch, wrong):
-    from peftune.merge import runner
+    from peftune.merge import adapter_merge
 
-    real = runner._lazy_deltas
-    monkeypatch.setattr(runner, "_lazy_deltas",
+    real = adapter_merge.lazy_deltas
+    monkeypatch.setattr(adapter_merge, "lazy_deltas",
                         lambda lora: lambda name: WRONG_DELTAS[wrong](real(lora), name))
     with pytest.raises(TrainingError, match=r"merge verification failed: model\.layers\.\d\."):
         run_merge(target=str(runs["lora"]), out=tmp_path / "bad", quiet=True)

@@ -111,7 +111,7 @@ def test_methods_on_task_vectors_match_the_hand_formula(tmp_path, family, method
 ])
 def test_bad_model_merge_exits_2_with_one_line(tmp_path, monkeypatch, capsys, family, merge,
                                                expected):
-    from peftune.merge.runner import NOT_MERGEABLE  # noqa: F401 - the module imports
+    from peftune.merge.adapter_merge import NOT_MERGEABLE  # noqa: F401 - the module imports
 
     wide = tmp_path / "wide"
     if "wide" in merge.get("models", []):

@@ -101,7 +101,7 @@ def logits(model) -> torch.Tensor:
 
 def train_run(tmp: Path, model: Path, data: Path, name: str, **sections) -> Path:
     from peftune.recipe import load_recipe
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     out = tmp / f"run-{name}"
     recipe = write_recipe(tmp / f"{name}.yaml", model=model, data=data, out=out,

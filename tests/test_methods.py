@@ -127,7 +127,7 @@ def _reload(recipe, adapter_dir: Path):
     from peft import PeftModel
 
     from peftune.adapters.bottleneck import load_bottleneck
-    from peftune.adapters.bottleneck_configs import NATIVE_CONFIG
+    from peftune.adapters.bottleneck.configs import NATIVE_CONFIG
 
     if (adapter_dir / NATIVE_CONFIG).is_file():
         return load_bottleneck(_base(recipe), adapter_dir)
@@ -374,7 +374,7 @@ def test_one_wrong_target_name_is_refused_on_the_built_model_too(tiny_model_dir)
     """A hub model has no config.json for validate to read: the built model is checked."""
     from transformers import AutoModelForCausalLM
 
-    from peftune.adapters.lora_configs import LoraConfig
+    from peftune.adapters.lora.configs import LoraConfig
     from peftune.adapters.targets import peft_targets
     from peftune.errors import InputError
 

@@ -90,7 +90,7 @@ def test_resume_with_a_new_length_extends_a_constant_rate_and_refuses_a_decaying
         tmp_path, tiny_model_dir, text_data):
     from peftune.errors import InputError
     from peftune.recipe import load_recipe
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "run", train={"max_steps": 2, "save_every": 2,

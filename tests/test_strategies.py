@@ -16,7 +16,7 @@ from peftune.errors import InputError
 from peftune.recipe import load_recipe
 from peftune.recipe.schema import TrainSection
 from peftune.train.optim import build_optimizer
-from peftune.train.runner import run_train
+from peftune.train.run import run_train
 from peftune.train.strategies import LisaSampler, optimizer_state_bytes
 
 LISA = {"name": "lisa", "layers": 1, "interval": 2}

@@ -20,7 +20,7 @@ from peftune.recipe import load_recipe
 
 
 def _train_in_process(recipe_path: Path, overrides: list[str] = (), **kwargs):
-    from peftune.train.runner import check_output_dir
+    from peftune.train.output import check_output_dir
     from peftune.train.setup import build_training
 
     recipe = load_recipe(recipe_path, list(overrides))
@@ -28,9 +28,9 @@ def _train_in_process(recipe_path: Path, overrides: list[str] = (), **kwargs):
     check_output_dir(out, resume=False, overwrite=kwargs.get("overwrite", False))
     built = build_training(recipe, quiet=True)
     out.mkdir(parents=True, exist_ok=True)
-    from peftune.train.session import run_session
+    from peftune.train.run import train_built
 
-    return built, run_session(built, out, None)
+    return built, train_built(built, out)
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -244,6 +244,6 @@ def test_model_not_found_offline_fails_with_one_line(tmp_path, text_data):
 
 def test_check_output_dir_refuses_resume_and_overwrite_together(tmp_path):
     with pytest.raises(InputError, match="contradict"):
-        from peftune.train.runner import check_output_dir
+        from peftune.train.output import check_output_dir
 
         check_output_dir(tmp_path, resume=True, overwrite=True)

@@ -11,7 +11,7 @@ from conftest import write_recipe
 from safetensors.torch import load_file
 
 from peftune.recipe import load_recipe
-from peftune.train.runner import run_train
+from peftune.train.run import run_train
 
 
 def _run(tmp_path: Path, name: str, model: Path, data: Path, **sections) -> tuple[dict, Path]:

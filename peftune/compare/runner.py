@@ -73,7 +73,7 @@ def run_compare(*, recipe_path: str | Path, methods: str | Sequence[str],
     out = Path(out) if out is not None else Path(os.path.normpath(shared.output.dir) + "-compare")
     check_compare_dir(out, overwrite=overwrite, key=key)
     from peftune.train.checkpoint import probe_output_location
-    from peftune.train.runner import check_data_paths
+    from peftune.train.output import check_data_paths
 
     for run in runs:  # each method's own paths too (adapter.calibration.data)
         check_data_paths(run.recipe)
@@ -127,6 +127,7 @@ def exit_code(report: dict) -> int:
 def load_runs(recipe_path: str | Path, methods: str | Sequence[str], overrides: Sequence[str],
               method_overrides: Sequence[str]) -> list[MethodRun]:
     """Every method's validated recipe, or one InputError with every problem of all of them."""
+    from peftune.models.facts import inspect_model
     from peftune.recipe.loader import load_method_recipe
 
     names = parse_methods(methods)
@@ -142,7 +143,8 @@ def load_runs(recipe_path: str | Path, methods: str | Sequence[str], overrides: 
         mine = per_method.get(name, [])
         try:
             recipe, dropped = load_method_recipe(recipe_path, name, overrides,
-                                                 [(f"--set {o!r}", t) for o, t in mine])
+                                                 [(f"--set {o!r}", t) for o, t in mine],
+                                                 inspect_model=inspect_model)
         except InputError as err:
             lines += err.lines
             continue
@@ -297,7 +299,7 @@ def _train_in_own_process(recipe: Recipe, *, quiet: bool) -> tuple[str, str | No
 
 
 def _train_child(recipe: Recipe, quiet: bool, send: Any) -> None:
-    from peftune.train.runner import run_train
+    from peftune.train.run import run_train
 
     try:
         run_train(recipe, quiet=quiet)

@@ -67,10 +67,11 @@ _DATA_KEYS = ("format", "text_field", "prompt_field", "input_field", "response_f
 def _run_data_format(run: Path, task: str) -> dict[str, Any]:
     """A run's data format and field names (those the task reads), which `--task` uses unless
     `--format` is given: the data evaluated is usually shaped like the data trained on."""
+    from peftune.models.facts import inspect_model
     from peftune.recipe import load_recipe
     from peftune.recipe.schema import EVAL_TASK_KEYS
 
-    data = load_recipe(run / "recipe.yaml").data
+    data = load_recipe(run / "recipe.yaml", inspect_model=inspect_model).data
     fields = type(data).model_fields
     return {key: getattr(data, key) for key in _DATA_KEYS
             if key in EVAL_TASK_KEYS.get(task, ())
@@ -87,7 +88,7 @@ def run_lm_eval(targets: list[Target], tasks: str, *, out: Path) -> dict:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from peftune.evaluate.common import Ranks
+    from peftune.dist import Ranks
     from peftune.evaluate.targets import load_target
 
     names, paths = [], []

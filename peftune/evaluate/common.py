@@ -1,5 +1,6 @@
 """What every eval task shares: reading rows with their locations, padded batches, the
-summed log-likelihood of target tokens, and the ranks of a multi-process evaluation.
+summed log-likelihood of target tokens. The ranks of a multi-process evaluation are
+`peftune.dist.Ranks`.
 
 Work is planned in batches that do not depend on the number of processes (examples sorted
 by length, then cut into `batch_size` pieces); rank r runs batches r, r + W, ... and the
@@ -9,7 +10,6 @@ exactly what one process computes, batch by batch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -119,39 +119,3 @@ def target_runs(ids: np.ndarray, labels: np.ndarray) -> Iterator[np.ndarray]:
             start = None
     if start is not None:
         yield ids[start:]
-
-
-class Ranks:
-    """This process's place under torchrun or `accelerate launch` (WORLD_SIZE > 1, gloo on
-    CPU), else 0 of 1."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if self.world > 1:
-            import torch
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            self._dist = dist
-
-    def mine(self, batches: list) -> list:
-        """This rank's share of the batch plan."""
-        return batches[self.rank::self.world]
-
-    def gather(self, value: Any) -> list:
-        """Every rank's `value`, in rank order, on every rank."""
-        if self.world == 1:
-            return [value]
-        out: list = [None] * self.world
-        self._dist.all_gather_object(out, value)
-        return out
-
-    def device(self) -> Any:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
-        return torch.device("cpu")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftune.evaluate.common import Ranks
+from peftune.dist import Ranks
 from peftune.evaluate.report import (
     Progress,
     check_out_dir,

@@ -92,12 +92,13 @@ def _from_path(target: str, *, flag: str) -> Target:
 
 
 def _from_run(path: Path, shown: str) -> Target:
+    from peftune.models.facts import inspect_model
     from peftune.recipe import load_recipe
 
-    recipe = load_recipe(path / "recipe.yaml")
+    recipe = load_recipe(path / "recipe.yaml", inspect_model=inspect_model)
     method = recipe.adapter.method
     if _is_adapter(path / "adapter"):
-        if not Path(recipe.model.path).expanduser().exists() and _looks_local(recipe.model.path):
+        if not Path(recipe.model.path).expanduser().exists() and looks_local(recipe.model.path):
             raise InputError(f"{shown}: the run's base model {recipe.model.path} (model.path in "
                              f"{path / 'recipe.yaml'}) does not exist from here; run peftune "
                              "eval from the directory you trained in, or give --model BASE "
@@ -118,9 +119,10 @@ def run_base(target: Target) -> Target:
     if target.adapter is not None:
         return target.base()
     if target.run is not None:
+        from peftune.models.facts import inspect_model
         from peftune.recipe import load_recipe
 
-        recipe = load_recipe(target.run / "recipe.yaml")
+        recipe = load_recipe(target.run / "recipe.yaml", inspect_model=inspect_model)
         return Target(label="base", model=recipe.model, quant=recipe.quant)
     raise InputError(f"--compare base: {target.label} is a model without an adapter, so it has "
                      "no base to compare with; give --compare PATH (a model or run directory)")
@@ -138,7 +140,7 @@ def _model_dir(model: str, flag: str) -> str:
     if path.is_dir():
         raise InputError(f"{flag} {model}: a directory without config.json; point it at a "
                          "Hugging Face model directory")
-    if path.exists() or _looks_local(model):
+    if path.exists() or looks_local(model):
         raise InputError(f"{flag} {model}: no such model directory or .gguf file; give a model "
                          "directory, a .gguf file, a catalogue model (peftune pull lists them) "
                          "or a hub id in the local cache")
@@ -160,13 +162,13 @@ def _adapter_dir(adapter: str, flag: str) -> Path:
 
 def _is_adapter(path: Path) -> bool:
     """A PEFT adapter directory, or a native one (bottleneck / Compacter)."""
-    from peftune.adapters.bottleneck_configs import NATIVE_CONFIG
+    from peftune.adapters.bottleneck.configs import NATIVE_CONFIG
 
     return (path / "adapter_config.json").is_file() or (path / NATIVE_CONFIG).is_file()
 
 
 def _adapter_base(path: Path) -> str | None:
-    from peftune.adapters.bottleneck_configs import read_native_config
+    from peftune.adapters.bottleneck.configs import read_native_config
 
     native = read_native_config(path)
     if native is not None:
@@ -178,7 +180,7 @@ def _adapter_base(path: Path) -> str | None:
     return config.get("base_model_name_or_path")
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     """A path, not a hub id (`org/name` or `name`, which the loader looks up in the cache)."""
     return path.startswith((".", "/", "~")) or path.count("/") > 1
 
@@ -238,7 +240,7 @@ def load_target(target: Target, *, device: Any) -> Loaded:
 def _attach_adapter(model: Any, target: Target) -> Any:
     from peft import PeftModel
 
-    from peftune.adapters.bottleneck_configs import NATIVE_CONFIG
+    from peftune.adapters.bottleneck.configs import NATIVE_CONFIG
     from peftune.models import check_weights_format
 
     check_weights_format(target.adapter, key="--adapter", weights="adapter",

@@ -25,10 +25,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from peftune.dist import Ranks
 from peftune.errors import InputError
 from peftune.select import dsir
 from peftune.select.config import SelectConfig
@@ -86,28 +86,6 @@ class PoolPass:
     seconds: float = 0.0
 
 
-class Ranks:
-    """This process's place under a multi-process launcher (WORLD_SIZE > 1), else 0 of 1."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("gloo")
-            self._dist = dist
-
-    def gather(self, value: Any) -> list:
-        """Every rank's `value`, in rank order, on every rank."""
-        if self.world == 1:
-            return [value]
-        out: list = [None] * self.world
-        self._dist.all_gather_object(out, value)
-        return out
-
-
 def run_select(cfg: SelectConfig, *, out: Path, overwrite: bool = False, quiet: bool = False,
                key: str = "select", pool_key: str | None = None) -> dict:
     """Select `cfg.k` rows of `cfg.pool` that resemble `cfg.target` and write them to `out`;
@@ -141,7 +119,7 @@ class _Keys:
 
 def _run(cfg: SelectConfig, out: Path, keys: _Keys, pool_files: list[Path],
          target_files: list[Path], *, quiet: bool, started: float) -> dict:
-    ranks = Ranks()
+    ranks = Ranks(backend="gloo")  # the gathers are of CPU objects
     reporter = Reporter(quiet=quiet or ranks.rank != 0)
     timings: dict[str, float] = {}
 

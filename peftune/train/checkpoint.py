@@ -8,8 +8,9 @@ temp dir, and `--resume` verifies the latest checkpoint against it, falling back
 before when a file is missing, truncated or corrupted. A checkpoint without a manifest
 (written before peftune wrote them) is used unverified, with a note.
 A write that fails (a full disk) removes its temp dir and stops the run. SIGINT and SIGTERM
-stop the run at the next step boundary with a checkpoint (StopRequest); while one is written
-they are blocked in the writing thread and only recorded, so they never cut it short.
+stop the run at the next step boundary with a checkpoint (peftune/train/interrupts.py); while
+one is written they are blocked in the writing thread and only recorded, so they never cut it
+short.
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ import os
 import random
 import re
 import shutil
-import signal
-import sys
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from peftune.errors import InputError, TrainingError
+from peftune.train.interrupts import signals_held
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -203,74 +202,6 @@ def check_free_space(out: Path, needed_bytes: int, *, key: str = "output.dir") -
         raise InputError(f"{key}: {where} has {free / 2**20:,.1f} MiB free; this run writes at "
                          f"least {needed_bytes / 2**20:,.1f} MiB (checkpoints and the adapter). "
                          f"Free space or choose another {key}")
-
-
-# ---- SIGINT / SIGTERM: stop at the next step boundary with a checkpoint ----------------------
-
-class RunInterrupted(Exception):  # noqa: N818 - not an error: the user asked to stop
-    """The run stopped on SIGINT/SIGTERM after a whole optimizer step and saved a checkpoint."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path):
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-        super().__init__(f"interrupted ({signal.Signals(signum).name}) at step {step}; "
-                         f"checkpoint saved to {checkpoint}")
-
-
-class StopRequest:
-    """While active, SIGINT and SIGTERM ask the loop to stop at the next step boundary
-    instead of killing the process; a second signal only says the stop is under way.
-    A signal the process inherited as ignored (a background job's SIGINT) stays ignored.
-    `announce`: print those notices (rank 0 of a multi-process run only)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, *, announce: bool = True) -> None:
-        self.signum: int | None = None
-        self.announce = announce
-        self._previous: dict[int, Any] = {}
-
-    def __call__(self) -> bool:
-        return self.signum is not None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if not self.announce:
-            self.signum = signum if self.signum is None else self.signum
-        elif self.signum is None:
-            self.signum = signum
-            print(f"\n{signal.Signals(signum).name}: stopping after the current optimizer step "
-                  "and saving a checkpoint", file=sys.stderr, flush=True)
-        else:
-            print(f"{signal.Signals(signum).name}: already stopping; the checkpoint is being "
-                  "saved (kill -9 stops at once; the previous checkpoint stays usable)",
-                  file=sys.stderr, flush=True)
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                if signal.getsignal(sig) is not signal.SIG_IGN:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Block SIGINT/SIGTERM in the writing (main) thread while a checkpoint is written, so no
-    system call of the write is cut short by one (EINTR). A signal sent to the process still
-    reaches StopRequest's handler, which only records it; one sent to this thread waits."""
-    can = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-    if can:
-        signal.pthread_sigmask(signal.SIG_BLOCK, StopRequest.SIGNALS)
-    try:
-        yield
-    finally:
-        if can:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, StopRequest.SIGNALS)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

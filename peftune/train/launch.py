@@ -1,5 +1,6 @@
-"""`peftune train --nproc N` / `--accelerate-config FILE`: re-launch this command with several
-processes on this machine, and report the launched job's exit code.
+"""`peftune train`: train in this process (`train_command`), or, with `--nproc N` /
+`--accelerate-config FILE`, re-launch this command with several processes on this machine and
+report the launched job's exit code.
 
 Without a config, the processes are started by torch elastic (what `torchrun --standalone`
 does): on GPUs each process takes one GPU (NCCL), on CPU they talk over gloo. With
@@ -7,6 +8,8 @@ does): on GPUs each process takes one GPU (NCCL), on CPU they talk over gloo. Wi
 multi-node), with `--nproc` overriding its `num_processes`. Either way the exit code of the
 first process that failed is this command's exit code (2 for bad input), and the launcher's
 own failure report is not printed: the failing process already printed its one line.
+
+The launched processes run this command as typed, less the launch flags (`child_argv`).
 
 Importing this module imports neither torch nor accelerate.
 """
@@ -16,20 +19,76 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from peftune import dist
 from peftune.errors import InputError
+from peftune.interrupts import signals_raise
+from peftune.train.interrupts import RunInterrupted, remember_launch_flags, train_interrupted
 
 # How long the launcher waits for its processes to stop after it forwarded SIGINT/SIGTERM to
 # them (torch elastic's default is 30 s, then SIGKILL): they finish the optimizer step and
 # write a checkpoint first, which can take minutes for a large model.
 SHUTDOWN_TIMEOUT_S = 900
 
-# How long a rank other than 0 waits, after a bad-input error that rank 0 prints, for the
-# launcher to end it once rank 0 has exited with the error (seconds; it exits itself after).
-QUIET_RANK_WAIT_S = 60.0
+# The flags that start the processes: the launched command is this one without them.
+LAUNCH_OPTIONS = ("--nproc", "--accelerate-config")
+
+
+def train_command(recipe_path: Path, overrides: list[str], *, resume: bool, overwrite: bool,
+                  nproc: str | None, accelerate_config: Path | None, argv: list[str]) -> int:
+    """`peftune train`: train the recipe in this process, or relaunch this command with
+    several processes (`--nproc`, `--accelerate-config`); returns the exit code. `argv`: this
+    command's arguments as typed (`sys.argv[1:]`), for the launched processes."""
+    from peftune.models import warn_remote_code
+    from peftune.models.facts import inspect_model
+    from peftune.recipe import load_recipe
+
+    processes, config = parse_nproc(nproc), check_config(accelerate_config)
+    # Rank 0 alone judges output.dir: other ranks may start after it has begun to write there.
+    recipe = load_recipe(recipe_path, overrides, check_output=dist.is_main(),
+                         inspect_model=inspect_model)
+    out = Path(recipe.output.dir)
+    if config is not None or (processes or 1) > 1:  # re-launch with several processes
+        if dist.launched():
+            raise InputError("--nproc/--accelerate-config: this process was already started by a "
+                             "launcher (torchrun, accelerate launch); drop the flag")
+        from peftune.train.output import check_output_dir
+
+        warn_remote_code(recipe.model)
+        check_output_dir(out, resume=resume, overwrite=overwrite)
+        remember_launch_flags(processes, config)
+        return relaunch(child_argv(argv), nproc=processes, config=config)  # rank 0 says why
+    if dist.is_main():
+        warn_remote_code(recipe.model)
+    from peftune.train.run import run_train
+
+    try:
+        with signals_raise():
+            run_train(recipe, resume=resume, overwrite=overwrite)
+    except (RunInterrupted, KeyboardInterrupt) as stop:  # at a step boundary, or outside the loop
+        return train_interrupted(stop, recipe=recipe_path, overrides=overrides, out=out,
+                                 resume=resume)
+    if dist.launched():  # one of several processes: leave without the interpreter's teardown
+        dist.exit_process(0)
+    return 0
+
+
+def child_argv(argv: list[str]) -> list[str]:
+    """The launched processes' command line: `argv` as typed, in its order, without the launch
+    flags (`--nproc N`, `--nproc=N`, `--accelerate-config FILE`, `--accelerate-config=FILE`)."""
+    child: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":  # the rest are arguments, whatever they look like
+            child += [arg, *args]
+            break
+        if arg in LAUNCH_OPTIONS:
+            next(args, None)  # and its value
+        elif not arg.startswith(tuple(f"{option}=" for option in LAUNCH_OPTIONS)):
+            child.append(arg)
+    return child
 
 
 def parse_nproc(value: str | None) -> int | None:
@@ -54,31 +113,6 @@ def check_config(path: Path | None) -> Path | None:
     return path
 
 
-def launched() -> bool:
-    """True inside a process started by a launcher (torchrun, accelerate launch)."""
-    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def command_argv(ctx: Any, *, drop: set[str]) -> list[str]:
-    """The arguments that re-create this Click/Typer command call, without the `drop`
-    parameters (the launch flags), in the command's own order."""
-    argv = [ctx.info_name]
-    for param in ctx.command.params:
-        if param.name in drop:
-            continue
-        value = ctx.params.get(param.name)
-        if param.param_type_name == "argument":
-            argv += [str(v) for v in value] if isinstance(value, list | tuple) else (
-                [] if value is None else [str(value)])
-        elif param.is_flag:
-            if value and not param.secondary_opts:
-                argv.append(param.opts[0])
-        elif value is not None and value != param.default:
-            for one in value if isinstance(value, list | tuple) else [value]:
-                argv += [param.opts[0], str(one)]
-    return argv
-
-
 def relaunch(argv: list[str], *, nproc: int | None, config: Path | None) -> int:
     """Run `python -m peftune.cli ARGV` under a launcher; returns the job's exit code."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the launcher does not warn about it
@@ -97,13 +131,13 @@ def _elastic_launch(nproc: int, module: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
-    from torch.distributed.run import config_from_args, get_args_parser
+
+    from peftune.compat import torchrun_launch
 
     # What `torchrun --standalone` does: a local rendezvous on a free port.
-    args = get_args_parser().parse_args([
+    config, cmd, cmd_args = torchrun_launch([
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--rdzv-id", uuid.uuid4().hex,
         "--nnodes", "1", "--nproc-per-node", str(nproc), *module])
-    config, cmd, cmd_args = config_from_args(args)
     _quiet_elastic_logs()
     try:
         elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
@@ -161,54 +195,3 @@ def _exit_code(failed: Any) -> int:
         print(f"error: process rank {rank} was killed by {name}", file=sys.stderr)
         return 128 - code
     return code
-
-
-def found_on_every_rank(message: str) -> InputError:
-    """A bad input every rank finds alike: rank 0 prints it, the others exit quietly
-    (`quiet_on_this_rank`)."""
-    err = InputError(message)
-    err.shown_by_main = os.environ.get("RANK", "0") != "0"
-    return err
-
-
-def quiet_on_this_rank(err: BaseException) -> bool:
-    """A bad-input error that rank 0 also raised and prints: the other ranks wait for rank 0
-    to print it and exit (the launcher then ends them), so that rank 0's line is shown and its
-    exit code is the job's; on a loaded machine rank 0 can take seconds to get there, so the
-    wait is long and ended by the launcher, not by a guess. Either way the process group is
-    left first: exiting with it live can abort the process (SIGABRT)."""
-    leave_process_group()
-    if getattr(err, "shown_by_main", False):
-        import signal
-
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ended by the launcher: quietly
-        time.sleep(QUIET_RANK_WAIT_S)
-        return True
-    return False
-
-
-def exit_process(code: int) -> None:
-    """Exit with `code`. A launched process exits at once (os._exit) after flushing its
-    output: a normal interpreter exit with the process group's threads alive can abort
-    ("terminate called without an active exception", SIGABRT) and lose the exit code."""
-    if launched() and "torch" in sys.modules:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
-def leave_process_group() -> None:
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.distributed.is_available():
-        return
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def rank_prefix() -> str:
-    """'rank N: ' on a process other than rank 0 of a multi-process run, else ''; the process
-    group is left (the caller is about to exit on an error)."""
-    leave_process_group()
-    rank = os.environ.get("RANK", "0")
-    return f"rank {rank}: " if launched() and rank != "0" else ""

@@ -29,7 +29,7 @@ BatchesForEpoch = Callable[[int], Sequence[dict]]  # epoch -> that epoch's micro
 
 @dataclass
 class Loop:
-    """Everything the loop touches, built by the runner."""
+    """Everything the loop touches, built by the run (run.py)."""
 
     model: Any
     optimizer: Any
@@ -45,7 +45,7 @@ class Loop:
     save_every: int | None
     val_batches: Sequence[dict] | None = None
     chunked_loss: bool = True  # the head applied in chunks to target positions (train/loss.py)
-    # Callbacks into the runner (logging, checkpoints); the loop does no I/O itself.
+    # Callbacks into the run (logging, checkpoints); the loop does no I/O itself.
     on_step: Callable[[int], None] = lambda step: None
     on_log: Callable[[dict], None] = lambda record: None
     on_eval: Callable[[dict], None] = lambda record: None

@@ -62,7 +62,7 @@ def galore_optimizer(model: Any, cfg: TrainSection) -> Any:
     from galore_torch import GaLoreAdamW, GaLoreAdamW8bit
     from galore_torch.galore_projector import GaLoreProjector
 
-    from peftune.adapters.full import decoder_layers
+    from peftune.adapters.common import decoder_layers
 
     galore = cfg.strategy
     if cfg.optimizer == "adamw8bit" and not torch.cuda.is_available():

@@ -1,4 +1,5 @@
-"""What a run tells the user: `metrics.jsonl`, a progress display, `summary.json`, `loss.png`."""
+"""What a run tells the user: `metrics.jsonl`, a progress display, its first lines (the
+numbers it derived) and last ones, `summary.json`, `loss.png`."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    from peftune.train.checkpoint import TrainerState
+    from peftune.train.setup import BuiltRun
 
 
 class MetricsLog:
@@ -142,3 +147,102 @@ class Timer:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+# ---- the run's first and last lines, and its summary ----------------------------------------
+
+def print_header(built: BuiltRun, display: ProgressDisplay, *, resumed_from: Path | None) -> None:
+    """The run's first lines: model, method, device and precision, trainable parameters, the
+    data and the tokens per optimizer step, the selection it trained on, the resume."""
+    r = built.recipe
+    precision = str(built.accelerator.mixed_precision)
+    precision = "fp32" if precision == "no" else precision
+    procs = built.accelerator.num_processes
+    tokens_per_step = r.train.batch_size * r.train.grad_accum * procs * r.data.max_length
+    lines = [
+        f"model {r.model.path}  quant {r.quant.method}  adapter {r.adapter.method}  "
+        f"device {built.accelerator.device}  precision {precision}",
+        f"trainable parameters {built.trainable_params:,} "
+        f"({100 * built.trainable_params / max(_base_params(built), 1):.2f}% of the base model's "
+        f"{_base_params(built):,})",
+        f"data: {len(built.rows):,} rows of <= {r.data.max_length} tokens "
+        f"({'packed' if r.data.packing else 'padded'}); batch {r.train.batch_size} x accumulation "
+        f"{r.train.grad_accum}" + (f" x {procs} processes" if procs > 1 else "") +
+        f" = {r.train.batch_size * r.train.grad_accum * procs} rows, "
+        f"<= {tokens_per_step:,} tokens per optimizer step; {built.total_steps} steps",
+    ]
+    init = built.hooks.init_report
+    if init:
+        details = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in init.items())
+        lines.append(f"adapter init ({r.adapter.method}): {details}")
+    selection = built.data_stats.get("selection")
+    if selection is not None:
+        reused = "cached, " if selection["cached"] else ""
+        lines.append(f"data.select: {selection['method']} chose {selection['k']:,} of "
+                     f"{selection['pool_size']:,} rows ({reused}KL reduction "
+                     f"{selection['kl_reduction']:.3f}, random {selection['random_kl_reduction']:.3f})"
+                     f"; {selection['dir']}")
+    if resumed_from is not None:
+        lines.append(f"resuming from {resumed_from}")
+    for line in lines:
+        display.log(line)
+
+
+def print_footer(display: ProgressDisplay, out: Path, summary: dict) -> None:
+    """The run's last lines: steps, time, final losses, and where its files are."""
+    loss = summary["final_loss"]
+    val = summary["final_val_loss"]
+    display.log(
+        f"done: {summary['steps']} steps in {summary['train_seconds']:.1f}s, "
+        f"final loss {loss:.4f}" + (f", val loss {val:.4f}" if val is not None else "")
+    )
+    display.log(f"  {Path(summary['artifact']).name + '/':<10} {summary['artifact']}")
+    display.log(f"  {'metrics':<10} {out / 'metrics.jsonl'}")
+    if summary["plot"]:
+        display.log(f"  {'plot':<10} {summary['plot']}")
+    display.log(f"  {'summary':<10} {out / 'summary.json'}")
+
+
+def run_summary(built: BuiltRun, state: TrainerState, records: list[dict], artifact: Path,
+                plot: Path | None, seconds: float, peak: dict) -> dict:
+    """summary.json: what the run trained, how fast, on what, and where its files are."""
+    from peftune.models.sources import describe_source
+
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    return {
+        "method": built.recipe.adapter.method,
+        "steps": state.step,
+        "epochs": _epochs_done(built, state),
+        "final_loss": train[-1]["loss"] if train else None,
+        "final_val_loss": val[-1]["val_loss"] if val else None,
+        "tokens": state.tokens,
+        "target_tokens": state.target_tokens,
+        "train_seconds": round(seconds - state.val_s, 3),  # optimizer steps only
+        "val_seconds": round(state.val_s, 3),
+        "setup_seconds": round(built.setup_s, 3),
+        "tokens_per_s": state.tokens / (seconds - state.val_s) if seconds > state.val_s else None,
+        "trainable_params": built.trainable_params,
+        "adapter_init": built.hooks.init_report,
+        "total_params": built.total_params,
+        **peak,
+        "artifact": str(artifact),
+        "plot": str(plot) if plot else None,
+        "data": built.data_stats,
+        "model_source": describe_source(built.recipe.model.path),
+    }
+
+
+def _base_params(built: BuiltRun) -> int:
+    """The base model's own parameters: the total less an adapter's added ones."""
+    from peftune.adapters import get_method
+
+    if get_method(built.recipe.adapter.method).trains_base_weights:
+        return built.total_params
+    return built.total_params - built.trainable_params
+
+
+def _epochs_done(built: BuiltRun, state: TrainerState) -> float:
+    """Epochs of data consumed, as a fraction (0.21 after a fifth of one)."""
+    per_epoch = len(built.batches_for_epoch(state.epoch))
+    return round(state.epoch + (state.batch_in_epoch / per_epoch if per_epoch else 0), 4)

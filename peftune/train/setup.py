@@ -2,10 +2,8 @@
 
 Multi-process runs (torchrun, `accelerate launch`, `peftune train --nproc N`): every rank
 builds the same rows from the same seed; the main process tokenizes first (into the data
-cache) while the others wait, then they read the cache. The process group gets a long
-timeout (PEFTUNE_DIST_TIMEOUT seconds, default 24 h) so a rank waiting on long preprocessing
-never times out. An InputError raised on the main process is raised on every rank (marked
-`shown_by_main`, so only rank 0 prints it) instead of leaving the others waiting.
+cache) while the others wait, then they read the cache (`main_first`). An InputError raised
+on one rank is raised on every rank instead of leaving the others waiting (peftune/dist.py).
 """
 
 from __future__ import annotations
@@ -18,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftune.adapters.hooks import AdapterHooks
-from peftune.device import native_bf16
+from peftune.device import has_cuda, native_bf16
+from peftune.dist import agree, found_on_every_rank, main_first, process_state
 from peftune.errors import InputError
 from peftune.recipe.schema import Recipe
 
@@ -70,98 +69,6 @@ def total_steps(recipe: Recipe, *, micro_batches_per_epoch: int, num_processes: 
     return max(1, math.ceil(micro_batches / (recipe.train.grad_accum * num_processes)))
 
 
-# ---- multi-process helpers: every rank calls them at the same point ------------------------
-
-def process_state() -> Any:
-    """Accelerate's process state, creating the process group (when launched with several
-    processes) with a long timeout: ranks wait for the main one's tokenizing at a collective."""
-    from datetime import timedelta
-
-    from accelerate.state import PartialState
-
-    if PartialState._shared_state:
-        return PartialState()
-    seconds = float(os.environ.get("PEFTUNE_DIST_TIMEOUT", 24 * 3600))
-    # Without a GPU, Accelerate forms a multi-process (gloo) group only when told cpu=True.
-    return PartialState(cpu=_no_gpu(), timeout=timedelta(seconds=seconds))
-
-
-def _no_gpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
-
-
-def _broadcast(state: Any, value: Any) -> Any:
-    import torch.distributed as dist
-
-    box = [value if state.is_main_process else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _shared_error(lines: list[str], *, from_rank: int, state: Any) -> InputError:
-    err = InputError(*lines)
-    err.shown_by_main = state.process_index != 0  # rank 0 prints it; the others exit quietly
-    err.from_rank = from_rank
-    return err
-
-
-def run_on_main(state: Any, fn: Any, *, share_result: bool = False) -> Any:
-    """Run `fn` on the main process only, the others waiting. An InputError it raises is
-    raised on every rank; its result reaches every rank when `share_result` (else None)."""
-    if state.num_processes == 1:
-        return fn()
-    outcome: tuple[str, Any] = ("ok", None)
-    if state.is_main_process:
-        try:
-            outcome = ("ok", fn())
-        except InputError as err:
-            outcome = ("error", err.lines)
-        sent = outcome if share_result or outcome[0] == "error" else ("ok", None)
-        _broadcast(state, sent)
-    else:
-        outcome = _broadcast(state, None)
-    if outcome[0] == "error":
-        if state.is_main_process:
-            raise InputError(*outcome[1])
-        raise _shared_error(outcome[1], from_rank=0, state=state)
-    return outcome[1] if (share_result or state.is_main_process) else None
-
-
-def main_first(state: Any, fn: Any) -> Any:
-    """Run `fn` on the main process first (tokenizing into the cache), then on the others
-    (reading it). An InputError on any rank is raised on every rank."""
-    if state.num_processes == 1:
-        return fn()
-    result = run_on_main(state, fn, share_result=False)
-    return agree(state, fn) if not state.is_main_process else agree(state, lambda: result)
-
-
-def agree(state: Any, fn: Any) -> Any:
-    """Every rank runs `fn` (which must hold no collective); when any rank raised an
-    InputError, every rank raises the first failing rank's error."""
-    if state.num_processes == 1:
-        return fn()
-    import torch.distributed as dist
-
-    result, lines = None, None
-    try:
-        result = fn()
-    except InputError as err:
-        lines = err.lines
-    gathered: list[Any] = [None] * state.num_processes
-    dist.all_gather_object(gathered, lines)
-    failed = [(rank, got) for rank, got in enumerate(gathered) if got is not None]
-    if failed:
-        rank, got = failed[0]
-        err = _shared_error(got, from_rank=rank, state=state)
-        if state.process_index == 0 and rank != 0:
-            err.lines = [f"rank {rank}: {line}" for line in got]
-        raise err
-    return result
-
-
 def mixed_precision(precision: str, device: Any, *, cpu_flags: set[str] | None = None) -> str:
     """Accelerate's mixed-precision mode for `train.precision` on this device. `auto`: bf16
     autocast on a GPU that supports it and on a CPU with native bf16 arithmetic
@@ -179,14 +86,15 @@ def _accelerator(precision: str, handlers: Sequence[Any] = ()) -> Any:
     a second run in the same process (a notebook, the tests) may ask for another precision, so
     the per-run part of that state is reset (the process-group part is kept)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    current = AcceleratorState._shared_state.get("_mixed_precision", precision)
-    if getattr(current, "value", current) != precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
+    from peftune.compat import accelerator_mixed_precision, reset_accelerator_state
+
+    if accelerator_mixed_precision() not in (None, precision):
+        reset_accelerator_state()
     fsdp_on_cpu = _fsdp_on_cpu()  # before Accelerator(), which fails on these settings
-    accelerator = Accelerator(mixed_precision=precision, cpu=_no_gpu(),
+    accelerator = Accelerator(mixed_precision=precision, cpu=not has_cuda(),
                               kwargs_handlers=list(handlers))
     if fsdp_on_cpu and accelerator.distributed_type == DistributedType.MULTI_CPU:
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from FSDP_* vars
@@ -203,11 +111,9 @@ def _fsdp_on_cpu() -> bool:
     to FSDP with the plugin read from the launcher's FSDP_* variables (True here). Version 1
     cannot run on CPU (torch: "Inconsistent compute device and `device_id`: cpu vs cpu:0"):
     refused, rather than run as DDP under a name it is not."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or not _no_gpu():
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or has_cuda():
         return False
     if os.environ.get("FSDP_VERSION", "1") != "2":  # every rank finds it; rank 0 prints it
-        from peftune.train.launch import found_on_every_rank
-
         raise found_on_every_rank("fsdp_config.fsdp_version: FSDP version 1 needs a GPU; on "
                                   "CPU use fsdp_version: 2 (configs/fsdp_cpu.yaml)")
     return True
@@ -293,20 +199,6 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
         total_steps=steps, data_stats=_data_stats(splits.stats, selection), trainable_params=trainable_params,
         total_params=total_params, setup_s=time.perf_counter() - started, quiet=quiet,
     )
-
-
-def any_rank(state: Any, flag: Any) -> Any:
-    """`flag()` true on any process (a signal reached one rank): one all-reduce per call."""
-    if state.num_processes == 1:
-        return flag
-
-    def agreed() -> bool:
-        import torch
-
-        local = torch.tensor([1.0 if flag() else 0.0], device=state.device)
-        return bool(state.reduce(local, reduction="sum").item() > 0)
-
-    return agreed
 
 
 def check_engine(recipe: Recipe, accelerator: Any) -> None:

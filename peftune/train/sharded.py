@@ -210,7 +210,7 @@ def raise_deepspeed_resume() -> None:
 
 
 def _raise_on_every_rank(message: str) -> None:
-    from peftune.train.launch import found_on_every_rank
+    from peftune.dist import found_on_every_rank
 
     raise found_on_every_rank(message)
 

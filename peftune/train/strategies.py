@@ -69,7 +69,7 @@ class LisaSampler:
     """LISA's layer sampling over `model`'s decoder layers (see the module docstring)."""
 
     def __init__(self, model: Any, optimizer: Any, *, layers: int, interval: int, seed: int):
-        from peftune.adapters.full import decoder_layers
+        from peftune.adapters.common import decoder_layers
 
         self.blocks = decoder_layers(model)
         if layers > len(self.blocks):

@@ -1,5 +1,6 @@
-"""`peftune train`: set up model, adapter, data and optimizer from a recipe, run the loop,
-export the artifacts and describe the run in its directory.
+"""The run directory: refuse to clobber a run by accident, check what `--resume` continues,
+make the directory, and write what describes the run before it trains (`recipe.yaml`, the
+rows `data.select` chose).
 
 Nothing is written to the output directory until the recipe, the model and the data have
 all loaded: bad input leaves no half-made run behind.
@@ -7,9 +8,11 @@ all loaded: bad input leaves no half-made run behind.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftune.errors import InputError
 from peftune.recipe.schema import Recipe
@@ -20,10 +23,24 @@ from peftune.train.checkpoint import (
     resumable_checkpoint,
 )
 
+if TYPE_CHECKING:
+    from peftune.train.setup import BuiltRun
+
 # Keys that may change between a run and its `--resume` (they do not change what is trained;
 # output.dir differs when a run directory was moved or copied).
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.log_every", "train.eval_every",
                      "train.save_every", "train.keep_checkpoints", "output.dir"}
+
+
+def check_output(recipe: Recipe, out: Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """Before anything loads: `out` may be written (and is this recipe's run on --resume), the
+    data files exist; returns the checkpoint to resume from, if any."""
+    checkpoint = check_output_dir(out, resume=resume, overwrite=overwrite)
+    if checkpoint is not None:
+        check_same_recipe(recipe, out)
+    check_data_paths(recipe)
+    probe_output_location(out)  # read-only or full: fail now, not at the first checkpoint
+    return checkpoint
 
 
 def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
@@ -70,69 +87,6 @@ def _stopped_before_anything(out: Path) -> bool:
     return names <= kept and not (checkpoints.is_dir() and any(checkpoints.iterdir()))
 
 
-def run_train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
-              quiet: bool = False) -> dict:
-    """Train as the recipe says; returns the run summary (also written to summary.json)."""
-    out = Path(recipe.output.dir)
-
-    def check_output() -> Path | None:
-        checkpoint = check_output_dir(out, resume=resume, overwrite=overwrite)
-        if checkpoint is not None:
-            _check_same_recipe(recipe, out)
-        check_data_paths(recipe)
-        probe_output_location(out)  # read-only or full: fail now, not at the first checkpoint
-        return checkpoint
-
-    # Several processes (torchrun, accelerate launch): rank 0 checks and makes the output
-    # directory, the others wait; an InputError there stops every rank.
-    processes = _process_state()
-    checkpoint = check_output() if processes is None else run_on_main(
-        processes, check_output, share_result=True)
-
-    from peftune.train.session import run_session
-    from peftune.train.setup import build_training
-
-    built = build_training(recipe, quiet=quiet)  # loads model + data; may raise InputError
-
-    def make_output() -> None:
-        check_free_space(out, _trainable_bytes(built.model) * (2 if recipe.train.save_every else 1))
-        if checkpoint is None:
-            if out.exists():
-                shutil.rmtree(out)
-            out.mkdir(parents=True)
-        else:
-            remove_partial_checkpoints(out)
-
-    if processes is None:
-        make_output()
-    else:
-        run_on_main(processes, make_output)
-    return run_session(built, out, checkpoint)
-
-
-def _process_state():
-    """Accelerate's process state when launched with several processes, else None (and no
-    torch import, so a one-process run's checks stay quick)."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from peftune.train.setup import process_state
-
-    return process_state()
-
-
-def run_on_main(processes, fn, **kwargs):
-    from peftune.train.setup import run_on_main as on_main
-
-    return on_main(processes, fn, **kwargs)
-
-
-def _trainable_bytes(model) -> int:
-    """What one copy of the trained weights takes: a floor for a checkpoint or the export."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-
-
 def check_data_paths(recipe: Recipe) -> None:
     """The data files exist and are of a kind we read: checked before any model loads."""
     from peftune.data.sources import resolve_source
@@ -146,13 +100,15 @@ def check_data_paths(recipe: Recipe) -> None:
             resolve_source(path, key=key)
 
 
-def _check_same_recipe(recipe: Recipe, out: Path) -> None:
+def check_same_recipe(recipe: Recipe, out: Path) -> None:
+    """--resume: the recipe is the run's recipe.yaml but for the keys a resume may change."""
+    from peftune.models.facts import inspect_model
     from peftune.recipe import load_recipe
 
     saved_path = out / "recipe.yaml"
     if not saved_path.is_file():
         raise InputError(f"--resume: {saved_path} is missing; this is not a peftune run directory")
-    saved = load_recipe(saved_path).model_dump()
+    saved = load_recipe(saved_path, inspect_model=inspect_model).model_dump()
     diff = _flat_diff(saved, recipe.model_dump())
     changed = sorted(key for key in diff if key not in RESUMABLE_CHANGES)
     length = sorted(diff & {"train.max_steps", "train.epochs"})
@@ -196,3 +152,65 @@ def _flat_diff(a: dict, b: dict, prefix: str = "") -> set[str]:
         elif va != vb:
             diff.add(path)
     return diff
+
+
+def make_output_dir(built: BuiltRun, out: Path, *, resume_from: Path | None) -> None:
+    """Once the run is built: room for its weights, then `out` made empty (its previous run
+    removed, with --overwrite), or a resumed run's half-written checkpoints removed."""
+    save_every = built.recipe.train.save_every
+    check_free_space(out, _trainable_bytes(built.model) * (2 if save_every else 1))
+    if resume_from is None:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+    else:
+        remove_partial_checkpoints(out)
+
+
+def start_run_dir(built: BuiltRun, out: Path) -> list | None:
+    """Before training: the recipe's eval data read (bad eval data stops the run now; its
+    tasks are returned), `recipe.yaml` written, and the rows data.select chose kept with the
+    run (the run says what it trained on)."""
+    from peftune.evaluate.command import prepare_recipe_eval
+    from peftune.recipe import recipe_to_yaml
+
+    recipe = built.recipe
+    eval_tasks = prepare_recipe_eval(recipe, built.tokenizer, out)
+    (out / "recipe.yaml").write_text(_source_comment(recipe.model.path) + recipe_to_yaml(recipe))
+    selection = built.data_stats.get("selection")
+    if selection is not None:
+        _keep_selection(Path(selection["dir"]), out / "selection")
+    return eval_tasks
+
+
+def _trainable_bytes(model) -> int:
+    """What one copy of the trained weights takes: a floor for a checkpoint or the export."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def _source_comment(model_path: str) -> str:
+    """recipe.yaml's first lines for a GGUF or catalogue model: the file and its sha256."""
+    from peftune.models.sources import describe_source
+
+    source = describe_source(model_path)
+    if source is None:
+        return ""
+    lines = [f"# model.path {model_path}: " + (f"catalogue model, {source['package']}, "
+                                                 if "catalogue" in source else "") + "GGUF file",
+             f"#   {source['gguf']}", f"#   sha256 {source['sha256']}",
+             f"#   converted to {source['converted']}"]
+    return "\n".join(lines) + "\n"
+
+
+def _keep_selection(cached: Path, into: Path) -> None:
+    """The selected rows and the selection's report, hard-linked from the selection cache
+    (copied where a link cannot be made): they stay with the run if the cache is cleared."""
+    into.mkdir(parents=True, exist_ok=True)
+    for name in ("selected.jsonl", "report.json", "select.yaml"):
+        source = cached / name
+        if not source.is_file():
+            continue
+        try:
+            os.link(source, into / name)
+        except OSError:
+            shutil.copy2(source, into / name)
