@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from peftune import dist
+from peftune import compat, dist
 from peftune.errors import InputError, TrainingError
 from peftune.interrupts import VerbInterrupted, interruptible
 
@@ -460,8 +460,7 @@ def main() -> None:
         sys.exit(code)
 
 
-# click's base exception (Typer 0.29 vendors click and exports only BadParameter, a subclass)
-_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_CLICK_ERROR = compat.click_exception_class()  # a bad flag or argument
 
 
 if __name__ == "__main__":

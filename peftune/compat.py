@@ -68,3 +68,116 @@ def torchrun_launch(argv: Sequence[str]) -> tuple[Any, Any, list[str]]:
 
     config, entrypoint, args = config_from_args(get_args_parser().parse_args(list(argv)))
     return config, entrypoint, list(args)
+
+
+# ---- peft ---------------------------------------------------------------------------------
+# peft's layers keep one entry per adapter name in dicts (`lora_A["default"]`); peftune trains
+# one adapter, named "default". AdaLoRA's budget allocator is an attribute of its tuner.
+
+ADAPTER = "default"  # the adapter name get_peft_model gives the one adapter peftune trains
+
+
+def corda_config(mode: str) -> Any:
+    """peft's CordaConfig (`corda_method=mode`), which peft does not export at its top level:
+    `peft.tuners.lora.config.CordaConfig`.
+
+    Checked against peft 0.21.2."""
+    from peft.tuners.lora.config import CordaConfig
+
+    return CordaConfig(corda_method=mode, verbose=False)
+
+
+def corda_preprocess(model: Any, peft_config: Any, run_model: Any) -> None:
+    """CorDA's covariance pass over calibration data, before `get_peft_model`:
+    `peft.tuners.lora.corda.preprocess_corda` (not exported at peft's top level).
+
+    Checked against peft 0.21.2."""
+    from peft.tuners.lora.corda import preprocess_corda
+
+    preprocess_corda(model, peft_config, run_model=run_model)
+
+
+def lora_4bit_layers(model: Any) -> Any:
+    """(name, layer) for every LoRA layer over a bitsandbytes 4-bit base that holds the
+    adapter: instances of `peft.tuners.lora.bnb.Linear4bit`.
+
+    Checked against peft 0.21.2."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit) and ADAPTER in module.lora_A:
+            yield name, module
+
+
+def lora_factors(layer: Any) -> tuple[int, float, Any, Any]:
+    """A LoRA layer's rank, scaling and the weights of A and B (trainable parameters):
+    `layer.r[name]`, `layer.scaling[name]`, `layer.lora_A[name].weight`, `lora_B[...]`.
+
+    Checked against peft 0.21.2."""
+    return (layer.r[ADAPTER], layer.scaling[ADAPTER], layer.lora_A[ADAPTER].weight,
+            layer.lora_B[ADAPTER].weight)
+
+
+def adapter_config(peft_model: Any) -> Any:
+    """The config of the one adapter of a PeftModel (`peft_config["default"]`)."""
+    return peft_model.peft_config[ADAPTER]
+
+
+# AdaLoRA's RankAllocator keeps its importance averages in these dict attributes.
+ADALORA_ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def adalora_allocator(tuner: Any) -> Any:
+    """AdaLoRA's budget allocator (`AdaLoraModel.rankallocator`), whose dicts
+    `ADALORA_ALLOCATOR_STATE` carry the importance scores from step to step.
+
+    Checked against peft 0.21.2."""
+    return tuner.rankallocator
+
+
+def adalora_trained_config(tuner: Any) -> Any:
+    """The config of the adapter AdaLoRA trains (`tuner.peft_config[tuner.trainable_adapter_name]`),
+    whose `rank_pattern` holds the final rank masks once allocation has ended.
+
+    Checked against peft 0.21.2."""
+    return tuner.peft_config[tuner.trainable_adapter_name]
+
+
+def pattern_key(patterns: Any, module: str) -> str:
+    """The key of `rank_pattern` / `alpha_pattern` that applies to `module`, by peft's own
+    matching rule: `peft.utils.other.get_pattern_key`.
+
+    Checked against peft 0.21.2."""
+    from peft.utils.other import get_pattern_key
+
+    return get_pattern_key(patterns, module)
+
+
+def preload_pattern_matching() -> None:
+    """Import what `pattern_key` needs now (peft is slow to import; a streaming merge imports
+    it before its prefetch thread starts importing transformers)."""
+    import peft.utils.other  # noqa: F401
+
+
+def dequantize_bnb(weight: Any, state: Any = None) -> Any:
+    """A bitsandbytes 4-bit or 8-bit weight as a float tensor:
+    `peft.utils.integrations.dequantize_bnb_weight`.
+
+    Checked against peft 0.21.2."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    return dequantize_bnb_weight(weight, state=state)
+
+
+# ---- typer / click ------------------------------------------------------------------------
+
+
+def click_exception_class() -> type[Exception]:
+    """Click's base exception, which Typer raises for a bad flag or argument under
+    `standalone_mode=False`. Typer 0.29 vendors Click (`typer._click`) and exports only
+    `BadParameter`, a subclass: the class is found on its MRO by name.
+
+    Checked against typer 0.29.2."""
+    import typer
+
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peftune import compat
 from peftune.adapters.bottleneck.configs import NATIVE_CONFIG
 from peftune.adapters.registry import get_method, method_names
 from peftune.errors import InputError
@@ -135,7 +136,7 @@ def merge_adapter(job: MergeJob, *, out: Path, shard_bytes: int, dtype: str, all
     with staging_dir(out) as tmp:
         if streaming and config is not None and (config.get("rank_pattern") or
                                                  config.get("alpha_pattern")):
-            import peft.utils.other  # noqa: F401 - the patterns' scale needs it: not alongside the prefetch
+            compat.preload_pattern_matching()  # the patterns' scale: not alongside the prefetch
         prefetch = _prefetch_model_classes(base) if streaming else None
         try:
             if streaming:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from peftune import compat
 from peftune.errors import InputError
 
 _PREFIX = "base_model.model."
@@ -38,12 +39,11 @@ class LoraAdapter:
         rank_pattern = self.config.get("rank_pattern") or {}
         alpha_pattern = self.config.get("alpha_pattern") or {}
         r, alpha = self.config["r"], self.config["lora_alpha"]
-        if rank_pattern or alpha_pattern:  # peft's own matching rule (importing peft is slow,
-            # and a streaming merge imports transformers, which peft needs, in a thread meanwhile)
-            from peft.utils.other import get_pattern_key
-
-            r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)
-            alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)
+        if rank_pattern or alpha_pattern:  # peft's own matching rule; peft is imported only
+            # here: it is slow to import, and a streaming merge imports transformers (which
+            # peft needs) in a thread meanwhile
+            r = rank_pattern.get(compat.pattern_key(rank_pattern.keys(), module), r)
+            alpha = alpha_pattern.get(compat.pattern_key(alpha_pattern.keys(), module), alpha)
         return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
 
     def weight_name(self, module: str) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from peftune import compat
 from peftune.errors import InputError
 from peftune.merge.verify import probe_inputs, probe_logits
 from peftune.merge.writer import (
@@ -37,7 +38,6 @@ def load_base(base: Path, *, dequantize: bool, trust_remote_code: bool = False) 
                                        trust_remote_code=trust_remote_code), QuantSection(),
                           device=torch.device("cpu"))
     quiet_libraries()  # before bitsandbytes is imported: no loading bars or kernel notices
-    from peft.utils.integrations import dequantize_bnb_weight
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, device_map={"": "cpu"}, use_safetensors=True,
@@ -49,7 +49,7 @@ def load_base(base: Path, *, dequantize: bool, trust_remote_code: bool = False) 
                 module.support_avx512bf16_for_cpu = False  # see ENVIRONMENT.md
             plain = torch.nn.Linear(module.in_features, module.out_features,
                                     bias=module.bias is not None)
-            plain.weight.data = dequantize_bnb_weight(weight, state=getattr(module, "state", None)).float()
+            plain.weight.data = compat.dequantize_bnb(weight, state=getattr(module, "state", None)).float()
             if module.bias is not None:
                 plain.bias.data = module.bias.data.float()
             parent, _, child = name.rpartition(".")

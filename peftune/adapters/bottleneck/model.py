@@ -228,7 +228,7 @@ def export_bottleneck(model: Any, out_dir: str | Path, tokenizer: Any = None, *,
     described = {
         "format": "peftune-native-adapter", "version": 1, "method": config.method,
         "settings": config.model_dump(mode="json"),
-        "base_model_name_or_path": getattr(model.config, "_name_or_path", None),
+        "base_model_name_or_path": model.config.name_or_path or None,
         "layout": adapters.layout,
         "load_with": "peftune.adapters.bottleneck.load_bottleneck(model, adapter_dir)",
     }

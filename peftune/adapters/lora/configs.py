@@ -152,10 +152,10 @@ class CordaConfig(CalibratedConfig):
 
     def peft_config(self, **_: Any) -> Any:
         from peft import LoraConfig as PeftLoraConfig
-        from peft.tuners.lora.config import CordaConfig as PeftCorda
 
-        return PeftLoraConfig(**self.peft_kwargs(),
-                              corda_config=PeftCorda(corda_method=self.mode, verbose=False))
+        from peftune.compat import corda_config
+
+        return PeftLoraConfig(**self.peft_kwargs(), corda_config=corda_config(self.mode))
 
 
 class EvaConfig(CalibratedConfig):

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from peftune import compat
 from peftune.errors import InputError
 
 
@@ -24,24 +25,20 @@ def loftq_initialise(peft_model: Any, model_path: str) -> dict:
     """Set A, B of every 4-bit LoRA layer; returns the relative error before and after."""
     import bitsandbytes as bnb
     import torch
-    from peft.tuners.lora.bnb import Linear4bit
 
     read = _weight_reader(Path(model_path))
     before = after = norm = 0.0
     layers = 0
     prefix = "base_model.model."
-    for name, module in peft_model.named_modules():
-        if not isinstance(module, Linear4bit) or "default" not in module.lora_A:
-            continue
+    for name, module in compat.lora_4bit_layers(peft_model):
         base = module.get_base_layer()
         weight = read(name.removeprefix(prefix) + ".weight").to(torch.float32)
         quantized = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
         error = weight - quantized.to(torch.float32).reshape(weight.shape)
         u, s, vh = torch.linalg.svd(error, full_matrices=False)
-        r, scaling = module.r["default"], module.scaling["default"]
+        r, scaling, lora_a, lora_b = compat.lora_factors(module)
         root = s[:r].sqrt()
         a, b = root[:, None] * vh[:r], u[:, :r] * root / scaling
-        lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
         with torch.no_grad():
             lora_a.copy_(a.to(lora_a.dtype))
             lora_b.copy_(b.to(lora_b.dtype))

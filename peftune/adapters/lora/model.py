@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from peftune import compat
 from peftune.adapters.common import load_trainable_state, save_with_tokenizer, trainable_state
 from peftune.adapters.hooks import AdapterHooks
 from peftune.adapters.lora.configs import (
@@ -46,11 +47,10 @@ def apply_lora(model: Any, config: LoraConfig, *,
         batches = calibration_batches(config.calibration)
         report["calibration_examples"] = sum(len(b["input_ids"]) for b in batches)
     if isinstance(config, CordaConfig):
-        from peft.tuners.lora.corda import preprocess_corda
-
         from peftune.adapters.calibration import forward_each_example
 
-        preprocess_corda(model, peft_config, run_model=lambda: forward_each_example(model, batches))
+        compat.corda_preprocess(model, peft_config,
+                                run_model=lambda: forward_each_example(model, batches))
     if isinstance(config, LoraGaConfig):
         from peft import preprocess_loraga
 
@@ -68,7 +68,7 @@ def apply_lora(model: Any, config: LoraConfig, *,
 
         initialize_lora_eva_weights(peft_model, dataloader=on_device(peft_model, batches),
                                     show_progress_bar=False)
-        ranks = sorted({int(r) for r in peft_model.peft_config["default"].rank_pattern.values()})
+        ranks = sorted({int(r) for r in compat.adapter_config(peft_model).rank_pattern.values()})
         report["eva_ranks"] = f"{ranks[0]}..{ranks[-1]}" if ranks else str(config.r)
     if isinstance(config, LoftqConfig):
         from peftune.adapters.lora.loftq import loftq_initialise
@@ -122,7 +122,7 @@ def _save_initial_adapter(peft_model: Any) -> tempfile.TemporaryDirectory:
 
 @contextlib.contextmanager
 def _plain_init(peft_model: Any) -> Iterator[None]:
-    config = peft_model.peft_config["default"]
+    config = compat.adapter_config(peft_model)
     init = config.init_lora_weights
     config.init_lora_weights = True
     try:

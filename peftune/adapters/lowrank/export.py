@@ -50,7 +50,7 @@ def export_lowrank(model: Any, out_dir: Path, tokenizer: Any = None) -> None:
     config = LoraConfig(r=top, lora_alpha=top, target_modules=sorted(ranks),
                         rank_pattern=dict(ranks), alpha_pattern=dict(ranks),
                         task_type="CAUSAL_LM",
-                        base_model_name_or_path=getattr(model.config, "_name_or_path", None))
+                        base_model_name_or_path=model.config.name_or_path or None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out_dir))

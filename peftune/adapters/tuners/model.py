@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from peftune import compat
 from peftune.adapters.common import load_trainable_state, save_with_tokenizer, trainable_state
 from peftune.adapters.hooks import AdapterHooks
 from peftune.adapters.targets import peft_targets
@@ -46,9 +47,6 @@ def adalora_allocate(model: Any, step: int) -> None:
     getattr(model, "module", model).base_model.update_and_allocate(step)
 
 
-_ALLOCATOR = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # the RankAllocator's importance EMAs
-
-
 def adalora_state(model: Any) -> dict:
     """The trained tensors plus what AdaLoRA's allocation carries from step to step: the
     importance averages and, once set, the final rank pattern."""
@@ -56,10 +54,10 @@ def adalora_state(model: Any) -> dict:
 
     state = trainable_state(model)
     tuner = model.base_model
-    for attr in _ALLOCATOR:
-        for name, tensor in getattr(tuner.rankallocator, attr).items():
+    for attr in compat.ADALORA_ALLOCATOR_STATE:
+        for name, tensor in getattr(compat.adalora_allocator(tuner), attr).items():
             state[f"adalora.{attr}.{name}"] = tensor.detach().to("cpu", copy=True)
-    for name, mask in (tuner.peft_config[tuner.trainable_adapter_name].rank_pattern or {}).items():
+    for name, mask in (compat.adalora_trained_config(tuner).rank_pattern or {}).items():
         state[f"adalora.rank_pattern.{name}"] = torch.tensor(mask)
     return state
 
@@ -69,13 +67,13 @@ def load_adalora_state(model: Any, state: dict) -> None:
     device = next(model.parameters()).device
     ours = {k: v for k, v in state.items() if k.startswith("adalora.")}
     load_trainable_state(model, {k: v for k, v in state.items() if k not in ours})
-    for attr in _ALLOCATOR:
+    for attr in compat.ADALORA_ALLOCATOR_STATE:
         prefix = f"adalora.{attr}."
-        setattr(tuner.rankallocator, attr, {k[len(prefix):]: v.to(device) for k, v in ours.items()
+        setattr(compat.adalora_allocator(tuner), attr, {k[len(prefix):]: v.to(device) for k, v in ours.items()
                                             if k.startswith(prefix)})
     pattern = {k[len("adalora.rank_pattern."):]: v.tolist() for k, v in ours.items()
                if k.startswith("adalora.rank_pattern.")}
-    tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = pattern or None
+    compat.adalora_trained_config(tuner).rank_pattern = pattern or None
 
 
 def adalora_orthogonality(weight: float) -> Any:
