@@ -169,6 +169,21 @@ def dequantize_bnb(weight: Any, state: Any = None) -> Any:
     return dequantize_bnb_weight(weight, state=state)
 
 
+# ---- bitsandbytes -------------------------------------------------------------------------
+
+
+def disable_bnb_cpu_bf16_repacking(module: Any) -> None:
+    """Turn off a bitsandbytes 4-bit layer's CPU weight repacking for AVX512-BF16 kernels
+    (`Linear4bit.support_avx512bf16_for_cpu`). On CPUs with avx512_bf16 the repacking,
+    done at the first eval-mode forward, leaves the weight in a layout that later training
+    steps read wrongly: LoRA gradients over the base are silently corrupted, and a merge
+    into the layer's weight reads garbage. A layer without the attribute is left alone.
+
+    Checked against bitsandbytes 0.50.2."""
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+
+
 # ---- typer / click ------------------------------------------------------------------------
 
 

@@ -193,7 +193,8 @@ def test_click_exception_class_is_what_a_bad_flag_raises():
 # What only compat.py may touch: private modules and attributes of the libraries above.
 PRIVATE = ("from peft.tuners", "from peft.utils", "import peft.utils", "_shared_state",
            "_reset_state", "rankallocator", "trainable_adapter_name", '["default"]',
-           "torch.distributed.run import", "__mro__", "._name_or_path", "typer._click")
+           "torch.distributed.run import", "__mro__", "._name_or_path", "typer._click",
+           "support_avx512bf16_for_cpu")
 
 
 def test_private_apis_are_used_only_in_compat():

@@ -45,8 +45,7 @@ def load_base(base: Path, *, dequantize: bool, trust_remote_code: bool = False) 
     for name, module in list(model.named_modules()):
         weight = getattr(module, "weight", None)
         if weight is not None and type(weight).__name__ in ("Params4bit", "Int8Params"):
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False  # see ENVIRONMENT.md
+            compat.disable_bnb_cpu_bf16_repacking(module)
             plain = torch.nn.Linear(module.in_features, module.out_features,
                                     bias=module.bias is not None)
             plain.weight.data = compat.dequantize_bnb(weight, state=getattr(module, "state", None)).float()

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from peftune import compat
+
 
 class QuantSettings(Protocol):
     """What the backends read of `quant:` (`peftune.recipe.schema.QuantSection` has it)."""
@@ -103,8 +105,8 @@ def prepare_quantized_model(model: Any, quant: QuantSettings, *, device: Any) ->
 
     int4: moves the unquantized model to `device` and replaces its linears by HQQ 4-bit
     layers. bitsandbytes: disables its AVX512-BF16 weight repacking on CPU, which after an
-    eval forward silently corrupts the LoRA gradients of later training steps (see
-    ENVIRONMENT.md). Then peft's k-bit preparation (frozen base, fp32 norms for bnb);
+    eval forward silently corrupts the LoRA gradients of later training steps
+    (`compat.disable_bnb_cpu_bf16_repacking`). Then peft's k-bit preparation (frozen base, fp32 norms for bnb);
     activation checkpointing is the loader's (models/loading.py), as for any base.
     """
     from peft import prepare_model_for_kbit_training
@@ -120,7 +122,7 @@ def prepare_quantized_model(model: Any, quant: QuantSettings, *, device: Any) ->
 
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
-                module.support_avx512bf16_for_cpu = False
+                compat.disable_bnb_cpu_bf16_repacking(module)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 

@@ -1,7 +1,7 @@
 """The recipe schema: one pydantic model per section, unknown keys rejected.
 
-Sections and keys follow the canonical list in DESIGN.md. Adapter methods add their own
-keys through the adapter registry (`peftune.adapters.registry`): the `adapter` section is
+Sections and keys are the recipe's public contract (README, "Recipes"). Adapter methods add
+their own keys through the adapter registry (`peftune.adapters.registry`): the `adapter` section is
 validated here for its shared keys and then again, whole, by the chosen method's config.
 This module imports neither torch nor transformers.
 """

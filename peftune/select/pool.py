@@ -30,7 +30,7 @@ _scan = json.JSONDecoder().scan_once  # what `decode` runs, without its whitespa
 _JSON_SPACE = " \t\n\r"
 _BOM = b"\xef\xbb\xbf"
 CHUNK_ROWS = 1024  # fixed, so chunk boundaries (and every result) never depend on num_proc
-_SPAN_BLOCK = 1 << 22  # bytes read at a time to find chunk boundaries
+SPAN_BLOCK = 1 << 22  # bytes read at a time to find chunk boundaries
 _SPACE_BYTES = np.zeros(256, dtype=bool)  # what bytes.strip() removes
 _SPACE_BYTES[list(b" \t\n\r\x0b\x0c")] = True
 
@@ -176,7 +176,7 @@ def _line_spans(path: Path) -> Iterator[tuple[tuple[int, int, int], int]]:
     start, first_line, rows = 0, 1, 0  # the chunk being filled
     offset, lines, carry = 0, 0, b""  # where `block` starts; lines before it; partial line
     with path.open("rb") as handle:
-        while data := handle.read(_SPAN_BLOCK):
+        while data := handle.read(SPAN_BLOCK):
             block = carry + data
             cut = block.rfind(b"\n") + 1  # block[:cut] is whole lines
             carry = block[cut:]
