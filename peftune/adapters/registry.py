@@ -66,10 +66,6 @@ class MethodSpec:
     trains_base_weights: bool = False
 
     @property
-    def works_over_4bit(self) -> bool:
-        return "nf4" in self.quantized
-
-    @property
     def keys(self) -> list[str]:
         """The method's own recipe keys (besides `method`)."""
         return [name for name in self.config.model_fields if name != "method"]
