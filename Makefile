@@ -23,11 +23,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PYTHON) scripts/demo.py
 
+# One pytest-xdist worker per core (tests/conftest.py gives each worker one compute thread).
 test: $(STAMP)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto
 
 test-all: $(STAMP)
-	$(PYTHON) -m pytest -q -m ""
+	$(PYTHON) -m pytest -q -n auto -m ""
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check peftune tests scripts

@@ -1,7 +1,14 @@
-"""Shared fixtures: a tiny local model and small local data, built once per session.
+"""Shared fixtures and helpers: a tiny local model and small local data, built once per session,
+and the helpers more than one test file uses.
 
 Nothing is downloaded: the model is a 2-layer Llama with hidden size 32 and a byte-level
-tokenizer, and the data is generated text.
+tokenizer, and the data is generated text. Test files import the helpers as
+`from conftest import ...` (pytest puts tests/ on sys.path; tests/ is not a package).
+
+Sections: the environment; the model and data fixtures; running `peftune`, the scripts and
+Python in a subprocess; running `peftune` in this process; reading what a run wrote; the tiny
+model (input ids, targets, logits, gradients); recipes and training in this process;
+scripts/ as modules.
 """
 
 from __future__ import annotations
@@ -10,19 +17,29 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
 import yaml
 
+# ---- the environment ---------------------------------------------------------------------
+
 # Subprocesses (`python -m peftune.cli`, the scripts) import this checkout's peftune, whatever
 # an editable install elsewhere on the machine points to.
 REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# Under pytest-xdist (`make test` runs one worker per core) each worker and the processes it
+# starts compute on one thread: two workers with a thread per core each would oversubscribe.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Pulled and converted models are shared by every test (and with the user's own runs): each
 # test isolates PEFTUNE_CACHE (tokenized data), but the model cache stays where it was.
 os.environ.setdefault("PEFTUNE_MODELS", os.environ.get("PEFTUNE_CACHE")
@@ -32,6 +49,13 @@ REAL_MODEL = "smollm2-135m-instruct"
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron "
          "pi rho sigma tau upsilon phi chi psi omega").split()
 
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTUNE_CACHE", str(tmp_path / "cache"))
+
+
+# ---- the model and data fixtures ---------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
@@ -80,10 +104,199 @@ def text_data(tmp_path_factory) -> dict[str, Path]:
             "val": write_jsonl(root / "val.jsonl", make_text_rows(12, seed=1))}
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PEFTUNE_CACHE", str(tmp_path / "cache"))
+# ---- running `peftune`, the scripts and Python in a subprocess ---------------------------
 
+# What `env=` of run_cli / run_script / run_python often holds: variables set on top of the
+# caller's environment (None removes one).
+NO_DEBUG = {"PEFTUNE_DEBUG": ""}  # an error is one line, never a traceback
+# A `--nproc` / `--accelerate-config` run on the CPU: one thread a process, and no WORLD_SIZE
+# from an outer launcher (a test run under torchrun would otherwise look distributed).
+LAUNCH_ENV = {**NO_DEBUG, "OMP_NUM_THREADS": "1", "WORLD_SIZE": None}
+# What `python_args=` of run_cli often holds: what stands between the interpreter and
+# `-m peftune.cli`.
+IMPORTTIME = ("-X", "importtime")  # every import on stderr: see imported_modules
+TORCHRUN_2 = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+
+
+def run_cli(*args: Any, timeout: float | None = 300, env: Mapping[str, str | None] | None = None,
+            inherit_env: bool = True, cwd: Path | None = None, prefix: Sequence[str] = (),
+            python_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """`[*prefix] python [*python_args] -m peftune.cli ARGS` (each arg str()-ed), its output
+    captured as text. `env`: variables set on top of this process's environment (None
+    removes one), or, with `inherit_env=False`, the whole environment."""
+    command = [*prefix, sys.executable, *python_args, "-m", "peftune.cli", *map(str, args)]
+    return _run(command, timeout=timeout, env=env, inherit_env=inherit_env, cwd=cwd)
+
+
+def run_script(name: str, *args: Any, timeout: float | None = 300,
+               env: Mapping[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """`python scripts/NAME.py ARGS`, its output captured as text; `env` as for run_cli."""
+    return _run([sys.executable, str(SCRIPTS / f"{name}.py"), *map(str, args)],
+                timeout=timeout, env=env, inherit_env=True, cwd=None)
+
+
+def run_python(code: str, *, timeout: float | None = 120,
+               env: Mapping[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """`python -c CODE` in a fresh interpreter (e.g. to see what an import pulls in), its
+    output captured as text; `env` as for run_cli."""
+    return _run([sys.executable, "-c", code], timeout=timeout, env=env, inherit_env=True,
+                cwd=None)
+
+
+def _run(command: list[str], *, timeout: float | None, env: Mapping[str, str | None] | None,
+         inherit_env: bool, cwd: Path | None) -> subprocess.CompletedProcess:
+    environment = None  # the child inherits this process's environment as it is
+    if env is not None or not inherit_env:
+        merged = {**(os.environ if inherit_env else {}), **(env or {})}
+        environment = {name: value for name, value in merged.items() if value is not None}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env=environment, cwd=cwd)
+
+
+def imported_modules(stderr: str) -> set[str]:
+    """The modules a `python -X importtime` run (python_args=IMPORTTIME) imported, by full
+    name (a package's own line comes before its submodules'), from its stderr."""
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines()
+            if line.startswith("import time:")}
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, expected: str) -> None:
+    """A refusal as the user sees it: exit code 2, no traceback, and exactly one line on
+    stderr, which contains `expected`."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+# ---- running `peftune` in this process ---------------------------------------------------
+
+def main_in_process(capsys: Any, *args: Any) -> tuple[Any, str, str]:
+    """`peftune ARGS` through the console entry point (`peftune.cli.main`) in this process,
+    cheaper than a fresh interpreter: (exit code, stdout, stderr), the code 0 where main
+    returns without exiting. sys.argv is restored afterwards."""
+    from peftune.cli import main
+
+    old, sys.argv = sys.argv, ["peftune", *map(str, args)]
+    code = 0
+    try:
+        main()
+    except SystemExit as stop:
+        code = stop.code
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def merge_in_process(monkeypatch: Any, capsys: Any, *args: Any) -> tuple[Any, str, str]:
+    """`peftune merge ARGS` in this process (main_in_process), with PEFTUNE_DEBUG unset."""
+    monkeypatch.delenv("PEFTUNE_DEBUG", raising=False)
+    return main_in_process(capsys, "merge", *args)
+
+
+# ---- reading what a run wrote ------------------------------------------------------------
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every row of a JSON-lines file (UTF-8)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl: training steps (with "loss"), evaluations..."""
+    return read_jsonl(run / "metrics.jsonl")
+
+
+def adapter_weights(run: Path) -> dict:
+    """The tensors of a run's exported adapter (adapter/adapter_model.safetensors)."""
+    from safetensors.torch import load_file
+
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    """The largest |a - b| over two state dicts with the same keys (asserted)."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# ---- the tiny model: input ids, targets, logits, gradients -------------------------------
+
+# IDS, the (1, 12) tensor of token ids the tests feed the tiny model, is made on first use
+# (`from conftest import IDS` calls the module's __getattr__), so that conftest imports no
+# torch.
+_IDS = [[1, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79]]
+
+
+def _ids() -> Any:
+    if "IDS" not in globals():
+        import torch
+
+        globals()["IDS"] = torch.tensor(_IDS)
+    return globals()["IDS"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "IDS":
+        return _ids()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# Every linear layer of the tiny Llama's blocks: what `all-linear` adapts (lm_head aside).
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def fp32_base(path: Path) -> Any:
+    """A model directory as transformers alone loads it, in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def logits_of(model: Any, ids: Any = None, **forward: Any) -> Any:
+    """The logits of `model` (put in eval mode) on `ids` (IDS by default), without gradients
+    or a cache; `forward`: more keyword arguments of its forward."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=_ids() if ids is None else ids, use_cache=False,
+                     **forward).logits
+
+
+def assert_eval_forward_keeps_gradients(model: Any) -> dict:
+    """The AVX512-BF16 repacking trap (bitsandbytes repacks its 4-bit weights on the first
+    eval forward): the trainable parameters' gradients of the loss on IDS are the same before
+    and after an eval forward. Every lora_B is made non-zero first (B = 0 at init would hide
+    the bug). Returns the gradients from before."""
+    import torch
+
+    from peftune.train.loss import token_loss_sum
+
+    ids = _ids()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    batch = {"input_ids": ids, "labels": ids}
+
+    def grads():
+        model.zero_grad()
+        model.train()
+        token_loss_sum(model, batch).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    after = grads()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-5, atol=1e-7)
+    return before
+
+
+# ---- recipes and training in this process ------------------------------------------------
 
 def write_recipe(path: Path, *, model: Path, data: Path, out: Path, val: Path | None = None,
                  **sections) -> Path:
@@ -121,22 +334,30 @@ def recipe_refusal(tmp_path: Path, *, model: Path, data: Path, **sections) -> st
     return line
 
 
-def train_in_session(recipe_path: Path) -> tuple[Any, Any, dict, list[float], Path]:
-    """Train a recipe through the steps `peftune train` takes, keeping what it built:
-    (recipe, built run, summary, the logged losses, the output directory)."""
+def train_in_process(recipe_path: Path, overrides: Sequence[str] = (), *,
+                     overwrite: bool = False) -> tuple[Any, dict]:
+    """Train a recipe through the steps `peftune train` takes, without the process:
+    (the built run, its summary)."""
     from peftune.recipe import load_recipe
     from peftune.train.output import check_output_dir
     from peftune.train.run import train_built
     from peftune.train.setup import build_training
 
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, list(overrides))
     out = Path(recipe.output.dir)
-    check_output_dir(out, resume=False, overwrite=False)
+    check_output_dir(out, resume=False, overwrite=overwrite)
     built = build_training(recipe, quiet=True)
-    out.mkdir(parents=True)
-    summary = train_built(built, out)
-    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r]
-    return recipe, built, summary, losses, out
+    out.mkdir(parents=True, exist_ok=True)
+    return built, train_built(built, out)
+
+
+def train_in_session(recipe_path: Path) -> tuple[Any, Any, dict, list[float], Path]:
+    """`train_in_process`, keeping more of what it built: (recipe, built run, summary, the
+    logged losses, the output directory)."""
+    built, summary = train_in_process(recipe_path)
+    out = Path(built.recipe.output.dir)
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    return built.recipe, built, summary, losses, out
 
 
 class ResumedRun(NamedTuple):
@@ -174,17 +395,18 @@ def assert_resume_matches_uninterrupted(tmp_path: Path, *, model: Path, data: Pa
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
-    logged = [r["step"] for r in map(json.loads, (resumed / "metrics.jsonl").open()) if "loss" in r]
+    logged = [r["step"] for r in read_metrics(resumed) if "loss" in r]
     assert logged == list(range(1, steps + 1))
     return ResumedRun(whole, resumed, first, second)
 
 
+# ---- scripts/ as modules -----------------------------------------------------------------
+
 def load_script(name: str) -> Any:
     """A module of scripts/ (not a package) by file name, e.g. "build_demo_task"."""
     import importlib.util
-    import sys
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    path = SCRIPTS / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while it loads

@@ -10,15 +10,11 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-from peftune.cli import main
-from tests.conftest import make_text_rows, write_jsonl
+from conftest import REPO, main_in_process, make_text_rows, run_cli, write_jsonl
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text())["cases"]
@@ -66,22 +62,14 @@ def _setup(dest: Path, setup: dict) -> None:
             raise AssertionError(f"cases.yaml: unknown setup {kind}")
 
 
-def run_cli(argv: list[str], *, in_process: bool, capsys) -> tuple[int, str]:
+def _peftune(argv: list[str], *, in_process: bool, capsys) -> tuple[int, str]:
     """(exit code, stderr) of `peftune ARGV` in the current directory."""
     if not in_process:
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "200"}
-        env.pop("PEFTUNE_DEBUG", None)
-        done = subprocess.run([sys.executable, "-m", "peftune.cli", *argv], capture_output=True,
-                              text=True, env=env, timeout=300)
+        done = run_cli(*argv, env={"PYTHONPATH": str(REPO), "COLUMNS": "200",
+                                   "PEFTUNE_DEBUG": None})
         return done.returncode, done.stderr
-    old = sys.argv
-    sys.argv = ["peftune", *argv]
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            main()
-    finally:
-        sys.argv = old
-    return stopped.value.code, capsys.readouterr().err
+    code, _, stderr = main_in_process(capsys, *argv)
+    return code, stderr
 
 
 def test_the_corpus_is_big_and_every_file_is_used():
@@ -103,8 +91,8 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, tiny_model_dir, monkeyp
     _setup(work, case.get("setup"))
     monkeypatch.chdir(work)
     before = _snapshot(work)
-    code, stderr = run_cli(shlex.split(case["argv"]), in_process=not case.get("subprocess"),
-                           capsys=capsys)
+    code, stderr = _peftune(shlex.split(case["argv"]), in_process=not case.get("subprocess"),
+                            capsys=capsys)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert "Traceback" not in stderr, stderr
     assert code == 2, stderr
@@ -137,6 +125,6 @@ def test_unreadable_files_even_as_root(argv, blocked, expect, tmp_path, tiny_mod
 
     monkeypatch.setattr(pathlib.Path, "open", denied)
     before = _snapshot(tmp_path)
-    code, stderr = run_cli(argv, in_process=True, capsys=capsys)
+    code, stderr = _peftune(argv, in_process=True, capsys=capsys)
     assert (code, stderr.splitlines()) == (2, [expect])
     assert _snapshot(tmp_path) == before

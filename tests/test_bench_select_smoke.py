@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_select.py"
+from conftest import read_jsonl, run_script
 
 
 def _installed(*modules: str) -> bool:
@@ -18,16 +16,15 @@ def _installed(*modules: str) -> bool:
 
 
 def test_bench_select_quick_writes_every_figure(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    done = run_script("bench_select", "--quick", "--workdir", tmp_path, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "bench_select.json").read_text())
 
     config, inputs = report["config"], report["inputs"]
     assert config["quick"] and config["pool_size"] > config["k"]
     assert sum(inputs["pool_labels"].values()) == config["pool_size"]
-    pool = [json.loads(line) for line in Path(inputs["files"]["pool"]).read_text().splitlines()]
-    target = [json.loads(line) for line in Path(inputs["files"]["target"]).read_text().splitlines()]
+    pool = read_jsonl(Path(inputs["files"]["pool"]))
+    target = read_jsonl(Path(inputs["files"]["target"]))
     assert len(pool) == config["pool_size"] and len(target) == config["target_size"]
     assert {row["label"] for row in target} == {config["target_label"]}
 

@@ -5,19 +5,14 @@ figures that count come from the real model (docs/memory.md)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
+from conftest import run_script
 
 
 def test_bench_quick_writes_three_systems_and_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    env = {**os.environ, "PEFTUNE_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=240)
+    done = run_script("bench_train", "--quick", "--out", out, timeout=240,
+                      env={"PEFTUNE_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads(out.read_text())
 

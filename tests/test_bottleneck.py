@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import IDS as SHARED_IDS
 from conftest import (
+    NO_DEBUG,
     assert_resume_matches_uninterrupted,
+    logits_of,
+    read_metrics,
     recipe_refusal,
+    run_cli,
     train_in_session,
     write_recipe,
 )
@@ -36,13 +39,11 @@ from peftune.adapters.bottleneck.model import (
 )
 from peftune.errors import InputError
 
-IDS = torch.tensor([[1, 69, 70, 71, 72, 73, 74, 75, 76]])
+IDS = SHARED_IDS[:, :9]  # the shared ids' first nine tokens
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peftune.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PEFTUNE_DEBUG": ""})
+    return run_cli(*args, env=NO_DEBUG)
 
 
 def _tiny(arch: str = "llama") -> torch.nn.Module:
@@ -58,12 +59,6 @@ def _tiny(arch: str = "llama") -> torch.nn.Module:
                                    n_positions=64),
     }[arch]()
     return AutoModelForCausalLM.from_config(config).eval()
-
-
-def _logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=IDS, use_cache=False).logits
 
 
 def _randomise(model) -> None:
@@ -93,7 +88,7 @@ def test_the_adapted_model_starts_exactly_as_the_base_then_adds_the_formula(arch
     here by hand from the stored tensors, on Llama (keyword input), Qwen2 and GPT-2
     (positional input)."""
     model = _tiny(arch)
-    base = _logits(copy.deepcopy(model))
+    base = logits_of(copy.deepcopy(model), IDS)
     path, found = find_sub_blocks(model, ["attn", "mlp"])
     blocks = model.get_submodule(path)
     seen: dict = {}
@@ -108,11 +103,11 @@ def test_the_adapted_model_starts_exactly_as_the_base_then_adds_the_formula(arch
     for sub in config.sublayers:  # before the adapters' hooks: the raw sub-block
         getattr(blocks[0], found[0][sub]).register_forward_hook(capture(sub, "raw"), with_kwargs=True)
     attach(model, config, seed=3)
-    assert torch.equal(_logits(model), base)
+    assert torch.equal(logits_of(model, IDS), base)
     _randomise(model)
     for sub in config.sublayers:  # after them: what the layer goes on with
         getattr(blocks[0], found[0][sub]).register_forward_hook(capture(sub, "out"), with_kwargs=True)
-    adapted = _logits(model)
+    adapted = logits_of(model, IDS)
     assert (adapted - base).abs().max() > 1e-3
     adapters = getattr(model, ATTRIBUTE)
     act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu,
@@ -160,7 +155,7 @@ def test_kronecker_sum_weight_and_the_compacter_parameter_count():
     assert sum(trained.values()) == n ** 3 + adapters * 3 * (d + m) == config.count(d, 2)
     assert [name for name in trained if "phm_rule" in name] == [f"{ATTRIBUTE}.phm_rule"]
     # the shared A_i collect gradient from every projection of every layer
-    _logits(model)
+    logits_of(model, IDS)
     _randomise(model)
     model(input_ids=IDS).logits.sum().backward()
     assert getattr(model, ATTRIBUTE).phm_rule.grad.abs().sum() > 0
@@ -183,7 +178,7 @@ def test_training_lowers_the_loss_and_the_loader_reproduces_the_trained_logits(
                         out=tmp_path / "run", adapter=adapter, train={"max_steps": 10})
     recipe, built, _, losses, out = train_in_session(path)
     assert sum(losses[-3:]) < sum(losses[:3]), losses
-    trained = _logits(built.unwrapped_model)
+    trained = logits_of(built.unwrapped_model, IDS)
     described = json.loads((out / "adapter" / NATIVE_CONFIG).read_text())
     assert described["method"] == adapter["method"]
     assert described["settings"]["placement"] == adapter["placement"]
@@ -192,9 +187,9 @@ def test_training_lowers_the_loss_and_the_loader_reproduces_the_trained_logits(
     weights = load_file(out / "adapter" / NATIVE_WEIGHTS)
     assert sum(t.numel() for t in weights.values()) == built.trainable_params
     fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    base = _logits(fresh)
+    base = logits_of(fresh, IDS)
     loaded = load_bottleneck(fresh, out / "adapter")
-    torch.testing.assert_close(_logits(loaded), trained, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits_of(loaded, IDS), trained, rtol=0, atol=1e-5)
     assert (trained - base).abs().max() > 1e-3
     assert not any(p.requires_grad for p in getattr(loaded, ATTRIBUTE).parameters())
     with pytest.raises(InputError, match="already has bottleneck adapters"):
@@ -246,7 +241,7 @@ def test_cli_train_eval_and_merge_on_a_run_directory(tmp_path, tiny_model_dir, t
     done = _cli("train", recipe)
     assert done.returncode == 0, done.stderr
     run = tmp_path / "run"
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "loss" in r]
+    losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
 
     done = _cli("eval", run, "--task", "perplexity", "--data", text_data["val"],
@@ -261,7 +256,8 @@ def test_cli_train_eval_and_merge_on_a_run_directory(tmp_path, tiny_model_dir, t
     by_flags = load_target(resolve_target(None, model=str(tiny_model_dir),
                                           adapter=str(run / "adapter")),
                            device=torch.device("cpu"))
-    torch.testing.assert_close(_logits(by_flags.model), _logits(by_run.model), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(by_flags.model, IDS), logits_of(by_run.model, IDS),
+                               rtol=0, atol=0)
 
     done = _cli("merge", run)
     assert done.returncode == 2, done.stderr

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import random
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import load_script
+from conftest import load_script, read_jsonl
 
 builder = load_script("build_demo_task")
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +21,7 @@ def task(tmp_path_factory) -> Path:
 
 def test_writes_chat_rows_whose_answer_is_the_module(task: Path):
     assert sorted(p.name for p in task.iterdir()) == ["heldout.jsonl", "train.jsonl"]
-    train, heldout = _rows(task / "train.jsonl"), _rows(task / "heldout.jsonl")
+    train, heldout = read_jsonl(task / "train.jsonl"), read_jsonl(task / "heldout.jsonl")
     assert len(train) == 240 and len(heldout) == 40  # every CPython has enough functions
     for row in train + heldout:
         user, assistant = row["messages"]
@@ -39,7 +34,7 @@ def test_writes_chat_rows_whose_answer_is_the_module(task: Path):
 
 
 def test_heldout_functions_are_never_trained_on(task: Path):
-    train, heldout = _rows(task / "train.jsonl"), _rows(task / "heldout.jsonl")
+    train, heldout = read_jsonl(task / "train.jsonl"), read_jsonl(task / "heldout.jsonl")
     trained = {row["function"] for row in train}
     assert not trained & {row["function"] for row in heldout}
     assert len({row["module"] for row in heldout}) >= 20  # many modules, not a few large ones

@@ -5,14 +5,13 @@ ids, history across turns and /reset, --compare base (both answers, each its own
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_recipe
+from conftest import IMPORTTIME, imported_modules, main_in_process, run_cli, write_recipe
 
 from peftune.chat import run_chat
 from peftune.errors import InputError
@@ -21,9 +20,7 @@ TOKENS = 8  # new tokens per answer: enough to tell answers apart, cheap on CPU
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-X", "importtime", "-m", "peftune.cli", "chat",
-                           *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return run_cli("chat", *args, python_args=IMPORTTIME, env={"HF_HUB_OFFLINE": "1"})
 
 
 def _lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -158,15 +155,15 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(tiny_model_dir, monkeypatch
     from peftune import chat
 
     put = chat._Printer.put
+    pressed = []
 
     def interrupted(self, value):  # Ctrl-C after the third new token of the first answer
         put(self, value)
-        if len(self.ids) == 3 and not getattr(chat, "_pressed", False):
-            chat._pressed = True
+        if len(self.ids) == 3 and not pressed:
+            pressed.append(True)
             raise KeyboardInterrupt
 
     monkeypatch.setattr(chat._Printer, "put", interrupted)
-    monkeypatch.setattr(chat, "_pressed", False, raising=False)
     _stdin(monkeypatch, "hello\nagain\n")
     first, second = run_chat(target=str(tiny_model_dir), max_new_tokens=TOKENS)
     assert first.stopped and not second.stopped
@@ -188,17 +185,15 @@ def reference_text(ids: list[int], model_dir: Path) -> str:
 
 
 def test_ctrl_c_at_the_prompt_exits_130_with_one_line(monkeypatch, capsys):
-    from peftune import chat, cli
+    from peftune import chat
 
     def interrupted(**_):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(chat, "run_chat", interrupted)
-    monkeypatch.setattr(sys, "argv", ["peftune", "chat", "some-model"])
-    with pytest.raises(SystemExit) as stop:
-        cli.main()
-    assert stop.value.code == 130
-    assert capsys.readouterr().err.splitlines() == ["interrupted (SIGINT): peftune chat stopped"]
+    code, _, err = main_in_process(capsys, "chat", "some-model")
+    assert code == 130
+    assert err.splitlines() == ["interrupted (SIGINT): peftune chat stopped"]
 
 
 def test_a_model_without_a_chat_template_is_refused_unless_raw(tiny_model_dir, tmp_path,
@@ -244,6 +239,4 @@ def test_bad_input_is_one_line_exit_2_before_torch(tiny_model_dir, lora_run, tmp
         lines = _lines(result)
         assert result.returncode == 2 and result.stdout == "", (args, result.stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
-        imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
-                    if line.startswith("import time:")}
-        assert not imported & {"torch", "transformers", "peft"}, args
+        assert not imported_modules(result.stderr) & {"torch", "transformers", "peft"}, args

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peftune.cli", *args], capture_output=True,
-                          text=True, timeout=300)
+from conftest import run_cli
 
 
 def test_tiny_model_writes_a_loadable_model_and_chat_tokenizer(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "tiny"
-    result = _cli("tiny-model", str(out), "--hidden-size", "48", "--layers", "3", "--heads", "4",
-                  "--seed", "7")
+    result = run_cli("tiny-model", str(out), "--hidden-size", "48", "--layers", "3", "--heads", "4",
+                     "--seed", "7")
     assert result.returncode == 0, result.stderr
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 3 and model.config.hidden_size == 48
@@ -45,20 +39,20 @@ def test_tiny_model_is_deterministic_for_a_seed(tmp_path):
 def test_tiny_model_refuses_a_non_empty_directory_and_bad_shapes(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "file").write_text("keep")
-    result = _cli("tiny-model", str(tmp_path / "x"))
+    result = run_cli("tiny-model", str(tmp_path / "x"))
     assert result.returncode == 2 and "not empty" in result.stderr
     assert "Traceback" not in result.stderr
-    result = _cli("tiny-model", str(tmp_path / "y"), "--hidden-size", "30", "--heads", "4")
+    result = run_cli("tiny-model", str(tmp_path / "y"), "--hidden-size", "30", "--heads", "4")
     assert result.returncode == 2 and "multiple of --heads" in result.stderr
     assert not (tmp_path / "y").exists()
 
 
 def test_methods_lists_lora_and_full():
-    result = _cli("methods")
+    result = run_cli("methods")
     assert result.returncode == 0
     assert "lora" in result.stdout and "full" in result.stdout
 
 
 def test_unknown_command_is_a_usage_error():
-    result = _cli("trian")
+    result = run_cli("trian")
     assert result.returncode == 2

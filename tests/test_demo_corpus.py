@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import random
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import load_script
+from conftest import load_script, read_jsonl
 
 FILES = ("pretrain.jsonl", "tests_train.jsonl", "tests_val.jsonl", "instruct_train.jsonl")
 SMALL = ["--max-docs", "300", "--max-test-docs", "120", "--max-val-docs", "30"]
 
 
 builder = load_script("build_demo_corpus")
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +27,17 @@ def test_writes_every_file_with_text_rows(corpus: Path, capsys):
     assert sorted(p.name for p in corpus.iterdir()) == sorted(FILES)  # no temp files left
     caps = {"pretrain.jsonl": 300, "tests_train.jsonl": 120, "tests_val.jsonl": 30}
     for name, cap in caps.items():
-        rows = _rows(corpus / name)
+        rows = read_jsonl(corpus / name)
         assert 0 < len(rows) <= cap, name
         for row in rows:
             assert isinstance(row["text"], str)
             assert builder.MIN_CHARS <= len(row["text"]) <= builder.MAX_CHARS, (name, row["source"])
-    assert len(_rows(corpus / "pretrain.jsonl")) == 300  # every CPython has enough library code
+    # every CPython has enough library code
+    assert len(read_jsonl(corpus / "pretrain.jsonl")) == 300
 
 
 def test_pretrain_mixes_prose_and_library_code(corpus: Path):
-    sources = [row["source"] for row in _rows(corpus / "pretrain.jsonl")]
+    sources = [row["source"] for row in read_jsonl(corpus / "pretrain.jsonl")]
     prose = [s for s in sources if s.startswith("pydoc:")]
     code = [s for s in sources if s.endswith(".py")]
     assert prose and code and len(prose) + len(code) == len(sources)
@@ -51,13 +47,13 @@ def test_pretrain_mixes_prose_and_library_code(corpus: Path):
 
 
 def test_val_and_train_come_from_different_files(corpus: Path):
-    train = {row["source"] for row in _rows(corpus / "tests_train.jsonl")}
-    val = {row["source"] for row in _rows(corpus / "tests_val.jsonl")}
+    train = {row["source"] for row in read_jsonl(corpus / "tests_train.jsonl")}
+    val = {row["source"] for row in read_jsonl(corpus / "tests_val.jsonl")}
     assert train and val and not train & val
 
 
 def test_instruction_rows(corpus: Path):
-    rows = _rows(corpus / "instruct_train.jsonl")
+    rows = read_jsonl(corpus / "instruct_train.jsonl")
     assert len(rows) > 50
     assert len({row["prompt"] for row in rows}) == len(rows)
     for row in rows:

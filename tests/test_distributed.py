@@ -8,50 +8,40 @@ Every launched run has a timeout (a hang fails the test) and OMP_NUM_THREADS=1.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_jsonl, write_recipe
+from conftest import (
+    LAUNCH_ENV,
+    REPO,
+    adapter_weights,
+    max_abs_diff,
+    read_metrics,
+    run_cli,
+    write_jsonl,
+    write_recipe,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = REPO / "configs"
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PEFTUNE_DEBUG": "", "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, "-m", "peftune.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return run_cli(*args, timeout=timeout, env=LAUNCH_ENV)
 
 
 def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.strip()]
 
 
-def _adapter(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(run / "adapter" / "adapter_model.safetensors")
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 def _losses(run: Path) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+    return [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
 
 
 def _tokens(run: Path) -> dict[int, int]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["tokens"] for r in records if "loss" in r}
+    return {r["step"]: r["tokens"] for r in read_metrics(run) if "loss" in r}
 
 
 def _train_here(recipe: Path, overrides: list[str]) -> dict:
@@ -154,16 +144,16 @@ def test_two_processes_train_the_adapter_one_process_trains_with_accumulation_2(
                          f"output.dir={tmp_path / 'plain'}"])
     _train_here(recipe, ["train.batch_size=4", f"output.dir={tmp_path / 'wide'}"])
 
-    two, accum, wide = (_adapter(tmp_path / name) for name in ("two", "accum", "wide"))
-    diff = _max_diff(two, accum)
+    two, accum, wide = (adapter_weights(tmp_path / name) for name in ("two", "accum", "wide"))
+    diff = max_abs_diff(two, accum)
     print(f"2 processes vs accumulation 2: max abs adapter diff {diff:.3g}; "
-          f"vs micro-batch 4: {_max_diff(two, wide):.3g}")
+          f"vs micro-batch 4: {max_abs_diff(two, wide):.3g}")
     assert diff <= 1e-6
-    assert _max_diff(two, wide) <= 2e-5  # another padding width: float rounding only
-    base = _adapter(tmp_path / "accum")
+    assert max_abs_diff(two, wide) <= 2e-5  # another padding width: float rounding only
+    base = adapter_weights(tmp_path / "accum")
     assert max(float(t.abs().max()) for t in base.values()) > 1e-3  # it trained something
 
-    assert _max_diff(two, _adapter(tmp_path / "plain")) <= 1e-4
+    assert max_abs_diff(two, adapter_weights(tmp_path / "plain")) <= 1e-4
     first_plain = _losses(tmp_path / "plain")[0][1]
     assert _losses(tmp_path / "two")[0][1] == pytest.approx(first_plain, rel=1e-6)
 

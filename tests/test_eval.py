@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import yaml
-from conftest import make_text_rows, write_jsonl
+from conftest import make_text_rows, read_jsonl, write_jsonl
 
 from peftune.evaluate import resolve_target, run_eval
 from peftune.recipe.schema import DataSection, EvalTask
@@ -171,8 +171,7 @@ def test_choice_log_likelihoods_and_both_accuracies(tiny_model_dir, tmp_path):
     report = _eval(tiny_model_dir, tmp_path, [{"task": "choice", "data": str(data),
                                                "prompt_template": "{prompt}"}])
     model, tokenizer = _hf(tiny_model_dir)
-    predictions = [json.loads(line) for line in
-                   (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    predictions = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     expected_correct = 0
     for row, prediction in zip(rows, predictions, strict=True):
         context = [tokenizer.bos_token_id, *tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]]
@@ -315,7 +314,7 @@ def test_models_with_the_same_directory_name_get_unique_labels_and_deltas(tmp_pa
     loss = [_metric(report, "perplexity", "loss", model=i) for i in range(3)]
     delta = report["deltas"]["merged - merged-3"]["perplexity"]["loss"]
     assert delta == pytest.approx(loss[0] - loss[2])
-    lines = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").open()]
+    lines = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert {line["model"] for line in lines} == {"merged", "merged-2", "merged-3"}
 
 

@@ -4,14 +4,20 @@ several tasks, two processes equal to one, a training recipe's eval: block, bad 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_jsonl, write_recipe
+from conftest import (
+    IMPORTTIME,
+    TORCHRUN_2,
+    imported_modules,
+    run_cli,
+    run_script,
+    write_jsonl,
+    write_recipe,
+)
 
 PAIRS = [{"prompt": "red?", "response": "apple"}, {"prompt": "yellow?", "response": "banana"},
          {"prompt": "green?", "response": "lime"}]
@@ -21,9 +27,7 @@ CHOICES = [{"prompt": "red?\n", "choices": ["apple", "banana"], "answer": 0},
 
 
 def _cli(*args, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peftune.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=600,
-                          env={**os.environ, **(env or {})})
+    return run_cli(*args, cwd=cwd, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +89,7 @@ def test_two_processes_give_the_one_process_report(lora_run, tmp_path):
             "--compare", "base"]
     one = _cli(*args, "--out", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "peftune.cli", *map(str, args), "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=600)
+    two = run_cli(*args, "--out", tmp_path / "two", python_args=TORCHRUN_2, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
     assert (a["world_size"], b["world_size"]) == (1, 2)
@@ -227,18 +228,14 @@ def test_an_adapter_for_another_base_names_both(lora_run, tmp_path, text_data):
 
 
 def test_eval_help_does_not_import_torch():
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "peftune.cli", "eval",
-                             "--help"], capture_output=True, text=True, timeout=120)
+    result = run_cli("eval", "--help", python_args=IMPORTTIME, timeout=120)
     assert result.returncode == 0 and "--compare" in result.stdout
-    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
-    assert not imported & {"torch", "transformers", "datasets", "peft"}
+    assert not imported_modules(result.stderr) & {"torch", "transformers", "datasets", "peft"}
 
 
 def test_bench_eval_quick_measures_both_loops_on_the_same_tokens(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_eval.py"
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    done = run_script("bench_eval", "--quick", "--out", out, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["check"]["same_tokens"] and report["check"]["loss_diff"] < 1e-5

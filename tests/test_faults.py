@@ -28,8 +28,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
-from safetensors.torch import load_file
+from conftest import (
+    adapter_weights,
+    assert_one_error_line,
+    main_in_process,
+    read_metrics,
+    run_cli,
+    write_recipe,
+)
 
 import peftune
 from peftune.errors import InputError, TrainingError
@@ -127,8 +133,7 @@ def _env(tmp_path: Path) -> dict:
 
 
 def _cli(tmp_path: Path, *args: str, prefix: tuple = ()) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, sys.executable, "-m", "peftune.cli", *args],
-                          capture_output=True, text=True, timeout=180, env=_env(tmp_path))
+    return run_cli(*args, prefix=prefix, timeout=180, env=_env(tmp_path))
 
 
 class Held:
@@ -219,15 +224,15 @@ def reference(tmp_path_factory, tiny_model_dir, text_data) -> dict:
     result = _cli(tmp_path, "train", str(recipe))
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
-    return {"run": run, "adapter": load_file(run / "adapter" / "adapter_model.safetensors")}
+    return {"run": run, "adapter": adapter_weights(run)}
 
 
 def _assert_same_adapter(run: Path, reference: dict) -> None:
-    got = load_file(run / "adapter" / "adapter_model.safetensors")
+    got = adapter_weights(run)
     assert got.keys() == reference["adapter"].keys()
     for name, tensor in reference["adapter"].items():
         assert torch.equal(got[name], tensor), name
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()]
+    steps = [r["step"] for r in read_metrics(run)]
     assert steps == list(range(1, STEPS + 1))  # each step logged once across the restarts
 
 
@@ -355,7 +360,7 @@ def reference_two(tmp_path_factory, tiny_model_dir, text_data) -> dict:
     result = _cli(tmp_path, "train", str(recipe), "--nproc", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
-    return {"run": run, "adapter": load_file(run / "adapter" / "adapter_model.safetensors")}
+    return {"run": run, "adapter": adapter_weights(run)}
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm-to-launcher"])
@@ -443,15 +448,6 @@ def test_a_signal_during_eval_writes_nothing_and_exits_128_plus_it(
     assert not (run / "eval").exists() and not list(run.glob(".eval.tmp-*"))
 
 
-def _main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    from peftune.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["peftune", *args])
-    with pytest.raises(SystemExit) as stopped:
-        main()
-    return stopped.value.code, capsys.readouterr().err
-
-
 def test_ctrl_c_in_merge_and_select_data_says_so_and_leaves_nothing(
         tmp_path, text_data, reference, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
@@ -461,8 +457,8 @@ def test_ctrl_c_in_merge_and_select_data_says_so_and_leaves_nothing(
     from peftune.select import runner as select_runner
 
     monkeypatch.setattr(writer, "publish", interrupt)  # verified, about to be put in place
-    code, err = _main(monkeypatch, capsys, "merge", str(reference["run"]),
-                      "--out", str(tmp_path / "merged"), "--quiet")
+    code, _, err = main_in_process(capsys, "merge", str(reference["run"]),
+                                   "--out", str(tmp_path / "merged"), "--quiet")
     assert code == 130
     assert err.strip() == (f"interrupted (SIGINT): peftune merge stopped; nothing was written "
                            f"to {tmp_path / 'merged'}")
@@ -470,9 +466,9 @@ def test_ctrl_c_in_merge_and_select_data_says_so_and_leaves_nothing(
 
     monkeypatch.setattr(select_runner, "publish", interrupt)
     out = tmp_path / "selected"
-    code, err = _main(monkeypatch, capsys, "select-data", "--method", "dsir", "--pool",
-                      str(text_data["train"]), "--target", str(text_data["val"]), "--k", "5",
-                      "--out", str(out), "--quiet")
+    code, _, err = main_in_process(capsys, "select-data", "--method", "dsir", "--pool",
+                                   str(text_data["train"]), "--target", str(text_data["val"]),
+                                   "--k", "5", "--out", str(out), "--quiet")
     assert code == 130
     assert err.strip() == f"interrupted (SIGINT): peftune select-data stopped; nothing was written to {out}"
     assert list(tmp_path.iterdir()) == []
@@ -572,13 +568,6 @@ def test_a_checkpoint_without_manifest_is_used_unverified_with_a_note(tmp_path, 
 
 # ---- output location -----------------------------------------------------------------------------
 
-def _one_line_exit_2(result: subprocess.CompletedProcess, expected: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
-
-
 def _mount_prefix(tmp_path: Path, setup: str) -> tuple:
     """Run the command in a private mount namespace after `setup` (root only): a read-only
     bind mount or a full tmpfs that root cannot write through either, unlike chmod."""
@@ -606,7 +595,7 @@ def test_read_only_output_location_fails_before_training(tmp_path, tiny_model_di
         result = _cli(tmp_path, "train", str(recipe), prefix=prefix)
     finally:
         parent.chmod(0o755)
-    _one_line_exit_2(result, f"output.dir: cannot write to {parent} (")
+    assert_one_error_line(result, f"output.dir: cannot write to {parent} (")
     assert list(parent.iterdir()) == []
 
 
@@ -620,8 +609,8 @@ def test_full_output_disk_fails_before_training(tmp_path, tiny_model_dir, text_d
                           out=disk / "run")
     prefix = _mount_prefix(tmp_path, f"mount -t tmpfs -o size=256k tmpfs {disk} && "
                                      f"(cat /dev/zero > {disk}/fill 2>/dev/null; true)")
-    _one_line_exit_2(_cli(tmp_path, "train", str(recipe), prefix=prefix),
-                     f"output.dir: cannot write to {disk} (No space left on device)")
+    assert_one_error_line(_cli(tmp_path, "train", str(recipe), prefix=prefix),
+                          f"output.dir: cannot write to {disk} (No space left on device)")
     assert list(disk.iterdir()) == []  # the tmpfs was private to that process
 
 

@@ -15,41 +15,33 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_text_rows, write_jsonl, write_recipe
+from conftest import (
+    LAUNCH_ENV,
+    REPO,
+    adapter_weights,
+    make_text_rows,
+    max_abs_diff,
+    read_metrics,
+    run_cli,
+    write_jsonl,
+    write_recipe,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-FSDP_CPU = ROOT / "configs" / "fsdp_cpu.yaml"
+FSDP_CPU = REPO / "configs" / "fsdp_cpu.yaml"
 
 
 def _cli(*args: str, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PEFTUNE_DEBUG": "", "OMP_NUM_THREADS": "1", "PEFTUNE_CACHE": str(cache)}
-    env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, "-m", "peftune.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return run_cli(*args, timeout=timeout, env={**LAUNCH_ENV, "PEFTUNE_CACHE": str(cache)})
 
 
 def _load(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(path)
-
-
-def _adapter(run: Path) -> dict:
-    return _load(run / "adapter" / "adapter_model.safetensors")
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _resume_here(recipe: Path, run: Path) -> None:
@@ -105,19 +97,19 @@ def runs(tmp_path_factory, tiny_model_dir):
 
 def test_fsdp_two_processes_train_resume_and_export_what_one_process_trains(runs):
     root = runs["root"]
-    fsdp, accum = _adapter(root / "fsdp"), _adapter(root / "accum")
-    diff = _max_diff(fsdp, accum)
+    fsdp, accum = adapter_weights(root / "fsdp"), adapter_weights(root / "accum")
+    diff = max_abs_diff(fsdp, accum)
     print(f"FSDP 2 processes (resumed at step 2) vs 1 process x accumulation 2: max abs "
           f"adapter diff {diff:.3g}")
     assert diff <= 1e-6
     assert max(float(t.abs().max()) for t in accum.values()) > 1e-3  # it trained something
 
-    records, reference = _records(root / "fsdp"), _records(root / "accum")
+    records, reference = read_metrics(root / "fsdp"), read_metrics(root / "accum")
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     assert [s for s, _ in losses] == [1, 2, 3, 4]  # one record per step, rank 0 writes
     ref_losses = [r["loss"] for r in reference if "loss" in r]
     assert all(abs(a - b) <= 1e-6 for (_, a), b in zip(losses, ref_losses, strict=True))
-    plain = _records(root / "plain")  # before any update: the forward alone, FSDP vs 1 process
+    plain = read_metrics(root / "plain")  # before any update: the forward alone, FSDP vs 1 process
     first_val = [next(r["val_loss"] for r in run if r.get("step") == 0 and "val_loss" in r)
                  for run in (records, plain)]
     assert first_val[0] == pytest.approx(first_val[1], rel=1e-6)
@@ -135,7 +127,7 @@ def test_fsdp_two_processes_train_resume_and_export_what_one_process_trains(runs
         ckpt, ref = root / "fsdp" / "checkpoints" / f"step-{step}", root / "accum" / "checkpoints" / f"step-{step}"
         weights, ref_weights = _load(ckpt / "trainable.safetensors"), _load(ref / "trainable.safetensors")
         assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in ref_weights.items()}
-        assert _max_diff(weights, ref_weights) <= 1e-6
+        assert max_abs_diff(weights, ref_weights) <= 1e-6
         training = torch.load(ckpt / "training_state.pt", weights_only=True)
         assert training["optimizer_format"] == "by-name"
         state = training["optimizer"]["state"]
@@ -179,15 +171,16 @@ def test_fsdp_checkpoint_resumes_on_one_process_and_one_process_checkpoint_under
         shutil.copytree(root / "accum" / "checkpoints" / "step-2", target / "checkpoints" / "step-2")
     _resume_here(recipe, from_fsdp)
     _resume_here(recipe, from_plain)
-    diff = _max_diff(_adapter(from_fsdp), _adapter(from_plain))
+    diff = max_abs_diff(adapter_weights(from_fsdp), adapter_weights(from_plain))
     print(f"FSDP checkpoint vs 1-process checkpoint, both resumed on 1 process: {diff:.3g}")
     assert diff <= 1e-6
-    assert _max_diff(_adapter(from_fsdp), _adapter(root / "accum")) > 1e-4  # another global batch
+    # another global batch
+    assert max_abs_diff(adapter_weights(from_fsdp), adapter_weights(root / "accum")) > 1e-4
 
     mixed = _cli("train", str(recipe), "--resume", f"output.dir={plain_under_fsdp}",
                  "--accelerate-config", str(FSDP_CPU), cache=runs["cache"])
     assert mixed.returncode == 0, mixed.stderr[-3000:]
-    diff = _max_diff(_adapter(plain_under_fsdp), _adapter(root / "accum"))
+    diff = max_abs_diff(adapter_weights(plain_under_fsdp), adapter_weights(root / "accum"))
     print(f"1-process checkpoint resumed under FSDP vs the uninterrupted 1-process run: {diff:.3g}")
     assert diff <= 1e-6
 

@@ -12,8 +12,7 @@ import json
 
 import pytest
 import torch
-
-from tests.conftest import write_recipe
+from conftest import write_recipe
 
 pytestmark = [
     pytest.mark.gpu,

@@ -4,24 +4,28 @@ eval-pass gradient check, and recipe validation of the int4 keys."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import (
+    IDS,
+    NO_DEBUG,
+    TARGETS,
+    assert_eval_forward_keeps_gradients,
+    logits_of,
+    read_metrics,
+    run_cli,
+    run_python,
+    train_in_process,
+    write_recipe,
+)
 
 from peftune.errors import InputError
 from peftune.recipe import load_recipe, recipe_to_yaml
 from peftune.recipe.schema import ModelSection, QuantSection
 
 CPU = torch.device("cpu")
-IDS = torch.tensor([[1, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79]])
-# Every linear of the tiny Llama but lm_head (what `all-linear` adapts).
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The tiny model's hidden size is 32, so the default group (64) does not divide its q/k/v/o
 # and gate/up inputs; 32 does (and down_proj's 64).
 INT4 = {"method": "int4", "group_size": 32, "compute_dtype": "float32"}
@@ -38,30 +42,6 @@ def _int4_layers(model) -> dict:
     from peftune.quant.hqq import is_int4_layer
 
     return {name: module for name, module in model.named_modules() if is_int4_layer(module)}
-
-
-def _logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits
-
-
-def _train_in_process(recipe_path: Path):
-    """The `peftune train` path without the process (as tests/test_train.py runs it)."""
-    from peftune.train.output import check_output_dir
-    from peftune.train.run import train_built
-    from peftune.train.setup import build_training
-
-    recipe = load_recipe(recipe_path)
-    out = Path(recipe.output.dir)
-    check_output_dir(out, resume=False, overwrite=False)
-    built = build_training(recipe, quiet=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return built, train_built(built, out)
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peftune.cli", *args], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PEFTUNE_DEBUG": ""})
 
 
 def test_int4_stores_real_4bit_codes_deterministically_and_close_to_the_weights(tiny_model_dir):
@@ -103,8 +83,8 @@ def test_int4_stores_real_4bit_codes_deterministically_and_close_to_the_weights(
         assert torch.equal(layer.meta["scale"], again[name].meta["scale"])
         assert torch.equal(layer.meta["zero"], again[name].meta["zero"])
     # and the 4-bit model is close to the original one, not equal
-    gap = (_logits(model) - _logits(reference)).abs().max()
-    assert 1e-4 < gap < 0.2 * _logits(reference).abs().max()
+    gap = (logits_of(model) - logits_of(reference)).abs().max()
+    assert 1e-4 < gap < 0.2 * logits_of(reference).abs().max()
 
 
 def test_a_group_size_that_does_not_divide_a_layer_fails_before_quantizing(tiny_model_dir):
@@ -116,10 +96,10 @@ def test_a_group_size_that_does_not_divide_a_layer_fails_before_quantizing(tiny_
 
 
 def test_bf16_compute_runs_a_fp32_model_and_returns_fp32(tiny_model_dir):
-    fp32 = _logits(_int4_model(tiny_model_dir))
+    fp32 = logits_of(_int4_model(tiny_model_dir))
     model = _int4_model(tiny_model_dir, compute_dtype="bfloat16")
     assert next(iter(_int4_layers(model).values())).meta["scale"].dtype == torch.bfloat16
-    bf16 = _logits(model)
+    bf16 = logits_of(model)
     assert bf16.dtype == torch.float32
     # bf16 keeps 8 bits of mantissa: about 1% of the logits' size, far above fp32's rounding
     scale = fp32.abs().max()
@@ -136,8 +116,8 @@ def test_lora_trains_over_int4_and_the_adapter_reproduces_and_merges_exactly(
                           out=tmp_path / "run", quant=INT4,
                           adapter={"method": "lora", "r": 4, "alpha": 8, "target_modules": TARGETS},
                           train={"max_steps": 12})
-    built, summary = _train_in_process(recipe)
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    built, summary = train_in_process(recipe)
+    records = read_metrics(tmp_path / "run")
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 12
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
@@ -147,12 +127,12 @@ def test_lora_trains_over_int4_and_the_adapter_reproduces_and_merges_exactly(
 
     trained = built.unwrapped_model.eval()
     assert len(_int4_layers(trained)) == 14  # trained over the 4-bit base
-    expected = _logits(trained)
+    expected = logits_of(trained)
     adapter = tmp_path / "run" / "adapter"
     # The adapter on a freshly quantized base: the same codes, so the same logits.
     loaded = PeftModel.from_pretrained(_int4_model(tiny_model_dir), adapter).eval()
-    torch.testing.assert_close(_logits(loaded), expected, rtol=0, atol=1e-5)
-    base_effect = (_logits(_int4_model(tiny_model_dir)) - expected).abs().max()
+    torch.testing.assert_close(logits_of(loaded), expected, rtol=0, atol=1e-5)
+    base_effect = (logits_of(_int4_model(tiny_model_dir)) - expected).abs().max()
     assert base_effect > 0.05  # the adapter changed the model well beyond the tolerances
 
     # Merge into the dequantized base: exactly the weights training saw, plus s·B·A. The
@@ -162,7 +142,7 @@ def test_lora_trains_over_int4_and_the_adapter_reproduces_and_merges_exactly(
     assert not _int4_layers(dequantized)
     merged = PeftModel.from_pretrained(dequantized, adapter).merge_and_unload().eval()
     assert not any("lora" in name for name, _ in merged.named_modules())
-    torch.testing.assert_close(_logits(merged), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits_of(merged), expected, rtol=0, atol=1e-5)
 
 
 def test_gradient_checkpointing_over_int4_gives_the_same_losses(tmp_path, tiny_model_dir,
@@ -175,9 +155,8 @@ def test_gradient_checkpointing_over_int4_gives_the_same_losses(tmp_path, tiny_m
                               adapter={"method": "lora", "r": 4, "alpha": 8,
                                        "target_modules": TARGETS},
                               train={"max_steps": 4, "gradient_checkpointing": checkpointing})
-        _train_in_process(recipe)
-        losses.append([json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()
-                       if "loss" in json.loads(line)])
+        train_in_process(recipe)
+        losses.append([r["loss"] for r in read_metrics(out) if "loss" in r])
     assert len(losses[0]) == 4 and losses[0][-1] != losses[0][0]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
@@ -202,11 +181,11 @@ def test_peft_lora_and_dora_over_int4_train_export_and_merge(tmp_path, tiny_mode
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
-    expected = _logits(model.eval())
+    expected = logits_of(model.eval())
     model.save_pretrained(tmp_path / "adapter")
     dequantized = dequantize_int4(_int4_model(tiny_model_dir), dtype=torch.float32)
     merged = PeftModel.from_pretrained(dequantized, tmp_path / "adapter").merge_and_unload()
-    torch.testing.assert_close(_logits(merged.eval()), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits_of(merged.eval()), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
@@ -216,7 +195,6 @@ def test_an_eval_pass_on_an_int4_base_leaves_the_next_gradients_unchanged(
     corrupting later LoRA gradients; an HQQ layer must keep computing the same gradients."""
     from peftune.adapters import apply_adapter
     from peftune.models import load_model
-    from peftune.train.loss import token_loss_sum
 
     recipe = load_recipe(write_recipe(
         tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"], out=tmp_path / "run",
@@ -225,25 +203,8 @@ def test_an_eval_pass_on_an_int4_base_leaves_the_next_gradients_unchanged(
     torch.manual_seed(0)
     model = load_model(recipe.model, recipe.quant, device=CPU)
     model, _ = apply_adapter(model, recipe.adapter)
-    for name, param in model.named_parameters():  # B = 0 at init would hide the bug
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.1)
-    batch = {"input_ids": IDS, "labels": IDS}
-
-    def grads():
-        model.zero_grad()
-        model.train()
-        token_loss_sum(model, batch).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    before = grads()
+    before = assert_eval_forward_keeps_gradients(model)
     assert len(before) == 2 * 14 and all(g.abs().sum() > 0 for g in before.values())
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=IDS, use_cache=False)
-    after = grads()
-    for name in before:
-        torch.testing.assert_close(after[name], before[name], rtol=1e-5, atol=1e-7)
 
 
 def test_all_linear_reaches_the_int4_layers(tiny_model_dir):
@@ -290,7 +251,7 @@ def test_bad_int4_keys_fail_validation_in_one_line(tmp_path, tiny_model_dir, tex
                                                    expected):
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "run", quant=quant)
-    result = _cli("validate", str(recipe))
+    result = run_cli("validate", str(recipe), env=NO_DEBUG)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -300,6 +261,5 @@ def test_bad_int4_keys_fail_validation_in_one_line(tmp_path, tiny_model_dir, tex
 def test_importing_the_cli_and_quant_backends_stays_torch_free():
     code = ("import sys, peftune.cli, peftune.quant, peftune.models; "
             "print([m for m in ('torch', 'hqq', 'bitsandbytes') if m in sys.modules])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
+    result = run_python(code, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr

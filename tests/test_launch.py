@@ -5,11 +5,10 @@ Nothing here starts a process group."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
-from conftest import write_recipe
+from conftest import run_python, write_recipe
 
 from peftune import dist
 from peftune.errors import InputError
@@ -134,6 +133,5 @@ def test_dist_launch_and_interrupts_import_no_torch():
               "peftune.train.launch, peftune.compat\n"
               "heavy = {'torch', 'accelerate', 'transformers'} & set(sys.modules)\n"
               "assert not heavy, heavy\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120)
+    result = run_python(script, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

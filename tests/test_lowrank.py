@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_resume_matches_uninterrupted, recipe_refusal, write_recipe
+from conftest import (
+    NO_DEBUG,
+    assert_resume_matches_uninterrupted,
+    recipe_refusal,
+    run_cli,
+    write_recipe,
+)
 from safetensors.torch import load_file
 from torch import nn
 
@@ -170,16 +176,10 @@ def test_native_recipe_refusals(tmp_path, tiny_model_dir, text_data, adapter, ex
 
 def test_lora_sb_with_missing_calibration_data_exits_2_before_loading(tmp_path, tiny_model_dir,
                                                                        text_data):
-    import os
-    import subprocess
-    import sys
-
     path = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                         out=tmp_path / "run", adapter={"method": "lora-sb", "calibration": {
                             "data": str(tmp_path / "nowhere.jsonl")}})
-    done = subprocess.run([sys.executable, "-m", "peftune.cli", "train", str(path)],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PEFTUNE_DEBUG": ""})
+    done = run_cli("train", path, timeout=120, env=NO_DEBUG)
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: adapter.calibration.data:") and "nowhere.jsonl" in line, line

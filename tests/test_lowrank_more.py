@@ -9,8 +9,16 @@ import json
 
 import pytest
 import torch
-from conftest import assert_resume_matches_uninterrupted, recipe_refusal, write_recipe
-from safetensors.torch import load_file
+from conftest import (
+    LAUNCH_ENV,
+    NO_DEBUG,
+    adapter_weights,
+    assert_resume_matches_uninterrupted,
+    max_abs_diff,
+    recipe_refusal,
+    run_cli,
+    write_recipe,
+)
 from torch import nn
 
 from peftune.adapters import apply_adapter
@@ -239,16 +247,10 @@ def test_increlora_refusals(tmp_path, tiny_model_dir, text_data):
 
 
 def test_increlora_max_r_below_init_r_exits_2_at_validate(tmp_path, tiny_model_dir, text_data):
-    import os
-    import subprocess
-    import sys
-
     path = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                         out=tmp_path / "run", adapter={"method": "increlora", "init_r": 4,
                                                        "max_r": 3})
-    done = subprocess.run([sys.executable, "-m", "peftune.cli", "validate", str(path)],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PEFTUNE_DEBUG": ""})
+    done = run_cli("validate", path, timeout=120, env=NO_DEBUG)
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert "adapter.max_r (3) must not be below adapter.init_r (4)" in line, line
@@ -289,10 +291,6 @@ def test_increlora_under_two_process_ddp_trains_what_one_process_trains_with_acc
     the same components added (the importance averages read the all-reduced gradients) and
     the same adapter, so an inactive component keeps a gradient of None under DDP (a zero
     gradient would give it Adam state before it is added)."""
-    import os
-    import subprocess
-    import sys
-
     from peftune.train.run import run_train
 
     adapter = {"method": "increlora", "init_r": 2, "max_r": 4, "target_r": 3, "alpha": 8,
@@ -300,17 +298,12 @@ def test_increlora_under_two_process_ddp_trains_what_one_process_trains_with_acc
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "two", adapter=adapter,
                           train={"max_steps": 4, "batch_size": 2, "weight_decay": 0.1})
-    env = {**os.environ, "PEFTUNE_DEBUG": "", "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    done = subprocess.run([sys.executable, "-m", "peftune.cli", "train", str(recipe), "--nproc",
-                           "2"], capture_output=True, text=True, timeout=300, env=env)
+    done = run_cli("train", recipe, "--nproc", "2", timeout=300, env=LAUNCH_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     run_train(load_recipe(recipe, ["train.grad_accum=2", f"output.dir={tmp_path / 'one'}"]),
               quiet=True)
-    two, one = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors")
-                for run in ("two", "one"))
-    assert two.keys() == one.keys()
-    assert max(float((two[key] - one[key]).abs().max()) for key in one) <= 1e-6
+    two, one = (adapter_weights(tmp_path / run) for run in ("two", "one"))
+    assert max_abs_diff(two, one) <= 1e-6
     assert max(float(t.abs().max()) for key, t in one.items() if "lora_B" in key) > 1e-4  # trained
     patterns = [json.loads((tmp_path / run / "adapter" / "adapter_config.json").read_text())
                 ["rank_pattern"] for run in ("two", "one")]

@@ -5,18 +5,16 @@ full/freeze runs, verification, and every refusal (exit 2, one line, nothing wri
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import IDS, fp32_base, logits_of, merge_in_process, run_cli, run_python, write_recipe
 
 from peftune.errors import InputError, TrainingError
 from peftune.merge.runner import run_merge
 from peftune.recipe import load_recipe
 
-IDS = torch.tensor([[1, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79]])
 ROWS = {"lora": {"r": 4}, "dora": {"r": 4}, "pissa": {"r": 4}, "sora": {"r": 4, "sparsity": 1.0},
         "hydra": {"r": 4}, "prompt": {"num_virtual_tokens": 4}, "full": {}}
 
@@ -45,22 +43,10 @@ def runs(tmp_path_factory, tiny_model_dir, text_data) -> dict[str, Path]:
     return made
 
 
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=IDS, use_cache=False).logits
-
-
-def fp32_base(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
 def base_plus_adapter(base: Path, adapter: Path) -> torch.Tensor:
     from peft import PeftModel
 
-    return logits(PeftModel.from_pretrained(fp32_base(base), str(adapter)))
+    return logits_of(PeftModel.from_pretrained(fp32_base(base), str(adapter)))
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "pissa", "sora", "hydra"])
@@ -69,8 +55,9 @@ def test_merged_logits_equal_base_plus_adapter(tmp_path, runs, tiny_model_dir, m
     report = run_merge(target=str(runs[method]), out=out, quiet=True)
     merged = fp32_base(out)  # transformers alone loads it
     expected = base_plus_adapter(tiny_model_dir, runs[method] / "adapter")
-    torch.testing.assert_close(logits(merged), expected, rtol=0, atol=1e-5)
-    assert (logits(merged) - logits(fp32_base(tiny_model_dir))).abs().max() > 1e-3  # it changed
+    torch.testing.assert_close(logits_of(merged), expected, rtol=0, atol=1e-5)
+    # it changed
+    assert (logits_of(merged) - logits_of(fp32_base(tiny_model_dir))).abs().max() > 1e-3
     saved = json.loads((out / "merge_report.json").read_text())
     assert saved["modules_changed"] == report["modules_changed"] == 14  # 7 linears x 2 layers
     assert saved["verification"]["ok"] and saved["relative_delta_norm"] > 0
@@ -91,7 +78,7 @@ def test_nf4_trained_lora_merges_into_the_original_fp32_weights(tmp_path, runs, 
     assert report["trained_over"] == "nf4"
     assert "merging into the unquantized weights" in capsys.readouterr().out
     expected = base_plus_adapter(tiny_model_dir, runs["nf4"] / "adapter")  # fp32 base, not nf4
-    torch.testing.assert_close(logits(fp32_base(out)), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits_of(fp32_base(out)), expected, rtol=0, atol=1e-5)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
 
 
@@ -200,8 +187,8 @@ def test_full_runs_are_already_merged_or_copied(tmp_path, runs, capsys):
     out = tmp_path / "copy"
     report = run_merge(target=str(runs["full"]), out=out, dtype="bfloat16", quiet=True)
     assert report["kind"] == "copy" and report["verification"]["ok"]
-    torch.testing.assert_close(logits(fp32_base(out)), logits(fp32_base(runs["full"] / "model")),
-                               rtol=0, atol=0.1)
+    torch.testing.assert_close(logits_of(fp32_base(out)),
+                               logits_of(fp32_base(runs["full"] / "model")), rtol=0, atol=0.1)
 
 
 def test_overwrite_replaces_only_an_earlier_merge(tmp_path, runs):
@@ -220,16 +207,6 @@ def test_overwrite_replaces_only_an_earlier_merge(tmp_path, runs):
 
 
 # ---- bad input: exit 2, one `error:` line, nothing written -------------------------------
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    from peftune import cli as peftune_cli
-
-    monkeypatch.setattr(sys, "argv", ["peftune", "merge", *args])
-    monkeypatch.delenv("PEFTUNE_DEBUG", raising=False)
-    with pytest.raises(SystemExit) as done:
-        peftune_cli.main()
-    return done.value.code, capsys.readouterr().err
-
 
 @pytest.fixture(scope="module")
 def zero_adapter(tmp_path_factory, tiny_model_dir) -> Path:
@@ -272,7 +249,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatc
     (tmp_path / "full" / "x").write_text("x")
     names = {"tmp": tmp_path, "base": tiny_model_dir, "lora": runs["lora"], "wide": wider_model,
              "prompt": runs["prompt"], "zero": zero_adapter}
-    code, err = cli(monkeypatch, capsys, *[a.format(**names) for a in args])
+    code, _, err = merge_in_process(monkeypatch, capsys, *[a.format(**names) for a in args])
     (line,) = err.strip().splitlines()
     assert code == 2 and line.startswith("error: ") and expected.format(**names) in line, line
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-merge-*"))
@@ -287,10 +264,8 @@ def test_noop_adapter_is_written_with_allow_noop(tmp_path, tiny_model_dir, zero_
 
 
 def test_importing_the_cli_does_not_import_torch():
-    import subprocess
-
     code = "import sys, peftune.cli; print('torch' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    done = run_python(code, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
 
 
@@ -353,13 +328,9 @@ def test_a_fresh_process_merges_while_transformers_is_still_importing(tmp_path, 
                                                                        tiny_model_dir):
     """The CLI imports transformers in a thread while the merge streams; a tiny model's merge
     ends first, so the verification's own import must wait for that thread, not race it."""
-    import subprocess
-
     out = tmp_path / "merged"
-    done = subprocess.run([sys.executable, "-m", "peftune.cli", "merge", "--base",
-                           str(tiny_model_dir), "--adapter", str(runs["lora"] / "adapter"),
-                           "--out", str(out), "--quiet"], capture_output=True, text=True,
-                          timeout=300)
+    done = run_cli("merge", "--base", tiny_model_dir, "--adapter", runs["lora"] / "adapter",
+                   "--out", out, "--quiet")
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "merge_report.json").read_text())["verification"]["ok"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_merge import cli, fp32_base, logits
+from conftest import fp32_base, logits_of, merge_in_process
 
 from peftune.merge.combine import slerp_tensors
 from peftune.merge.runner import run_merge
@@ -67,8 +67,8 @@ def test_one_model_at_weight_one_is_that_model(tmp_path, family):
     assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
-    torch.testing.assert_close(logits(fp32_base(tmp_path / "out")), logits(fp32_base(family["m1"])),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits_of(fp32_base(tmp_path / "out")),
+                               logits_of(fp32_base(family["m1"])), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "pcb", "slerp"])
@@ -124,7 +124,7 @@ def test_bad_model_merge_exits_2_with_one_line(tmp_path, monkeypatch, capsys, fa
     base = merge.pop("base", str(family["base"]))
     config = merge_yaml(tmp_path / "m.yaml", **merge, models=models, out=str(tmp_path / "out"),
                         **({"base": base} if base else {}))
-    code, err = cli(monkeypatch, capsys, str(config))
+    code, _, err = merge_in_process(monkeypatch, capsys, str(config))
     (line,) = err.strip().splitlines()
     assert code == 2 and expected.format(tmp=tmp_path, wide=wide) in line, line
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-merge-*"))

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from test_merge import cli, fp32_base, logits, train_run
+from conftest import fp32_base, logits_of, merge_in_process, run_cli
+from test_merge import train_run
 
 from peftune.merge import combine
 from peftune.merge.combine import Inputs
@@ -112,7 +112,8 @@ def test_linear_with_unit_weights_equals_the_sum_of_adapter_forwards(tmp_path, l
                                      adapter_name="a")
     both.load_adapter(str(loras["sora"] / "adapter"), adapter_name="b")
     both.base_model.set_adapter(["a", "b"])  # both active: their forwards add up
-    torch.testing.assert_close(logits(fp32_base(tmp_path / "out")), logits(both), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits_of(fp32_base(tmp_path / "out")), logits_of(both), rtol=0,
+                               atol=1e-5)
     assert json.loads((tmp_path / "out" / "merge_report.json").read_text())["method"] == "linear"
 
 
@@ -150,7 +151,7 @@ def test_out_rank_writes_a_lora_and_reports_the_truncation_error(tmp_path, loras
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 2 and adapter["peft_type"] == "LORA"
     loaded = PeftModel.from_pretrained(fp32_base(tiny_model_dir), str(out))
-    assert (logits(loaded) - logits(fp32_base(tiny_model_dir))).abs().max() > 1e-3
+    assert (logits_of(loaded) - logits_of(fp32_base(tiny_model_dir))).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(("merge", "expected"), [
@@ -172,7 +173,7 @@ def test_bad_merge_yaml_exits_2_with_one_line(tmp_path, monkeypatch, capsys, lor
     config = merge_yaml(tmp_path / "m.yaml", **merge, out=str(tmp_path / "out"),
                         adapters=[{"path": str(loras["lora"])},
                                   {"path": second or str(loras["sora"])}])
-    code, err = cli(monkeypatch, capsys, str(config))
+    code, _, err = merge_in_process(monkeypatch, capsys, str(config))
     (line,) = err.strip().splitlines()
     assert code == 2 and line.startswith("error: ") and expected.format(cfg=config) in line, line
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-merge-*"))
@@ -191,10 +192,8 @@ def _wide_adapter(tmp_path: Path) -> Path:
 
 
 def test_merge_command_is_in_the_help():
-    import subprocess
-
-    done = subprocess.run([sys.executable, "-m", "peftune.cli", "merge", "--help"],
-                          capture_output=True, text=True, timeout=60, env={"COLUMNS": "200", "PATH": ""})
+    done = run_cli("merge", "--help", timeout=60, env={"COLUMNS": "200", "PATH": ""},
+                   inherit_env=False)
     assert done.returncode == 0 and "--out-rank" in done.stdout and "--shard-size" in done.stdout
 
 
@@ -292,7 +291,7 @@ def test_pcb_and_lora_lego_merge_yaml_end_to_end(tmp_path, loras):
 def test_bad_pcb_and_lora_lego_input_exits_2(tmp_path, monkeypatch, capsys, loras, merge, expected):
     config = merge_yaml(tmp_path / "m.yaml", **merge, out=str(tmp_path / "out"),
                         adapters=[{"path": str(loras["lora"])}, {"path": str(loras["sora"])}])
-    code, err = cli(monkeypatch, capsys, str(config))
+    code, _, err = merge_in_process(monkeypatch, capsys, str(config))
     (line,) = err.strip().splitlines()
     assert code == 2 and expected in line, line
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-merge-*"))

@@ -7,33 +7,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import write_recipe
+from conftest import TARGETS, logits_of, merge_in_process, write_recipe
 
-IDS = torch.tensor([[1, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79]])
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 WARNING = "holds only quantized weights: merging into their dequantized values"
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`peftune merge ARGS` through the console entry point, in this process."""
-    from peftune import cli as peftune_cli
-
-    monkeypatch.setattr(sys, "argv", ["peftune", "merge", *args])
-    monkeypatch.delenv("PEFTUNE_DEBUG", raising=False)
-    try:
-        peftune_cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def bnb_config(kind: str):
@@ -91,12 +73,6 @@ def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
             b = tensors[key.replace(".lora_A.", ".lora_B.")]
             deltas[f"{module}.weight"] = scale * b.float() @ a.float()
     return deltas
-
-
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=IDS, use_cache=False).logits
 
 
 def train_run(tmp: Path, model: Path, data: Path, name: str, **sections) -> Path:
@@ -158,7 +134,7 @@ def test_a_base_that_exists_only_quantized_merges_into_its_dequantized_weights(
     made = quantized_only[kind]
     base, adapter, out = made["base"], made["adapter"], tmp_path / "merged"
     args = [str(made["run"])] if "run" in made else ["--base", str(base), "--adapter", str(adapter)]
-    code, stdout, stderr = cli(monkeypatch, capsys, *args, "--out", str(out))
+    code, stdout, stderr = merge_in_process(monkeypatch, capsys, *args, "--out", str(out))
     assert code == 0, stderr
     warnings = [line for line in stderr.splitlines() if line.startswith("warning: ")]
     assert warnings == [f"warning: {base} {WARNING} (the unquantized original is not available)"]
@@ -186,10 +162,10 @@ def test_a_base_that_exists_only_quantized_merges_into_its_dequantized_weights(
     assert all(t.dtype == torch.float32 for t in written.values())
 
     # logits: the quantized base + the adapter (what was trained and served before the merge)
-    unmerged = logits(PeftModel.from_pretrained(load_quantized(base), str(adapter)))
-    effect = (unmerged - logits(load_quantized(base))).abs().max()
+    unmerged = logits_of(PeftModel.from_pretrained(load_quantized(base), str(adapter)))
+    effect = (unmerged - logits_of(load_quantized(base))).abs().max()
     assert effect > 20 * atol  # the adapter moves the logits far beyond the tolerance
-    torch.testing.assert_close(logits(merged), unmerged, rtol=0, atol=atol)
+    torch.testing.assert_close(logits_of(merged), unmerged, rtol=0, atol=atol)
 
     report = json.loads((out / "merge_report.json").read_text())
     assert report["warnings"] == [warnings[0].removeprefix("warning: ")]
@@ -213,7 +189,7 @@ def test_an_int4_run_merges_into_the_original_unquantized_weights(
     run = train_run(tmp_path, tiny_model_dir, text_data["train"], "int4",
                     quant={"method": "int4", "group_size": 32, "compute_dtype": "float32"})
     out = tmp_path / "merged"
-    code, stdout, stderr = cli(monkeypatch, capsys, str(run), "--out", str(out))
+    code, stdout, stderr = merge_in_process(monkeypatch, capsys, str(run), "--out", str(out))
     assert code == 0, stderr
     assert (f"note: trained over a int4 base; merging into the unquantized weights of "
             f"{tiny_model_dir} (the original model)") in stdout
@@ -229,11 +205,12 @@ def test_an_int4_run_merges_into_the_original_unquantized_weights(
         if name not in deltas:
             assert torch.equal(written[name], weight), name
 
-    merged = logits(AutoModelForCausalLM.from_pretrained(out))
+    merged = logits_of(AutoModelForCausalLM.from_pretrained(out))
     fp32 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    unmerged = logits(PeftModel.from_pretrained(fp32, str(run / "adapter")))
+    unmerged = logits_of(PeftModel.from_pretrained(fp32, str(run / "adapter")))
     torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
-    assert (merged - logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir))).abs().max() > 1e-3
+    base = logits_of(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    assert (merged - base).abs().max() > 1e-3
     report = json.loads((out / "merge_report.json").read_text())
     assert report["trained_over"] == "int4" and report["warnings"] == []
     assert report["mode"].startswith("streaming") and report["modules_changed"] == 14
@@ -265,7 +242,7 @@ def test_the_merge_loads_a_quantized_only_base_with_the_recipes_trust_remote_cod
     assert recipe["model"]["trust_remote_code"] is False  # the default, as trained
     recipe["model"]["trust_remote_code"] = trust
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    code, _, stderr = cli(monkeypatch, capsys, str(run), "--out", str(tmp_path / "merged"))
+    code, _, stderr = merge_in_process(monkeypatch, capsys, str(run), "--out", str(tmp_path / "merged"))
     assert code == 0, stderr
     base = str(quantized_only["nf4"]["base"])
     loads = [kwargs for path, kwargs in base_loads if path == base]

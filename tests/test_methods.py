@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_in_session, write_recipe
+from conftest import (
+    IDS,
+    NO_DEBUG,
+    logits_of,
+    main_in_process,
+    run_cli,
+    train_in_session,
+    write_recipe,
+)
 
 from peftune.adapters.registry import all_methods, get_method, method_names
 from peftune.errors import InputError
@@ -80,7 +88,6 @@ ROWS: dict[str, dict] = {
 }
 LR = {"ia3": 0.2, "prompt": 0.3, "prefix": 0.1, "ptuning": 0.05, "vera": 0.05, "full": 2e-3,
       "inttune": 0.1, "svfit": 0.1, "loldu": 0.1, "lora-sb": 0.1, "nola": 0.1}
-IDS = torch.tensor([[1, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79]])
 
 
 def test_every_registered_method_has_a_row():
@@ -106,12 +113,6 @@ def _recipe(tmp_path: Path, model: Path, data: dict, method: str, quant: str = "
     if needs_rows:  # virtual tokens need one example per row
         path.write_text(path.read_text().replace("max_length: 64", "max_length: 64\n  packing: false"))
     return path
-
-
-def _logits(model, **extra):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=IDS, use_cache=False, **extra).logits
 
 
 def _base(recipe):
@@ -147,21 +148,21 @@ def test_method_trains_exports_reloads_and_merges(tmp_path, tiny_model_dir, text
     recipe, built, summary, losses, out = train_in_session(_recipe(tmp_path, tiny_model_dir, text_data,
                                                          method, quant))
     assert sum(losses[-2:]) < sum(losses[:2]), losses  # it learns
-    trained = _logits(built.unwrapped_model, **_extra(method))
+    trained = logits_of(built.unwrapped_model, **_extra(method))
 
     if spec.trains_base_weights:
         assert not (out / "adapter").exists()
         loaded = AutoModelForCausalLM.from_pretrained(out / "model")
-        torch.testing.assert_close(_logits(loaded), trained, rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits_of(loaded), trained, rtol=0, atol=1e-5)
         return
     # peft alone, on the base as it was before the method touched it
     loaded = _reload(recipe, out / "adapter")
     # residual inits are re-expressed on the original W: equal up to float rounding
     atol = 1e-4 if getattr(recipe.adapter, "rewrites_base", False) else 1e-5
-    unmerged = _logits(loaded, **_extra(method))
+    unmerged = logits_of(loaded, **_extra(method))
     torch.testing.assert_close(unmerged, trained, rtol=0, atol=atol)
     # and training changed the model (virtual-token methods return their positions first)
-    assert (unmerged[:, -IDS.shape[1]:] - _logits(_base(recipe))).abs().max() > 1e-4
+    assert (unmerged[:, -IDS.shape[1]:] - logits_of(_base(recipe))).abs().max() > 1e-4
 
     if spec.exports_plain_lora:
         config = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -169,7 +170,7 @@ def test_method_trains_exports_reloads_and_merges(tmp_path, tiny_model_dir, text
         assert not config.get("use_dora")
     if spec.mergeable and quant == "none":
         merged = loaded.merge_and_unload()
-        torch.testing.assert_close(_logits(merged), unmerged, rtol=0, atol=1e-4)
+        torch.testing.assert_close(logits_of(merged), unmerged, rtol=0, atol=1e-4)
 
 
 NF4 = [m for m in sorted(ROWS) if "nf4" in get_method(m).quantized]
@@ -178,14 +179,29 @@ QUANTIZED = [(m, q) for q in ("nf4", "int8", "int4") for m in sorted(ROWS)
              if q in get_method(m).quantized]
 
 
-@pytest.mark.parametrize(("method", "quant"), QUANTIZED)
+def _quantized_rows() -> list:
+    """Every (method, quantization) pair; the default run keeps, per quantization, the first
+    method of each implementation (`apply` function) plus LoRA and LoftQ (its own 4-bit
+    init); the other pairs, which take the same code path, are marked slow (make test-all)."""
+    kept, seen = set(), set()
+    for method, quant in QUANTIZED:
+        path = (get_method(method).apply, quant)
+        if path not in seen or method in ("lora", "loftq"):
+            seen.add(path)
+            kept.add((method, quant))
+    return [pytest.param(m, q, marks=() if (m, q) in kept else pytest.mark.slow)
+            for m, q in QUANTIZED]
+
+
+@pytest.mark.parametrize(("method", "quant"), _quantized_rows())
 def test_method_trains_over_a_quantized_base(tmp_path, tiny_model_dir, text_data, method, quant):
     recipe, built, _, losses, out = train_in_session(_recipe(tmp_path, tiny_model_dir, text_data, method,
                                                    quant, steps=6))
     assert sum(losses[-2:]) < sum(losses[:2]), losses
     loaded = _reload(recipe, out / "adapter")
-    torch.testing.assert_close(_logits(loaded, **_extra(method)),
-                               _logits(built.unwrapped_model, **_extra(method)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits_of(loaded, **_extra(method)),
+                               logits_of(built.unwrapped_model, **_extra(method)),
+                               rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", [m for m in sorted(ROWS) if m not in NF4])
@@ -213,11 +229,7 @@ def test_validate_estimate_equals_the_real_count(tmp_path, tiny_model_dir, text_
 
 
 def test_methods_table_lists_every_method_with_its_keys():
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", "peftune.cli", "methods"], capture_output=True,
-                          text=True, timeout=60, env={"COLUMNS": "400", "PATH": ""})
+    done = run_cli("methods", timeout=60, env={"COLUMNS": "400", "PATH": ""}, inherit_env=False)
     assert done.returncode == 0, done.stderr
     for spec in all_methods():
         row = next(line for line in done.stdout.splitlines() if f" {spec.name} " in line)
@@ -348,18 +360,20 @@ def test_recipe_refusals(tmp_path, tiny_model_dir, text_data, adapter, sections,
     ({"method": "oft", "block_size": 12}, "adapter.block_size: 12 must divide the input width"),
 ])
 def test_model_dependent_refusals_exit_2_and_write_nothing(tmp_path, tiny_model_dir, text_data,
-                                                            adapter, expected):
-    import os
-    import subprocess
-    import sys
-
+                                                            adapter, expected, capsys,
+                                                            monkeypatch):
+    """The first refusal through a real `peftune train` process, the others through the same
+    entry point in this process (a fresh interpreter per row costs seconds of imports)."""
     path = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                         out=tmp_path / "run", adapter=adapter)
-    done = subprocess.run([sys.executable, "-m", "peftune.cli", "train", str(path)],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PEFTUNE_DEBUG": ""})
-    assert done.returncode == 2, done.stderr
-    (line,) = done.stderr.strip().splitlines()
+    if adapter.get("target_modules") == ["qkv"]:
+        done = run_cli("train", path, timeout=120, env=NO_DEBUG)
+        code, err = done.returncode, done.stderr
+    else:
+        monkeypatch.delenv("PEFTUNE_DEBUG", raising=False)
+        code, _, err = main_in_process(capsys, "train", path)
+    assert code == 2, err
+    (line,) = err.strip().splitlines()
     assert line.startswith("error: ") and expected in line, line
     assert not (tmp_path / "run").exists()
 

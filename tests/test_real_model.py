@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REAL_MODEL, train_in_session, write_jsonl
+from conftest import (
+    REAL_MODEL,
+    fp32_base,
+    logits_of,
+    read_jsonl,
+    run_cli,
+    train_in_session,
+    write_jsonl,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
@@ -53,15 +59,7 @@ def _probe(tokenizer) -> torch.Tensor:
 
 
 def _logits(model, ids) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits.float()
-
-
-def _base(real_model: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32)
+    return logits_of(model, ids).float()
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +83,10 @@ def test_lora_export_reproduces_the_trained_logits_in_plain_peft(real_model, lor
     assert "lm_head" in config["target_modules"]
     # the tied embedding is not copied into the adapter (peft would save 113 MB of it)
     assert (adapter / "adapter_model.safetensors").stat().st_size < 10_000_000
-    loaded = PeftModel.from_pretrained(_base(real_model), str(adapter))
+    loaded = PeftModel.from_pretrained(fp32_base(real_model), str(adapter))
     plain = _logits(loaded, lora_run["ids"])
     assert torch.allclose(plain, lora_run["trained"], atol=1e-4, rtol=0)
-    base = _logits(_base(real_model), lora_run["ids"])
+    base = _logits(fp32_base(real_model), lora_run["ids"])
     assert (plain - base).abs().max() > 1e-3  # the adapter did change the model
     # the run says which GGUF file, with its hash, the model came from
     source = lora_run["summary"]["model_source"]
@@ -103,8 +101,7 @@ def test_merge_of_a_lora_on_the_tied_head_unties_it_and_matches_the_adapter(real
 
     out = lora_run["out"]
     merged = out / "merged"
-    result = subprocess.run([sys.executable, "-m", "peftune.cli", "merge", str(out), "--quiet"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_cli("merge", out, "--quiet")
     assert result.returncode == 0, result.stderr
     config = json.loads((merged / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
@@ -128,9 +125,9 @@ def test_eval_perplexity_equals_a_direct_transformers_computation(real_model, lo
     report = run_eval(targets=[resolve_target(None, model=REAL_MODEL)], config=section,
                       out=tmp_path / "eval", quiet=True)
     metrics = report["models"][0]["tasks"]["perplexity"]["metrics"]
-    model, tokenizer = _base(real_model).eval(), AutoTokenizer.from_pretrained(real_model)
+    model, tokenizer = fp32_base(real_model).eval(), AutoTokenizer.from_pretrained(real_model)
     total, count = 0.0, 0
-    for row in map(json.loads, data.read_text().splitlines()):
+    for row in read_jsonl(data):
         # SmolLM2's tokenizer adds no BOS of its own; peftune follows the tokenizer
         ids = [*tokenizer(row["text"])["input_ids"], tokenizer.eos_token_id]
         tensor = torch.tensor([ids])
@@ -142,6 +139,7 @@ def test_eval_perplexity_equals_a_direct_transformers_computation(real_model, lo
     assert 2 < metrics["perplexity"]["value"] < 200  # a real model, not a random one
 
 
+@pytest.mark.slow  # QLoRA on CPU is covered on the tiny model (test_methods.py)
 def test_qlora_nf4_trains_two_steps_on_the_real_model(real_model, lora_run):
     tmp = lora_run["tmp"]
     path = _recipe(tmp, "qlora", lora_run["data"], quant={"method": "nf4"},
@@ -158,7 +156,7 @@ def test_the_real_model_answers_a_chat_question(real_model):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(real_model)
-    model = _base(real_model).eval()
+    model = fp32_base(real_model).eval()
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                         add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)["input_ids"]

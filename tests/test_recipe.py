@@ -5,13 +5,11 @@ file names in the messages are the short relative ones a user types."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import IMPORTTIME, REPO, imported_modules, run_cli
 
 from peftune.errors import InputError
 from peftune.recipe import estimate_parameters, load_recipe, recipe_to_yaml
@@ -48,17 +46,9 @@ def problems(text: str | None, *overrides: str, name: str = "recipe.yaml") -> li
     return err.value.lines
 
 
-def cli(*args: str, importtime: bool = False) -> subprocess.CompletedProcess:
-    flags = ["-X", "importtime"] if importtime else []
-    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.run([sys.executable, *flags, "-m", "peftune.cli", *args],
-                          capture_output=True, text=True, env=env, timeout=120)
-
-
-def imported_modules(stderr: str) -> set[str]:
-    """Top-level package names from `python -X importtime` output."""
-    return {line.rsplit("|", 1)[1].strip().split(".")[0]
-            for line in stderr.splitlines() if line.startswith("import time:")}
+def cli(*args: str, importtime: bool = False):
+    return run_cli(*args, python_args=IMPORTTIME if importtime else (), timeout=120,
+                   env={"COLUMNS": "200", "PYTHONPATH": str(REPO)})
 
 
 # --- bad input: exact lines ------------------------------------------------------------

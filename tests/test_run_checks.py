@@ -5,18 +5,13 @@ epoch count, throughput without validation time."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import write_recipe
+from conftest import NO_DEBUG, read_metrics, run_cli, train_in_session, write_recipe
 
 
-def _cli(*argv, cwd=None):
-    return subprocess.run([sys.executable, "-m", "peftune.cli", *map(str, argv)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PEFTUNE_DEBUG": ""})
+def _cli(*argv):  # a refusal is one line, with no traceback even under PEFTUNE_DEBUG
+    return run_cli(*argv, env=NO_DEBUG)
 
 
 def test_max_length_beyond_the_models_context_is_refused_at_validate(tmp_path, tiny_model_dir,
@@ -51,33 +46,33 @@ def test_a_run_killed_before_its_first_checkpoint_can_simply_be_run_again(tmp_pa
 
 def test_throughput_leaves_out_validation_and_epochs_are_a_fraction(tmp_path, tiny_model_dir,
                                                                      text_data, monkeypatch):
-    """Validation passes (made slow here) count in val_seconds, not in any tokens/s; the
-    summary says how much of an epoch the steps consumed, not how many epochs began."""
+    """Validation passes (made 100 s slower here, on the run's clock) count in val_seconds,
+    not in any tokens/s; the summary says how much of an epoch the steps consumed, not how
+    many epochs began."""
     import time
-
-    from conftest import train_in_session
 
     import peftune.train.loop as loop_module
 
-    real = loop_module.evaluate_loss
+    real, clock, skipped = loop_module.evaluate_loss, time.perf_counter, [0.0]
 
     def slow_evaluate(loop):
-        time.sleep(0.4)
+        skipped[0] += 100.0  # a validation pass that takes 100 s more, without the wait
         return real(loop)
 
     monkeypatch.setattr(loop_module, "evaluate_loss", slow_evaluate)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock() + skipped[0])
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           val=text_data["val"], out=tmp_path / "run",
                           train={"max_steps": 4, "eval_every": 1, "log_every": 1})
     _, built, summary, _, out = train_in_session(recipe)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     logged = [r for r in records if "tokens_per_s" in r]
     assert len([r for r in records if "val_loss" in r]) == 5  # step 0 and after every step
-    assert summary["val_seconds"] >= 5 * 0.4
-    # each logged window's time (its tokens over its rate) holds no 0.4 s validation pass
+    assert summary["val_seconds"] >= 5 * 100
+    # each logged window's time (its tokens over its rate) holds no 100 s validation pass
     previous = 0
     for record in logged:
-        assert (record["tokens"] - previous) / record["tokens_per_s"] < 0.4, record
+        assert (record["tokens"] - previous) / record["tokens_per_s"] < 100, record
         previous = record["tokens"]
     # train_seconds is rounded to the millisecond
     assert abs(summary["tokens_per_s"] * summary["train_seconds"] - summary["tokens"]) \

@@ -12,26 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, main_in_process, make_text_rows, write_jsonl
 
-from peftune.cli import main
 from peftune.errors import InputError
-from tests.conftest import make_text_rows, write_jsonl
 
-PACKAGE = Path(__file__).parents[1] / "peftune"
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `peftune ARGV`, in-process."""
-    old, sys.argv = sys.argv, ["peftune", *argv]
-    code = 0
-    try:
-        main()
-    except SystemExit as stop:
-        code = stop.code
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
+PACKAGE = REPO / "peftune"
 
 
 @pytest.fixture
@@ -100,9 +85,9 @@ def test_trust_remote_code_reaches_every_from_pretrained(trust, workdir, tiny_mo
 
 def test_the_cli_warns_in_one_line_when_remote_code_is_trusted(workdir, tiny_model_dir, capsys):
     path = recipe(workdir / "r.yaml", tiny_model_dir)
-    code, _, err = run_cli(["validate", str(path)], capsys)
+    code, _, err = main_in_process(capsys, "validate", str(path))
     assert code == 0 and "trust_remote_code" not in err
-    code, out, err = run_cli(["validate", str(path), "model.trust_remote_code=true"], capsys)
+    code, out, err = main_in_process(capsys, "validate", str(path), "model.trust_remote_code=true")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 0 and "trust_remote_code: true" in out
     assert lines == [f"warning: model.trust_remote_code is true: loading {tiny_model_dir} runs "
@@ -134,7 +119,7 @@ def test_a_pickle_only_model_is_refused_unless_allowed(workdir, pickle_model, ti
 
     path = recipe(workdir / "r.yaml", pickle_model)
     before = sorted(p.name for p in workdir.iterdir())
-    code, _, err = run_cli(["train", str(path)], capsys)
+    code, _, err = main_in_process(capsys, "train", str(path))
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err
     assert "model.path" in lines[0] and "pytorch_model.bin" in lines[0]
@@ -218,7 +203,7 @@ def test_python_tags_are_refused_and_nothing_runs(tag, workdir, tiny_model_dir, 
     path = workdir / "r.yaml"
     path.write_text(f"model:\n  path: {tiny_model_dir}\nadapter:\n  method: "
                     f"{tag.format(marker=marker)}\ndata:\n  train: train.jsonl\n")
-    code, _, err = run_cli(["train", str(path)], capsys)
+    code, _, err = main_in_process(capsys, "train", str(path))
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err
     assert lines[0].startswith(f"error: {path}:4: YAML error: the tag !!python/")
@@ -244,7 +229,7 @@ def test_recipe_values_are_never_imported(override, key, workdir, tiny_model_dir
         f"open({str(marker)!r}, 'w').close()\ndef run(*a):\n    pass\n")
     monkeypatch.syspath_prepend(str(workdir))
     path = recipe(workdir / "r.yaml", tiny_model_dir)
-    code, _, err = run_cli(["train", str(path), override], capsys)
+    code, _, err = main_in_process(capsys, "train", str(path), override)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert f"override {override!r}: {key}:" in lines[0]

@@ -6,13 +6,12 @@ from __future__ import annotations
 import gzip
 import json
 import random
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TORCHRUN_2, read_jsonl, run_cli
 
 from peftune.select import SelectConfig, kl_reduction, run_select
 from peftune.select.dsir import choose, gumbel_noise, split_k, top_k
@@ -184,7 +183,7 @@ def test_chunk_spans_skip_blank_lines_across_read_blocks(tmp_path, monkeypatch):
     monkeypatch.setattr(pool, "CHUNK_ROWS", 7)
     numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
     for block in (1, 5, 64, 1 << 22):
-        monkeypatch.setattr(pool, "_SPAN_BLOCK", block)
+        monkeypatch.setattr(pool, "SPAN_BLOCK", block)
         chunks = list(pool.iter_chunks([path], ["p.jsonl"], key="k", lazy=True))
         assert [(n, line) for c in chunks for n, line in zip(c.load().places, c.payloads,
                                                           strict=True)] == numbered
@@ -379,10 +378,7 @@ def test_two_ranks_give_the_single_process_result(mixture, tmp_path):
     assert 3 * len(mixture["rows"]) > 2 * CHUNK_ROWS  # both ranks get chunks
     args = ["select-data", "--method", "dsir", "--pool", str(mixture["big"]), "--target",
             str(mixture["target"]), "--k", "150", "--label-field", "label", "--quiet"]
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "peftune.cli", *args, "--out", str(tmp_path / "ranks")],
-        capture_output=True, text=True, timeout=180)
+    launched = run_cli(*args, "--out", tmp_path / "ranks", python_args=TORCHRUN_2, timeout=180)
     assert launched.returncode == 0, launched.stderr[-2000:]
     _select({**mixture, "pool": mixture["big"]}, tmp_path / "single")
     assert json.loads((tmp_path / "ranks" / "report.json").read_text())["ranks"] == 2
@@ -426,7 +422,7 @@ def test_other_sources_several_pools_and_rendered_examples(tmp_path):
                        target=[str(target)], k=20, format="instruction", target_text_field="text",
                        sampling="top_k")
     report = run_select(cfg, out=tmp_path / "out", quiet=True)
-    rows = [json.loads(line) for line in (tmp_path / "out/selected.jsonl").read_text().splitlines()]
+    rows = read_jsonl(tmp_path / "out/selected.jsonl")
     assert report["pool_size"] == 60 and len(rows) == 20
     assert sum(r["prompt"] == "Explain" for r in rows) >= 16  # half the pool is "Explain"
 
@@ -440,9 +436,8 @@ def test_report_plot_and_resolved_config(mixture, tmp_path):
     assert report["docs_per_s"] > 0
     assert {"p10", "p50", "p90", "mean"} <= set(report["lengths"]["pool"])
     assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
-    again = subprocess.run([sys.executable, "-m", "peftune.cli", "select-data",
-                            str(out / "select.yaml"), f"select.out={tmp_path / 'again'}",
-                            "--quiet"], capture_output=True, text=True)
+    again = run_cli("select-data", out / "select.yaml", f"select.out={tmp_path / 'again'}",
+                    "--quiet")
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "again/selected.jsonl").read_bytes() == \
         (out / "selected.jsonl").read_bytes()
@@ -453,11 +448,9 @@ def test_a_bad_row_on_one_rank_stops_every_rank_with_its_line(mixture, tmp_path)
     lines[CHUNK_ROWS + 5] = b'{"body": "no text"}\n'  # in chunk 1: rank 1's share
     pool = tmp_path / "bad.jsonl"
     pool.write_bytes(b"".join(lines))
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "peftune.cli", "select-data", "--method", "dsir", "--pool", str(pool),
-         "--target", str(mixture["target"]), "--k", "10", "--out", str(tmp_path / "out"),
-         "--quiet"], capture_output=True, text=True, timeout=180)
+    launched = run_cli("select-data", "--method", "dsir", "--pool", pool, "--target",
+                       mixture["target"], "--k", "10", "--out", tmp_path / "out", "--quiet",
+                       python_args=TORCHRUN_2, timeout=180)
     expected = (f"error: select.pool: {pool}:{CHUNK_ROWS + 6}: missing field; the row has: "
                 "body (field 'text')")
     # Every rank stops with this line; torchrun may end the second rank before it prints.

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from peftune.evaluate.config import load_eval_config
 from peftune.recipe import load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 # quickstart: lora, qlora (+ eval.yaml); tiny: pretrain, lora;
 # models: qwen2.5-0.5b lora + qlora, llama-3.2-1b qlora

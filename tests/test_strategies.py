@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import NO_DEBUG, run_cli, write_recipe
 from safetensors.torch import load_file
 
 from peftune.errors import InputError
@@ -282,16 +282,10 @@ def test_bad_strategies_are_refused_at_validate(tmp_path, tiny_model_dir, text_d
 
 def test_validate_cli_refuses_lisa_layers_with_exit_2(tmp_path, tiny_model_dir, text_data):
     """`peftune validate` reads the model's config.json: no model is loaded, no traceback."""
-    import os
-    import subprocess
-    import sys
-
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "out", adapter={"method": "full"},
                           train={"strategy": {**LISA, "layers": 5}})
-    result = subprocess.run([sys.executable, "-m", "peftune.cli", "validate", str(recipe)],
-                            capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PEFTUNE_DEBUG": ""})
+    result = run_cli("validate", recipe, timeout=120, env=NO_DEBUG)
     assert result.returncode == 2
     assert "train.strategy.layers: 5 active layers" in result.stderr
     assert "Traceback" not in result.stderr

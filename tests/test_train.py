@@ -5,45 +5,28 @@ resume, exported adapters that reproduce the trained model, quantized bases, fai
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import (
+    NO_DEBUG,
+    adapter_weights,
+    assert_eval_forward_keeps_gradients,
+    assert_one_error_line,
+    logits_of,
+    read_metrics,
+    run_cli,
+    train_in_process,
+    write_recipe,
+)
 from safetensors.torch import load_file
 
 from peftune.errors import InputError, TrainingError
 from peftune.recipe import load_recipe
 
 
-def _train_in_process(recipe_path: Path, overrides: list[str] = (), **kwargs):
-    from peftune.train.output import check_output_dir
-    from peftune.train.setup import build_training
-
-    recipe = load_recipe(recipe_path, list(overrides))
-    out = Path(recipe.output.dir)
-    check_output_dir(out, resume=False, overwrite=kwargs.get("overwrite", False))
-    built = build_training(recipe, quiet=True)
-    out.mkdir(parents=True, exist_ok=True)
-    from peftune.train.run import train_built
-
-    return built, train_built(built, out)
-
-
-def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peftune.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PEFTUNE_DEBUG": ""})
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits
-
-
-IDS = torch.tensor([[1, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79]])
+def _cli(*args: str):  # a refusal is one line, with no traceback even under PEFTUNE_DEBUG
+    return run_cli(*args, env=NO_DEBUG)
 
 
 def test_lora_run_writes_every_artifact_and_the_adapter_reproduces_the_model(
@@ -54,12 +37,12 @@ def test_lora_run_writes_every_artifact_and_the_adapter_reproduces_the_model(
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           val=text_data["val"], out=tmp_path / "run",
                           train={"max_steps": 12, "eval_every": 6})
-    built, summary = _train_in_process(recipe)
+    built, summary = train_in_process(recipe)
     run = tmp_path / "run"
     for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "loss.png",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (run / name).is_file(), name
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run)
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == list(range(1, 13))
     assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(train_records[0])
@@ -72,10 +55,10 @@ def test_lora_run_writes_every_artifact_and_the_adapter_reproduces_the_model(
     trained = built.unwrapped_model.eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     loaded = PeftModel.from_pretrained(base, run / "adapter").eval()
-    torch.testing.assert_close(_logits(loaded, IDS), _logits(trained, IDS), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits_of(loaded), logits_of(trained), rtol=0, atol=1e-5)
     # and the adapter really changed something
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    assert (_logits(plain, IDS) - _logits(loaded, IDS)).abs().max() > 1e-3
+    assert (logits_of(plain) - logits_of(loaded)).abs().max() > 1e-3
 
 
 def test_full_fine_tuning_exports_a_model_directory(tmp_path, tiny_model_dir, text_data):
@@ -84,12 +67,12 @@ def test_full_fine_tuning_exports_a_model_directory(tmp_path, tiny_model_dir, te
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "run", adapter={"method": "full"},
                           train={"max_steps": 4, "lr": 1e-3})
-    built, summary = _train_in_process(recipe)
+    built, summary = train_in_process(recipe)
     model_dir = tmp_path / "run" / "model"
     assert (model_dir / "model.safetensors").is_file() and not (tmp_path / "run" / "adapter").exists()
     assert summary["trainable_params"] == summary["total_params"]
     reloaded = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    torch.testing.assert_close(_logits(reloaded, IDS), _logits(built.unwrapped_model.eval(), IDS),
+    torch.testing.assert_close(logits_of(reloaded), logits_of(built.unwrapped_model.eval()),
                                rtol=0, atol=1e-6)
     assert AutoTokenizer.from_pretrained(model_dir).chat_template
 
@@ -99,8 +82,8 @@ def _adapter_after_one_step(tmp_path, tiny_model_dir, train, name, batch_size, g
                           out=tmp_path / name,
                           train={"max_steps": 1, "batch_size": batch_size,
                                  "grad_accum": grad_accum, "max_grad_norm": None})
-    _train_in_process(recipe)
-    return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+    train_in_process(recipe)
+    return adapter_weights(tmp_path / name)
 
 
 def test_accumulation_gives_the_same_update_as_a_large_batch(tmp_path, tiny_model_dir, text_data):
@@ -128,7 +111,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "run", train={"max_steps": 6, "save_every": 2})
     with pytest.raises(TrainingError, match="loss became nan at step 4"):
-        _train_in_process(recipe)
+        train_in_process(recipe)
     run = tmp_path / "run"
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-2"]
     assert load_file(run / "checkpoints" / "step-2" / "trainable.safetensors")
@@ -141,8 +124,8 @@ def test_lora_trains_over_a_quantized_base(tmp_path, tiny_model_dir, text_data, 
                           out=tmp_path / "run",
                           quant={"method": quant, "compute_dtype": "float32"},
                           train={"max_steps": 8, "lr": 1e-2})
-    built, summary = _train_in_process(recipe)
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    built, summary = train_in_process(recipe)
+    records = read_metrics(tmp_path / "run")
     assert records[-1]["loss"] < records[0]["loss"]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -152,7 +135,6 @@ def test_an_eval_pass_on_a_4bit_base_leaves_the_next_gradients_unchanged(
     """The AVX512-BF16 repacking trap: an eval forward must not corrupt later LoRA grads."""
     from peftune.adapters import apply_adapter
     from peftune.models import load_model_and_tokenizer
-    from peftune.train.loss import token_loss_sum
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", model=tiny_model_dir,
                                       data=text_data["train"], out=tmp_path / "run",
@@ -160,39 +142,15 @@ def test_an_eval_pass_on_a_4bit_base_leaves_the_next_gradients_unchanged(
     torch.manual_seed(0)
     model, _ = load_model_and_tokenizer(recipe.model, recipe.quant, device=torch.device("cpu"))
     model, _ = apply_adapter(model, recipe.adapter)
-    for name, param in model.named_parameters():  # B = 0 at init would hide the bug
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.1)
-    batch = {"input_ids": IDS, "labels": IDS}
-
-    def grads():
-        model.zero_grad()
-        model.train()
-        token_loss_sum(model, batch).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    before = grads()
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=IDS, use_cache=False)
-    after = grads()
-    for name in before:
-        torch.testing.assert_close(after[name], before[name], rtol=1e-5, atol=1e-7)
+    assert_eval_forward_keeps_gradients(model)
 
 
 # ---- bad input: one line, exit 2, no traceback, nothing written --------------------------
 
-def _assert_clean_failure(result: subprocess.CompletedProcess, expected: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], result.stderr
-
-
 def test_missing_data_file_fails_cleanly_and_writes_nothing(tmp_path, tiny_model_dir):
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir,
                           data=tmp_path / "nope.jsonl", out=tmp_path / "run")
-    _assert_clean_failure(_cli("train", str(recipe)), "data.train: no such file or directory")
+    assert_one_error_line(_cli("train", str(recipe)), "data.train: no such file or directory")
     assert not (tmp_path / "run").exists()
 
 
@@ -201,7 +159,7 @@ def test_invalid_data_row_fails_cleanly_and_writes_nothing(tmp_path, tiny_model_
     bad.write_text('{"text": "fine"}\n{"text": oops}\n')
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=bad,
                           out=tmp_path / "run")
-    _assert_clean_failure(_cli("train", str(recipe)), "bad.jsonl:2")
+    assert_one_error_line(_cli("train", str(recipe)), "bad.jsonl:2")
     assert not (tmp_path / "run").exists()
 
 
@@ -211,11 +169,11 @@ def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path, tiny_model_dir
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "run")
     # a directory that is not a run is never a run's output (with or without --overwrite)
-    _assert_clean_failure(_cli("train", str(recipe)), "is an existing directory that is not a "
+    assert_one_error_line(_cli("train", str(recipe)), "is an existing directory that is not a "
                                                       "peftune run (no recipe.yaml)")
     # a previous run's directory needs --resume or --overwrite
     (tmp_path / "run" / "recipe.yaml").write_text(recipe.read_text())
-    _assert_clean_failure(_cli("train", str(recipe)), "is not empty; pass --resume")
+    assert_one_error_line(_cli("train", str(recipe)), "is not empty; pass --resume")
     assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
 
 
@@ -224,21 +182,21 @@ def test_overwrite_only_ever_deletes_a_previous_run(tmp_path, tiny_model_dir, te
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "mine")
-    _assert_clean_failure(_cli("train", str(recipe), "--overwrite"), "not a peftune run (no recipe.yaml)")
+    assert_one_error_line(_cli("train", str(recipe), "--overwrite"), "not a peftune run (no recipe.yaml)")
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
 def test_resume_without_a_checkpoint_fails_cleanly(tmp_path, tiny_model_dir, text_data):
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
                           out=tmp_path / "run")
-    _assert_clean_failure(_cli("train", str(recipe), "--resume"), "--resume: no checkpoint")
+    assert_one_error_line(_cli("train", str(recipe), "--resume"), "--resume: no checkpoint")
     assert not (tmp_path / "run").exists()
 
 
 def test_model_not_found_offline_fails_with_one_line(tmp_path, text_data):
     recipe = write_recipe(tmp_path / "r.yaml", model="no-such-org/no-such-model",
                           data=text_data["train"], out=tmp_path / "run")
-    _assert_clean_failure(_cli("train", str(recipe)), "is not in the local hub cache and the hub cannot be reached")
+    assert_one_error_line(_cli("train", str(recipe)), "is not in the local hub cache and the hub cannot be reached")
     assert not (tmp_path / "run").exists()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import read_metrics, recipe_refusal, write_recipe
 from safetensors.torch import load_file
 
 from peftune.recipe import load_recipe
@@ -60,8 +60,6 @@ def test_every_nth_layer_checkpointing_gives_the_same_update_and_checkpoints_tho
 
 @pytest.mark.parametrize("value", [-1, "some", 2.5])
 def test_a_bad_checkpointing_value_is_refused(tmp_path, tiny_model_dir, text_data, value):
-    from conftest import recipe_refusal
-
     message = recipe_refusal(tmp_path, model=tiny_model_dir, data=text_data["train"],
                              train={"gradient_checkpointing": value})
     assert message.endswith("train.gradient_checkpointing: expected true, false, or N >= 1 "
@@ -230,7 +228,7 @@ def test_nf4_storage_dtype_stores_the_codes_in_that_dtype_and_trains(tmp_path, t
         assert type(weight).__name__ == "Params4bit"
         assert weight.dtype == getattr(torch, storage)
         summary = run_train(recipe, quiet=True)
-        records = [json.loads(line) for line in (tmp_path / storage / "metrics.jsonl").open()]
+        records = read_metrics(tmp_path / storage)
         losses[storage] = [r["loss"] for r in records if "loss" in r]
         assert summary["steps"] == 6 and losses[storage][-1] < losses[storage][0]
     # the same codes in another container: the same run
