@@ -25,10 +25,10 @@ demo: $(STAMP)
 
 # One pytest-xdist worker per core (tests/conftest.py gives each worker one compute thread).
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -n auto
+	$(PYTHON) -m pytest -q -n auto --dist worksteal
 
 test-all: $(STAMP)
-	$(PYTHON) -m pytest -q -n auto -m ""
+	$(PYTHON) -m pytest -q -n auto --dist worksteal -m ""
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check peftune tests scripts

@@ -115,7 +115,7 @@ class Side:
 
         self.last = None
         ids = self.prompt_ids(text, settings.max_new_tokens, status)
-        printer = _Printer(self.loaded.tokenizer, out)
+        printer = Printer(self.loaded.tokenizer, out)
         model = self.loaded.model
         device = next(model.parameters()).device
         sampled = settings.temperature > 0
@@ -148,7 +148,7 @@ class Side:
         return self.last
 
 
-class _Printer:
+class Printer:
     """A transformers streamer that writes the answer as it is generated: the decoded text
     of all new tokens, less what is already printed; a trailing U+FFFD (a character whose
     bytes have not all arrived) waits for the next token."""

@@ -154,7 +154,7 @@ def test_sampling_is_seeded(tiny_model_dir):
 def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(tiny_model_dir, monkeypatch, capsys):
     from peftune import chat
 
-    put = chat._Printer.put
+    put = chat.Printer.put
     pressed = []
 
     def interrupted(self, value):  # Ctrl-C after the third new token of the first answer
@@ -163,7 +163,7 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(tiny_model_dir, monkeypatch
             pressed.append(True)
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(chat._Printer, "put", interrupted)
+    monkeypatch.setattr(chat.Printer, "put", interrupted)
     _stdin(monkeypatch, "hello\nagain\n")
     first, second = run_chat(target=str(tiny_model_dir), max_new_tokens=TOKENS)
     assert first.stopped and not second.stopped

@@ -36,16 +36,15 @@ def apply_hooked(model, config: HookedConfig, **context):
 
 
 @pytest.fixture
-def hooked_method(monkeypatch):
+def hooked_method():
     spec = registry.MethodSpec(
         name="hooked-lora", config=HookedConfig, apply=f"{__name__}:apply_hooked",
         description="LoRA with an L2 penalty, for tests", paper="-", mergeable=True,
         quantized=registry.BNB_4BIT, exports_plain_lora=True)
-    registry.get_method("lora")  # load the built-ins first
-    monkeypatch.setitem(registry._METHODS, "hooked-lora", spec)
     CALLS["after_step"].clear()
     CALLS["extra_loss"] = 0
-    return spec
+    with registry.registered(spec):
+        yield spec
 
 
 def test_hooks_are_called_and_shape_training(tmp_path, tiny_model_dir, text_data, hooked_method):

@@ -22,7 +22,7 @@ PACKAGE = REPO / "peftune"
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("peftune.models.loading._WARNED_REMOTE_CODE", set())
+    monkeypatch.setattr("peftune.models.loading.WARNED_REMOTE_CODE", set())
     write_jsonl(tmp_path / "train.jsonl", make_text_rows(16))
     return tmp_path
 

@@ -12,7 +12,9 @@ import of this module does first) runs it, so the lookups below always see every
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -83,6 +85,17 @@ def register(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"adapter method {spec.name!r} is registered twice")
     _METHODS[spec.name] = spec
     return spec
+
+
+@contextlib.contextmanager
+def registered(spec: MethodSpec) -> Iterator[MethodSpec]:
+    """`spec` registered while the block runs (a method defined outside peftune's catalogue,
+    e.g. by a test), removed afterwards."""
+    register(spec)
+    try:
+        yield spec
+    finally:
+        _METHODS.pop(spec.name, None)
 
 
 BNB_4BIT = frozenset({"nf4", "fp4"})

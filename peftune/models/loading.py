@@ -18,13 +18,14 @@ from peftune.models.quiet import quiet_libraries
 from peftune.models.sources import resolve_model_path
 from peftune.recipe.model_facts import pickle_weights_problem
 
-_WARNED_REMOTE_CODE: set[str] = set()
+# The model paths warn_remote_code has warned about in this process (once each).
+WARNED_REMOTE_CODE: set[str] = set()
 
 
 def warn_remote_code(model_cfg: Any) -> None:
     """One warning line (once per model path) when the recipe lets a model run its own code."""
-    if model_cfg.trust_remote_code and model_cfg.path not in _WARNED_REMOTE_CODE:
-        _WARNED_REMOTE_CODE.add(model_cfg.path)
+    if model_cfg.trust_remote_code and model_cfg.path not in WARNED_REMOTE_CODE:
+        WARNED_REMOTE_CODE.add(model_cfg.path)
         print(f"warning: model.trust_remote_code is true: loading {model_cfg.path} runs the "
               "Python code shipped with it; set it only for a model you trust", file=sys.stderr)
 

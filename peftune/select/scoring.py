@@ -165,7 +165,8 @@ def score_chunks(scorer: Scorer, chunks: Iterable[Chunk], *, processes: int) -> 
     global _WORKER
     _WORKER = scorer
     context = multiprocessing.get_context("fork")
-    with context.Pool(processes, initializer=_worker_start) as pool:
+    pool = context.Pool(processes, initializer=_worker_start)
+    try:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_work, (chunk,)))
@@ -173,4 +174,10 @@ def score_chunks(scorer: Scorer, chunks: Iterable[Chunk], *, processes: int) -> 
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
-    _WORKER = None
+        # All scored: the workers end on the queue's sentinel. Terminating them instead
+        # (SIGTERM while one may hold the task queue's lock) could leave one blocked for good.
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()  # an error or an early stop: end them; after join() a no-op
+        _WORKER = None
