@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 from conftest import read_jsonl, run_script
 
 
@@ -15,6 +16,7 @@ def _installed(*modules: str) -> bool:
     return all(importlib.util.find_spec(module) is not None for module in modules)
 
 
+@pytest.mark.slow  # a benchmark script's smoke run: make test-all / make bench
 def test_bench_select_quick_writes_every_figure(tmp_path):
     done = run_script("bench_select", "--quick", "--workdir", tmp_path, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

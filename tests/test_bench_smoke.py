@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import run_script
 
 
+@pytest.mark.slow  # a benchmark script's smoke run: make test-all / make bench
 def test_bench_quick_writes_three_systems_and_ratios(tmp_path):
     out = tmp_path / "bench.json"
     done = run_script("bench_train", "--quick", "--out", out, timeout=240,

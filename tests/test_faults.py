@@ -242,6 +242,7 @@ def _steps(run: Path) -> list[int]:
 
 # ---- SIGKILL ----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # default run: a torn checkpoint falls back, SIGINT resumes bitwise
 def test_sigkill_at_three_steps_and_during_a_checkpoint_write_resumes_bitwise(
         tmp_path, tiny_model_dir, text_data, reference):
     recipe = _recipe(tmp_path, "run", tiny_model_dir, text_data)

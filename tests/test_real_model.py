@@ -114,6 +114,7 @@ def test_merge_of_a_lora_on_the_tied_head_unties_it_and_matches_the_adapter(real
     assert not torch.equal(model.lm_head.weight, embedding)
 
 
+@pytest.mark.slow  # the same computation is checked on the tiny model (test_eval.py)
 def test_eval_perplexity_equals_a_direct_transformers_computation(real_model, lora_run, tmp_path):
     from transformers import AutoTokenizer
 
