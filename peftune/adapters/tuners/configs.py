@@ -274,18 +274,18 @@ def register_tuner(name: str, config: type[TunerConfig], description: str, paper
 NO_4BIT = "peft has no 4-bit layer for it (bitsandbytes or HQQ): training fails on a 4-bit base"
 NO_INT4 = "peft has no HQQ layer for it"
 register_tuner("adalora", AdaLoraConfig, "SVD-form LoRA whose rank budget is pruned by importance",
-          "Zhang et al. 2023, arXiv:2303.10512", quantized=BNB_4BIT | INT8, because=NO_INT4)
+             "Zhang et al. 2023, arXiv:2303.10512", quantized=BNB_4BIT | INT8, because=NO_INT4)
 register_tuner("vera", VeraConfig, "shared frozen random A, B; trained scaling vectors",
-          "Kopiczko et al. 2024, arXiv:2310.11454", quantized=BNB_4BIT | INT8, because=NO_INT4)
+             "Kopiczko et al. 2024, arXiv:2310.11454", quantized=BNB_4BIT | INT8, because=NO_INT4)
 register_tuner("vblora", VbloraConfig, "A, B assembled from a shared trained vector bank",
-          "Li et al. 2024, arXiv:2405.15179", quantized=BNB_4BIT | INT8, because=NO_INT4)
+             "Li et al. 2024, arXiv:2405.15179", quantized=BNB_4BIT | INT8, because=NO_INT4)
 register_tuner("randlora", RandloraConfig, "full-rank sum of fixed random bases; diagonal scalings train",
-          "Albert et al. 2025, arXiv:2502.00987", quantized=BNB_4BIT | INT8, because=NO_INT4)
+             "Albert et al. 2025, arXiv:2502.00987", quantized=BNB_4BIT | INT8, because=NO_INT4)
 register_tuner("miss", MissConfig, "one trained shard shared across W's blocks (MiSS)",
-          "Kang et al. 2024, arXiv:2409.15371", quantized=BNB_4BIT | INT8, because=NO_INT4)
+             "Kang et al. 2024, arXiv:2409.15371", quantized=BNB_4BIT | INT8, because=NO_INT4)
 register_tuner("bone", BoneConfig, "block-affine update guided by W's own blocks (MiSS 'bat')",
-          "Kang 2024, arXiv:2409.15371v1", quantized=BNB_4BIT | INT8, because=NO_INT4)
+             "Kang 2024, arXiv:2409.15371v1", quantized=BNB_4BIT | INT8, because=NO_INT4)
 register_tuner("shira", ShiraConfig, "train a fixed sparse subset (~r(in+out)) of W's entries",
-          "Bhardwaj et al. 2024, arXiv:2406.13175", quantized=BNB_4BIT | INT8, because=NO_INT4)
+             "Bhardwaj et al. 2024, arXiv:2406.13175", quantized=BNB_4BIT | INT8, because=NO_INT4)
 register_tuner("ia3", Ia3Config, "learned rescaling vectors on keys, values and FFN",
-          "Liu et al. 2022, arXiv:2205.05638", quantized=BNB_4BIT | INT8, because=NO_INT4)
+             "Liu et al. 2022, arXiv:2205.05638", quantized=BNB_4BIT | INT8, because=NO_INT4)
