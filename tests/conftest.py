@@ -299,8 +299,9 @@ def assert_eval_forward_keeps_gradients(model: Any) -> dict:
 # ---- recipes and training in this process ------------------------------------------------
 
 def write_recipe(path: Path, *, model: Path, data: Path, out: Path, val: Path | None = None,
-                 **sections) -> Path:
-    """A small, fast recipe; `sections` override keys, e.g. train={"max_steps": 4}."""
+                 data_keys: dict | None = None, **sections) -> Path:
+    """A small, fast recipe; `sections` override keys, e.g. train={"max_steps": 4}, and
+    `data_keys` those of the data section (e.g. {"format": "preference"})."""
     recipe = {
         "model": {"path": str(model)},
         "adapter": {"method": "lora", "r": 4, "alpha": 8},
@@ -311,6 +312,7 @@ def write_recipe(path: Path, *, model: Path, data: Path, out: Path, val: Path | 
     }
     if val is not None:
         recipe["data"]["val"] = str(val)
+    recipe["data"].update(data_keys or {})
     for section, values in sections.items():
         if section == "adapter":  # a method's keys replace the default LoRA's whole
             recipe["adapter"] = values
@@ -369,7 +371,9 @@ class ResumedRun(NamedTuple):
 
 def assert_resume_matches_uninterrupted(tmp_path: Path, *, model: Path, data: Path,
                                         adapter: dict, steps: int = 6,
-                                        weights: str = "adapter_model.safetensors") -> ResumedRun:
+                                        weights: str = "adapter_model.safetensors",
+                                        data_keys: dict | None = None,
+                                        train_keys: dict | None = None) -> ResumedRun:
     """Train `steps` steps in one go (tmp_path/a), and the same run as if it had been killed
     just after its halfway checkpoint (a copy without what came later), resumed (tmp_path/b).
     Asserts that both export bitwise-equal `weights` (the same tensor names) and that the
@@ -381,8 +385,9 @@ def assert_resume_matches_uninterrupted(tmp_path: Path, *, model: Path, data: Pa
     from peftune.train.run import run_train
 
     recipe = write_recipe(tmp_path / "r.yaml", model=model, data=data, out=tmp_path / "a",
-                          adapter=adapter, train={"max_steps": steps, "save_every": steps // 2,
-                                                  "keep_checkpoints": 2})
+                          adapter=adapter, data_keys=data_keys,
+                          train={"max_steps": steps, "save_every": steps // 2,
+                                 "keep_checkpoints": 2, **(train_keys or {})})
     run_train(load_recipe(recipe), quiet=True)
     whole, resumed = tmp_path / "a", tmp_path / "b"
     shutil.copytree(whole, resumed)

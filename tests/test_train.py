@@ -97,7 +97,7 @@ def test_accumulation_gives_the_same_update_as_a_large_batch(tmp_path, tiny_mode
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
         tmp_path, tiny_model_dir, text_data, monkeypatch):
-    import peftune.train.loop as loop
+    import peftune.train.objectives as loop  # where the sft loss is computed
 
     calls = {"n": 0}
     real = loop.token_loss_sum

@@ -16,6 +16,7 @@ imported by the functions that need them.
 
 from __future__ import annotations
 
+from peftune.data import preference as _preference  # noqa: F401  (registers its formats)
 from peftune.data.cache import DATA_FORMAT_VERSION, default_cache_dir
 from peftune.data.formats import FORMATS, IGNORE_INDEX, RowError, Segments, register_format
 from peftune.data.packing import (

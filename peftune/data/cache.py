@@ -27,7 +27,7 @@ import numpy as np
 
 from peftune.recipe.schema import DataSection
 
-DATA_FORMAT_VERSION = 1
+DATA_FORMAT_VERSION = 2  # 2: preference roles and source rows
 # DataSection fields that do not change the cached tokens: where the data is and what happens
 # to the examples after tokenizing (split, truncation, packing). Every other field is in the
 # key, so that a field added to DataSection later invalidates the cache by default.

@@ -48,17 +48,25 @@ class RowError(Exception):
         return f"{self.problem} (field '{self.field_name}')" if self.field_name else self.problem
 
 
+# What an example is to the objective (stored per example with the tokens): a plain example,
+# one side of a preference pair (the chosen one first, the rejected one right after it), or
+# an unpaired KTO completion that is desirable or not.
+ROLE_PLAIN, ROLE_CHOSEN, ROLE_REJECTED, ROLE_DESIRABLE, ROLE_UNDESIRABLE = 0, 1, 2, 3, 4
+
+
 @dataclass
 class Segments:
     """A row's text in order: (text, is_target) pieces; `bos`: prepend the tokenizer's own
-    leading special tokens; `eos`: append EOS as a target."""
+    leading special tokens; `eos`: append EOS as a target; `role`: one of the ROLE_ values."""
 
     parts: list[tuple[str, bool]] = field(default_factory=list)
     bos: bool = False
     eos: bool = False
+    role: int = ROLE_PLAIN
 
 
-FormatFn = Callable[[dict[str, Any], DataSection, Any], Segments]
+# A format turns a row into one example, or into several that stay together (a pair).
+FormatFn = Callable[[dict[str, Any], DataSection, Any], "Segments | list[Segments]"]
 FORMATS: dict[str, FormatFn] = {}
 
 
@@ -84,6 +92,9 @@ def check_format_setup(cfg: DataSection, tokenizer: Any) -> None:
     if cfg.format in ("text", "instruction") and cfg.add_eos and tokenizer.eos_token_id is None:
         raise InputError("data.add_eos: the tokenizer has no EOS token; set data.add_eos: false "
                          "or use a tokenizer with an eos_token")
+    if cfg.format in ("preference", "kto") and cfg.add_eos and tokenizer.eos_token_id is None:
+        raise InputError(f"data.add_eos: the tokenizer has no EOS token, which ends plain-text "
+                         f"responses of data.format: {cfg.format}; set data.add_eos: false")
     if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise InputError("data.format: chat needs a tokenizer with a chat template, and this one "
                          "has none; use a chat model's tokenizer, or data.format: instruction "

@@ -38,6 +38,7 @@ class Row:
     labels: np.ndarray
     lengths: tuple[int, ...]
     example_indices: tuple[int, ...]
+    roles: tuple[int, ...] | None = None  # preference data: each example's formats.ROLE_*
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -46,25 +47,34 @@ class Row:
 def pack_rows(data: TokenizedSet, *, max_length: int, packing: bool, seed: int) -> list[Row]:
     """The run's rows: best-fit-decreasing bins of examples when packing, else one example per
     row. Examples of equal length are placed in a seeded random order, so that which examples
-    share a row varies with the seed and not with the file order."""
+    share a row varies with the seed and not with the file order.
+
+    Preference pairs (`data.group` 2) are packed whole: a row holds one pair (packing off) or
+    several (on), at most `group x max_length` tokens, each side its own example."""
     lengths = data.lengths
     if len(lengths) and int(lengths.max()) > max_length:
         raise ValueError(f"an example has {int(lengths.max())} tokens, more than max_length="
                          f"{max_length}; build the data with the same data.max_length")
+    group = data.group
+    units = lengths.reshape(-1, group).sum(axis=1) if group > 1 else lengths
     if packing:
-        bins = best_fit_decreasing(lengths, max_length, seed=seed)
+        bins = best_fit_decreasing(units, max_length * group, seed=seed)
     else:
-        bins = [[i] for i in range(len(data))]
+        bins = [[i] for i in range(len(units))]
     rows = []
-    for members in bins:
+    for unit_members in bins:
+        members = [u * group + k for u in unit_members for k in range(group)]
         pieces = [data[i] for i in members]
         rows.append(Row(input_ids=np.concatenate([ids for ids, _ in pieces]),
                         labels=np.concatenate([labels for _, labels in pieces]),
                         lengths=tuple(int(lengths[i]) for i in members),
-                        example_indices=tuple(int(i) for i in members)))
+                        example_indices=tuple(int(i) for i in members),
+                        roles=None if data.roles is None else tuple(
+                            int(data.roles[i]) for i in members)))
     if packing and rows:
+        capacity = max_length * group
         log.info("packed %d examples into %d rows of <= %d tokens (%.1f%% filled)",
-                 len(data), len(rows), max_length, 100 * packing_efficiency(rows, max_length))
+                 len(data), len(rows), capacity, 100 * packing_efficiency(rows, capacity))
     return rows
 
 
@@ -123,8 +133,8 @@ def micro_batches(rows: list[Row], *, batch_size: int, pad_id: int, seed: int, e
     isolates the examples by their position_ids.
     """
     if not packing and any(len(row.lengths) > 1 for row in rows):
-        raise ValueError("rows hold several examples each: they were packed, so call "
-                         "micro_batches with packing=True")
+        raise ValueError("rows hold several examples each: they were packed (or are preference "
+                         "pairs), so call micro_batches with packing=True")
     order = np.random.default_rng([seed % 2**63, epoch]).permutation(len(rows))
     return MicroBatches(rows, order, batch_size=batch_size, pad_id=pad_id, packing=packing)
 
@@ -171,7 +181,27 @@ class MicroBatches:
         batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
         batch["position_ids" if self.packing else "attention_mask"] = torch.from_numpy(extra)
         batch["num_tokens"] = torch.tensor(sum(len(row) for row in chosen))  # real, not padding
+        if chosen[0].roles is not None:
+            batch.update(sequence_keys(chosen, width))
         return batch
+
+
+def sequence_keys(rows: list[Row], width: int) -> dict[str, torch.Tensor]:
+    """What a preference objective needs besides the tokens: `segment_ids` (B, L), the
+    batch-wide index of the example each token belongs to (-1 on padding), and per example in
+    that order its `roles` and `example_ids` (its index in the TokenizedSet)."""
+    import torch
+
+    segments = np.full((len(rows), width), -1, dtype=np.int64)
+    count = 0
+    for j, row in enumerate(rows):
+        spans = np.repeat(np.arange(count, count + len(row.lengths)), row.lengths)
+        segments[j, :len(row)] = spans
+        count += len(row.lengths)
+    return {"segment_ids": torch.from_numpy(segments),
+            "roles": torch.tensor([r for row in rows for r in row.roles], dtype=torch.long),
+            "example_ids": torch.tensor([i for row in rows for i in row.example_indices],
+                                        dtype=torch.long)}
 
 
 def block_causal_mask(position_ids: torch.Tensor, *, dtype: Any = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ import numpy as np
 from peftune.data import cache
 from peftune.data.formats import (
     IGNORE_INDEX,
+    ROLE_CHOSEN,
     RowError,
     SegmentEncoder,
     check_format_setup,
@@ -39,14 +40,36 @@ log = logging.getLogger("peftune.data")
 
 class TokenizedSet:
     """Tokenized examples: `data[i]` is (input_ids, labels), int32 views of the flat arrays;
-    labels are IGNORE_INDEX (-100) where a token is not a target, and always at position 0."""
+    labels are IGNORE_INDEX (-100) where a token is not a target, and always at position 0.
 
-    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray):
+    Preference data also has `roles` (int8 per example, formats.ROLE_*: a pair is a chosen
+    example followed by its rejected one) and `source_rows` (each example's row ordinal in
+    its source, for error lines)."""
+
+    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, *,
+                 roles: np.ndarray | None = None, source_rows: np.ndarray | None = None):
         if len(input_ids) != len(labels) or offsets[0] != 0 or offsets[-1] != len(input_ids):
             raise ValueError("input_ids, labels and offsets do not describe the same examples")
         self.input_ids = np.asarray(input_ids, dtype=np.int32)
         self.labels = np.asarray(labels, dtype=np.int32)
         self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.roles = None if roles is None else np.asarray(roles, dtype=np.int8)
+        self.source_rows = None if source_rows is None else np.asarray(source_rows, dtype=np.int64)
+
+    @property
+    def group(self) -> int:
+        """Examples that stay together (in one row, one micro-batch): 2 for preference pairs."""
+        return 2 if self.roles is not None and len(self.roles) and (
+            self.roles[0] == ROLE_CHOSEN) else 1
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays that make up the set (what the cache stores)."""
+        out = {"input_ids": self.input_ids, "labels": self.labels, "offsets": self.offsets}
+        if self.roles is not None:
+            out["roles"] = self.roles
+        if self.source_rows is not None:
+            out["source_rows"] = self.source_rows
+        return out
 
     @classmethod
     def from_examples(cls, examples: list[tuple[np.ndarray, np.ndarray]]) -> TokenizedSet:
@@ -56,6 +79,11 @@ class TokenizedSet:
             return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), offsets)
         return cls(np.concatenate([ids for ids, _ in examples]),
                    np.concatenate([labels for _, labels in examples]), offsets)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> TokenizedSet:
+        return cls(arrays["input_ids"], arrays["labels"], arrays["offsets"],
+                   roles=arrays.get("roles"), source_rows=arrays.get("source_rows"))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -108,7 +136,10 @@ class TokenizedSet:
         labels = self.labels[gather]
         if left and len(labels):
             labels[offsets[:-1][lengths > 0]] = IGNORE_INDEX
-        return TokenizedSet(self.input_ids[gather], labels, offsets)
+        return TokenizedSet(
+            self.input_ids[gather], labels, offsets,
+            roles=None if self.roles is None else self.roles[indices],
+            source_rows=None if self.source_rows is None else self.source_rows[indices])
 
 
 @dataclass
@@ -139,7 +170,10 @@ def build_datasets(cfg: DataSection, tokenizer: Any, *, seed: int,
         stats["bad_rows"] += meta["bad_rows"]
         stats["cache_hit"] &= meta["cache_hit"]
         left = cfg.truncation == "left"
-        keep = np.flatnonzero(raw.target_counts(cfg.max_length, left=left) > 0)
+        usable = raw.target_counts(cfg.max_length, left=left) > 0
+        if raw.roles is not None:  # preference data: a response cut away is the row's problem
+            usable = _usable_rows(cfg, raw, usable, key=key, path=path, stats=stats)
+        keep = np.flatnonzero(usable)
         stats["truncated"] += int(np.count_nonzero(raw.lengths[keep] > cfg.max_length))
         dropped = len(raw) - len(keep)
         stats["dropped_no_target"] += dropped
@@ -172,6 +206,44 @@ def build_datasets(cfg: DataSection, tokenizer: Any, *, seed: int,
     return DataSplits(train=train, val=val, stats=stats)
 
 
+def _usable_rows(cfg: DataSection, raw: TokenizedSet, usable: np.ndarray, *, key: str,
+                 path: str, stats: dict[str, Any]) -> np.ndarray:
+    """Which examples of preference data to keep: a row whose prompt leaves no response token
+    within data.max_length is an error naming it (or, with on_bad_row: skip, left out whole:
+    a pair loses both sides)."""
+    group = raw.group
+    whole = usable.reshape(-1, group).all(axis=1)
+    bad = np.flatnonzero(~whole)
+    if not len(bad):
+        return usable
+    rows = raw.source_rows[bad * group] if raw.source_rows is not None else bad
+    if cfg.on_bad_row == "error":
+        fix = ("raise data.max_length" if cfg.truncation == "left" else
+               "set data.truncation: left (cuts the start of the prompt, keeps the response), "
+               "or raise data.max_length")
+        where = _row_locations(cfg, path, key, rows[:3])
+        more = f" and {len(bad) - 3} more rows" if len(bad) > 3 else ""
+        raise InputError(f"{where}{more}: the prompt leaves no room for the response within "
+                         f"data.max_length={cfg.max_length}; {fix}")
+    stats["rows_skipped"] += len(bad)
+    log.warning("%s: left out %d rows whose prompt fills data.max_length=%d "
+                "(data.on_bad_row: skip)", key, len(bad), cfg.max_length)
+    return np.repeat(whole, group)
+
+
+def _row_locations(cfg: DataSection, path: str, key: str, ordinals: np.ndarray) -> str:
+    """The locations (`file:line`) of rows by their ordinal in the source."""
+    wanted = {int(i) for i in ordinals}
+    found: dict[int, str] = {}
+    for ordinal, item in enumerate(iter_rows(resolve_source(path, key=key), key=key,
+                                             display=path)):
+        if ordinal in wanted:
+            found[ordinal] = item.location
+            if len(found) == len(wanted):
+                break
+    return ", ".join(found.get(int(i), f"{path}: row {int(i) + 1}") for i in ordinals)
+
+
 def _too_long(cfg: DataSection, raw: TokenizedSet, dropped: int, path: str) -> str:
     """Why most examples of a file have nothing to train on, and the two ways out."""
     lengths = raw.lengths
@@ -186,12 +258,18 @@ def _too_long(cfg: DataSection, raw: TokenizedSet, dropped: int, path: str) -> s
 
 def _split(data: TokenizedSet, ratio: float, seed: int) -> tuple[TokenizedSet, TokenizedSet]:
     """A seeded random split; both parts keep file order."""
-    n_val = max(1, round(len(data) * ratio))
-    if n_val >= len(data):
-        raise InputError(f"data.val_ratio: {ratio} of {len(data)} examples leaves none to "
+    group = data.group  # pairs are split as pairs
+    units = len(data) // group
+    n_val = max(1, round(units * ratio))
+    if n_val >= units:
+        raise InputError(f"data.val_ratio: {ratio} of {units} examples leaves none to "
                          "train on; lower it or give data.val")
-    order = np.random.default_rng([seed % 2**63, 0x5A1]).permutation(len(data))
-    return data.select(np.sort(order[n_val:])), data.select(np.sort(order[:n_val]))
+    order = np.random.default_rng([seed % 2**63, 0x5A1]).permutation(units)
+
+    def members(chosen: np.ndarray) -> np.ndarray:
+        return (np.sort(chosen)[:, None] * group + np.arange(group)).ravel()
+
+    return data.select(members(order[n_val:])), data.select(members(order[:n_val]))
 
 
 def _load_or_tokenize(cfg: DataSection, tokenizer: Any, *, path: str, key: str,
@@ -204,25 +282,25 @@ def _load_or_tokenize(cfg: DataSection, tokenizer: Any, *, path: str, key: str,
     if entry is not None:
         arrays, meta = entry
         log.info("%s: tokenized data loaded from the cache (%s)", key, cache_dir)
-        data = TokenizedSet(arrays["input_ids"], arrays["labels"], arrays["offsets"])
+        data = TokenizedSet.from_arrays(arrays)
         return data, {**meta, "cache_hit": True, "tokenize_seconds": 0.0}
     began = time.perf_counter()
     data, meta = tokenize_source(cfg, tokenizer, source=source, key=key, display=path, limit=limit)
     meta["tokenize_seconds"] = time.perf_counter() - began
-    cache.save_entry(cache_dir, entry_key, {"input_ids": data.input_ids, "labels": data.labels,
-                                            "offsets": data.offsets}, meta)
+    cache.save_entry(cache_dir, entry_key, data.arrays(), meta)
     return data, {**meta, "cache_hit": False}
 
 
 def _field_nowhere(cfg: DataSection, key: str, display: str, name: str | None, has: str) -> str:
     """One line for a field that no row has: the field, the key naming it, what rows hold."""
     keys = [k for k in ("text_field", "prompt_field", "input_field", "response_field",
-                        "messages_field") if getattr(cfg, k, None) == name]
+                        "messages_field", "chosen_field", "rejected_field", "completion_field",
+                        "label_field") if getattr(cfg, k, None) == name]
     which = f"data.{keys[0]}" if keys else "the format's field"
     fields = has.removeprefix("the row has: ")
     present = set(fields.split(", "))
     hint = ""
-    if cfg.format != "chat" and present & {"messages", "conversations"}:
+    if cfg.format in ("text", "instruction") and present & {"messages", "conversations"}:
         hint = ", or data.format: chat for conversations"
     elif cfg.format == "text" and len(present) >= 2:
         hint = ", or data.format: instruction with prompt_field and response_field"
@@ -239,7 +317,9 @@ def tokenize_source(cfg: DataSection, tokenizer: Any, *, source: Path, key: str,
     format_fn = get_format(cfg.format)
     encoder = SegmentEncoder(tokenizer)
     chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    pending = []
+    pending: list = []
+    roles: list[int] = []  # per example, with the row ordinal it came from
+    ordinals: list[int] = []
     bad: list[str] = []
     lacking: list[tuple[str | None, str]] = []  # (field, what the row has) per missing field
     rows_read = 0
@@ -258,8 +338,11 @@ def tokenize_source(cfg: DataSection, tokenizer: Any, *, source: Path, key: str,
             continue
         if bad and cfg.on_bad_row == "error":
             continue  # the run stops at the end: only look for more bad rows
-        pending.append(segments)
-        if len(pending) == _ROWS_PER_BATCH:
+        examples = segments if isinstance(segments, list) else [segments]
+        pending += examples
+        roles += [example.role for example in examples]
+        ordinals += [rows_read - 1] * len(examples)
+        if len(pending) >= _ROWS_PER_BATCH:
             chunks.append(encoder.encode(pending))
             pending = []
     names = {name for name, _ in lacking}
@@ -279,10 +362,13 @@ def tokenize_source(cfg: DataSection, tokenizer: Any, *, source: Path, key: str,
     if pending:
         chunks.append(encoder.encode(pending))
     lengths = np.concatenate([c[2] for c in chunks]) if chunks else np.zeros(0, np.int64)
+    preference = any(roles)  # every example of a preference format has a role
     data = TokenizedSet(
         np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int32),
         np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0, np.int32),
         np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
+        roles=np.asarray(roles, dtype=np.int8) if preference else None,
+        source_rows=np.asarray(ordinals, dtype=np.int64) if preference else None,
     )
     meta = {"rows_read": rows_read, "rows_skipped": len(bad),
             "bad_rows": bad[:MAX_REPORTED_BAD_ROWS]}

@@ -108,12 +108,18 @@ class DataSection(Section):
     train: str = Field(description="training data: jsonl | json | parquet | csv | saved datasets dir")
     val: str | None = None
     val_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
-    format: Literal["text", "instruction", "chat"] = "text"
+    format: Literal["text", "instruction", "chat", "preference", "kto"] = "text"
     text_field: str = "text"
     prompt_field: str = "prompt"
     input_field: str | None = None
     response_field: str = "response"
     messages_field: str = "messages"
+    # preference: a prompt with a chosen and a rejected response; kto: a prompt, one
+    # completion and a boolean label (true: desirable). Each text a string or chat messages.
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    completion_field: str = "completion"
+    label_field: str = "label"
     # chat: message roles (or ShareGPT "from" speakers) renamed to system / user / assistant /
     # tool, e.g. {human: user, bot: assistant}; the usual ShareGPT speakers need no entry
     roles: dict[str, str] = Field(default_factory=dict)
@@ -184,6 +190,113 @@ class StrategySection(Section):
         return []
 
 
+# The keys each objective reads besides `name` (a key of another objective is an error);
+# peftune.train.objectives holds the formulas, METHODS.md section 7 the papers.
+OBJECTIVE_KEYS = {
+    "sft": frozenset(),
+    "dpo": frozenset({"beta", "label_smoothing", "reference"}),
+    "ln-dpo": frozenset({"beta", "label_smoothing", "reference"}),
+    "ipo": frozenset({"beta", "reference"}),
+    "orpo": frozenset({"lambda"}),
+    "simpo": frozenset({"beta", "gamma"}),
+    "kto": frozenset({"beta", "desirable_weight", "undesirable_weight", "reference"}),
+}
+# `beta` when a recipe leaves it out: each paper's usual value (per-token averaged log-probs,
+# as in ln-dpo and simpo, are ~1/length of summed ones and take a larger beta)
+OBJECTIVE_BETA = {"dpo": 0.1, "ln-dpo": 1.0, "ipo": 0.1, "simpo": 2.0, "kto": 0.1}
+PAIRED_OBJECTIVES = frozenset({"dpo", "ln-dpo", "ipo", "orpo", "simpo"})
+
+
+class ObjectiveSection(Section):
+    """`train.objective`: the loss a run minimises, `NAME` or `{name: NAME, key: value}`.
+    sft: next-token cross-entropy (the default). dpo, ln-dpo, ipo, orpo, simpo train on
+    `data.format: preference` pairs, kto on `data.format: kto` rows (peftune.train.objectives).
+    `reference` (dpo, ln-dpo, ipo, kto): `auto` (the base with the adapter off where that is
+    the starting model, else `precomputed`), `adapter_off`, `precomputed` (the starting model's
+    log-probs of every pair, computed once before the first step), or a model path."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: Literal["sft", "dpo", "ln-dpo", "ipo", "orpo", "simpo", "kto"] = "sft"
+    beta: float | None = Field(default=None, gt=0, validate_default=True)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    reference: str = "auto"
+    lambda_: float = Field(default=0.1, gt=0, alias="lambda")
+    gamma: float = Field(default=0.5, ge=0)
+    desirable_weight: float = Field(default=1.0, gt=0)
+    undesirable_weight: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_objective(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or value.get("name") not in OBJECTIVE_KEYS:
+            return value
+        name = value["name"]
+        own = OBJECTIVE_KEYS[name]
+        for key in value:
+            if key != "name" and key not in own:
+                owners = [n for n, keys in OBJECTIVE_KEYS.items() if key in keys]
+                theirs = f"; only {', '.join(owners)} read it" if owners else ""
+                keys = ", ".join(sorted(own)) or "none"
+                raise ValueError(f"objective {name} has no key {key!r} (its keys: {keys}){theirs}")
+        return value
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, value: float | None, info: ValidationInfo) -> float | None:
+        return OBJECTIVE_BETA.get(info.data.get("name")) if value is None else value
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected auto, adapter_off, precomputed or a model path")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _own_keys_only(self, handler: Any) -> dict:
+        # a dump (the run's recipe.yaml) holds the objective's own keys, so that it loads back
+        own = OBJECTIVE_KEYS[self.name] | {"name"}
+        dumped = handler(self)
+        dumped["lambda"] = dumped.pop("lambda_", self.lambda_)
+        return {key: value for key, value in dumped.items() if key in own}
+
+    @property
+    def paired(self) -> bool:
+        return self.name in PAIRED_OBJECTIVES
+
+    @property
+    def uses_reference(self) -> bool:
+        return "reference" in OBJECTIVE_KEYS[self.name]
+
+    def recipe_problems(self, recipe: Any) -> list[tuple[tuple[str, ...], str]]:
+        fmt = recipe.data.format
+        where = ("train", "objective")
+        if self.paired and fmt != "preference":
+            return [(where, f"objective {self.name} trains on chosen/rejected pairs and needs "
+                     f"data.format: preference, got {fmt}" + (
+                         "; use objective kto for unpaired rows" if fmt == "kto" else ""))]
+        if self.name == "kto" and fmt != "kto":
+            return [(where, f"objective kto trains on unpaired rows (prompt, completion, label) "
+                     f"and needs data.format: kto, got {fmt}" + (
+                         "; use objective dpo (or ln-dpo, ipo, orpo, simpo) for pairs"
+                         if fmt == "preference" else ""))]
+        if self.name == "sft" and fmt in ("preference", "kto"):
+            return [(("data", "format"), f"data.format: {fmt} is for preference objectives; set "
+                     "train.objective (dpo, ln-dpo, ipo, orpo, simpo for pairs, kto for "
+                     "labelled rows)")]
+        if self.uses_reference and self.reference == "adapter_off" and (
+                recipe.adapter.method in ("full", "freeze")):
+            return [(where + ("reference",), f"adapter.method {recipe.adapter.method} has no "
+                     "adapter to switch off; use reference: precomputed (or auto)")]
+        return []
+
+
 class TrainSection(Section):
     max_steps: int | None = Field(default=None, gt=0)
     epochs: float = Field(default=1.0, gt=0)
@@ -213,6 +326,13 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(default=2, gt=0)
     # a training strategy for adapter.method: full: {name: lisa, ...} or {name: galore, ...}
     strategy: StrategySection | None = None
+    # the loss: sft (next-token), or a preference objective (dpo, ln-dpo, ipo, orpo, simpo, kto)
+    objective: ObjectiveSection = ObjectiveSection()
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
     @field_validator("adam_betas", mode="before")
     @classmethod
@@ -412,6 +532,7 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
         ))
     if recipe.train.strategy is not None:
         problems += recipe.train.strategy.recipe_problems(recipe)
+    problems += recipe.train.objective.recipe_problems(recipe)
     if recipe.data.val is not None and recipe.data.val_ratio > 0:
         problems.append((
             ("data", "val_ratio"),

@@ -1,12 +1,14 @@
 """The training loop: micro-batches with gradient accumulation, one optimizer step each.
 
 The loss of an optimizer step is the sum of token losses of all its micro-batches divided
-by the number of target tokens in all of them, so `batch_size=8, grad_accum=1` and
-`batch_size=2, grad_accum=4` give the same update. With N processes an optimizer step takes
+by the number of target tokens in all of them (a preference objective: of pair losses by
+pairs; train/objectives.py), so `batch_size=8, grad_accum=1` and `batch_size=2,
+grad_accum=4` give the same update. With N processes an optimizer step takes
 N x grad_accum consecutive micro-batches, process r the r-th of every N (so N processes with
 accumulation G train exactly as one process with accumulation N x G), and the target count is
 summed over the processes (an all-reduce). The loop knows nothing of adapter
-methods: it calls the hooks it was given (extra loss, after-step) and nothing else.
+methods or objectives: it calls the hooks it was given (extra loss, after-step) and the
+objective's counts, loss and summary, and nothing else.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from peftune.adapters.hooks import AdapterHooks
 from peftune.data.formats import IGNORE_INDEX
 from peftune.errors import TrainingError
 from peftune.train.checkpoint import TrainerState
-from peftune.train.loss import token_loss_sum
+from peftune.train.objectives import Objective
 from peftune.train.sharded import engine, gathered, keep_for_export
 
 BatchesForEpoch = Callable[[int], Sequence[dict]]  # epoch -> that epoch's micro-batches
@@ -44,7 +46,9 @@ class Loop:
     eval_every: int | None
     save_every: int | None
     val_batches: Sequence[dict] | None = None
-    chunked_loss: bool = True  # the head applied in chunks to target positions (train/loss.py)
+    objective: Objective | None = None  # None: sft (next-token cross-entropy)
+    reference: Callable[[dict], Any] | None = None  # log π_ref of a training batch
+    val_reference: Callable[[dict], Any] | None = None  # ... of a validation batch
     # Callbacks into the run (logging, checkpoints); the loop does no I/O itself.
     on_step: Callable[[int], None] = lambda step: None
     on_log: Callable[[dict], None] = lambda record: None
@@ -89,6 +93,43 @@ def next_micro_batches(loop: Loop, state: TrainerState) -> list[dict]:
     return taken
 
 
+def step_totals(loop: Loop, batches: Sequence[dict], model: Any,
+                reference: Callable[[dict], Any] | None) -> dict[str, float]:
+    """The objective's normalisers (and step-wide statistics) over `batches` on every
+    process, with `targets` and `tokens` counted too: the same dict on every rank."""
+    import torch
+
+    objective = _objective(loop)
+    local: dict[str, float] = {"targets": 0.0, "tokens": 0.0}
+    for batch in batches:
+        local["targets"] += count_targets(batch)
+        local["tokens"] += count_tokens(batch)
+        for name, value in objective.counts(batch).items():
+            local[name] = local.get(name, 0.0) + value
+    if objective.step_pass:
+        with torch.no_grad():
+            for batch in batches:
+                sums = objective.step_sums(model, _to(batch, loop.accelerator.device), reference)
+                for name, value in sums.items():
+                    local[name] = local.get(name, 0.0) + value
+    names = sorted(local)
+    return dict(zip(names, global_sums(loop.accelerator, *(local[n] for n in names)),
+                    strict=True))
+
+
+def _objective(loop: Loop) -> Objective:
+    if loop.objective is None:
+        from peftune.recipe.schema import ObjectiveSection
+
+        loop.objective = Objective(ObjectiveSection())
+    return loop.objective
+
+
+def add_sums(into: dict[str, float], sums: dict[str, float]) -> None:
+    for name, value in sums.items():
+        into[name] = into.get(name, 0.0) + value
+
+
 def global_sums(accelerator: Any, *values: float) -> list[float]:
     """The values summed over all processes (one all-reduce); as they are on one process."""
     if accelerator.num_processes == 1:
@@ -106,10 +147,12 @@ def _epoch(loop: Loop, epoch: int) -> Sequence[dict]:
 
 
 def evaluate_loss(loop: Loop) -> dict:
-    """Token-weighted mean loss over the validation batches."""
+    """The objective's loss over the validation batches (for sft the token-weighted mean
+    loss), with the objective's metrics prefixed `val_`."""
     import torch
 
     model = loop.model
+    objective = _objective(loop)
     batches = loop.val_batches or []
     counted = [True] * len(batches)
     if loop.num_processes > 1:  # each process its share; no DDP forward (it syncs buffers)
@@ -123,16 +166,23 @@ def evaluate_loss(loop: Loop) -> dict:
             mine, counted = mine + [0] * extra, counted + [False] * extra
         batches = [batches[i] for i in mine]
     model.eval()
-    total, targets = 0.0, 0
+    mine_counted = [b for b, count in zip(batches, counted, strict=True) if count]
+    totals = step_totals(loop, mine_counted, model, loop.val_reference)
+    total, sums = 0.0, {}
     with torch.no_grad(), loop.accelerator.autocast():
         for batch, count in zip(batches, counted, strict=True):
-            loss = float(token_loss_sum(model, _to(batch, loop.accelerator.device),
-                                        chunked=loop.chunked_loss))
+            loss, batch_sums = objective.loss(model, _to(batch, loop.accelerator.device),
+                                              totals, loop.val_reference)
             if count:
-                total, targets = total + loss, targets + count_targets(batch)
+                total += float(loss)
+                add_sums(sums, batch_sums)
     model.train()
-    total, targets = global_sums(loop.accelerator, total, targets)
-    return {"val_loss": total / max(targets, 1), "val_target_tokens": int(targets)}
+    names = sorted(sums)
+    total, *values = global_sums(loop.accelerator, total, *(sums[n] for n in names))
+    record = {"val_loss": total, "val_target_tokens": int(totals["targets"])}
+    metrics = objective.summarize(dict(zip(names, values, strict=True)))
+    record.update({f"val_{name}": value for name, value in metrics.items()})
+    return record
 
 
 def _to(batch: dict, device: Any) -> dict:
@@ -145,8 +195,12 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
 
     model, optimizer, scheduler, hooks = loop.model, loop.optimizer, loop.scheduler, loop.hooks
     accelerator = loop.accelerator
+    objective = _objective(loop)
+    # forwards without gradients (the step pass) skip DDP's bookkeeping; a sharded model
+    # needs its engine for every forward
+    plain_model = model if engine(accelerator) is not None else accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": timer.elapsed()}
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": timer.elapsed(), "sums": {}}
 
     def paused(work: Any, *, validation: bool = False) -> None:
         """Run `work` outside the throughput window: tokens/s counts training time only."""
@@ -166,10 +220,9 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
 
     while state.step < loop.total_steps:
         micro_batches = next_micro_batches(loop, state)
-        # Over all processes: each process's loss is its share of the step's mean token loss.
-        n_targets, step_tokens = (int(v) for v in global_sums(
-            accelerator, sum(count_targets(b) for b in micro_batches),
-            sum(count_tokens(b) for b in micro_batches)))
+        # Over all processes: each process's loss is its share of the step's mean loss.
+        totals = step_totals(loop, micro_batches, plain_model, loop.reference)
+        n_targets, step_tokens = int(totals["targets"]), int(totals["tokens"])
         step_loss = torch.zeros((), device=accelerator.device)
 
         for i, batch in enumerate(micro_batches):
@@ -177,7 +230,8 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                task_loss = token_loss_sum(model, batch, chunked=loop.chunked_loss) / max(n_targets, 1)
+                task_loss, sums = objective.loss(model, batch, totals, loop.reference)
+                add_sums(window["sums"], sums)
                 loss = task_loss * loop.num_processes  # DDP averages the gradients: undo it
                 extra = hooks.extra_loss(model) if hooks.extra_loss is not None else None
                 if extra is not None:  # a method's penalty may be off for part of the run
@@ -215,6 +269,9 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
         window["tokens"] += step_tokens
         if state.step % loop.log_every == 0 or state.step == loop.total_steps:
             seconds = max(timer.elapsed() - window["start"], 1e-9)
+            names = sorted(window["sums"])
+            summed = dict(zip(names, global_sums(accelerator, *(window["sums"][n] for n in names)),
+                              strict=True))
             loop.on_log({
                 "step": state.step,
                 "epoch": state.epoch,
@@ -224,8 +281,9 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
                 "tokens": state.tokens,
                 "tokens_per_s": window["tokens"] / seconds,
                 "elapsed_s": state.elapsed_s + timer.elapsed(),
+                **objective.summarize(summed),
             })
-            window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": timer.elapsed()}
+            window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": timer.elapsed(), "sums": {}}
         if loop.val_batches and (state.step == loop.total_steps or (
                 loop.eval_every and state.step % loop.eval_every == 0)):
             paused(validate, validation=True)

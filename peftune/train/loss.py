@@ -116,6 +116,33 @@ def target_nll_per_row(model: Any, inputs: dict, labels: Any, *, chunked: bool =
     return _plain_loss(model(**inputs, use_cache=False).logits, targets, per_row=True)
 
 
+def sequence_logps(model: Any, batch: dict, *, chunked: bool = True) -> tuple[Any, Any]:
+    """Each example's summed log-probability of its target tokens, log π(y|x) over the
+    response (float32, differentiable when gradients are on), and its target-token count, in
+    the order of `batch["roles"]`. Examples are told apart by `batch["segment_ids"]`
+    (data.packing.sequence_keys); label t + 1, the target of position t, is scored for the
+    example that token t + 1 belongs to."""
+    targets = shifted_targets(batch["labels"])
+    owner = shifted_targets(batch["segment_ids"]).masked_fill(targets == IGNORE_INDEX, -1)
+    count = len(batch["roles"])
+    inputs = model_inputs(model, batch)
+    if chunked and _head_path(model) is not None:
+        with _loss_head(model, targets, per_row=False, segments=(owner, count)) as head:
+            nll = head.returned(model(**inputs, use_cache=False).logits)
+    else:
+        nll = _plain_segment_nll(model(**inputs, use_cache=False).logits, targets, owner, count)
+    scored = owner[owner >= 0]
+    lengths = torch.bincount(scored, minlength=count)
+    return -nll, lengths
+
+
+def _plain_segment_nll(logits: Any, targets: Any, owner: Any, count: int) -> Any:
+    logits = logits[:, -targets.shape[1]:]
+    scored = owner >= 0
+    nll = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
+    return torch.zeros(count, dtype=nll.dtype, device=nll.device).index_add(0, owner[scored], nll)
+
+
 def shifted_targets(labels: Any) -> Any:
     """Position t's target is label t + 1 (the labels shift, not the logits: no copy)."""
     pad = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
@@ -171,7 +198,7 @@ def _head_path(model: Any) -> str | None:
 
 
 @contextlib.contextmanager
-def _loss_head(model: Any, targets: Any, *, per_row: bool):
+def _loss_head(model: Any, targets: Any, *, per_row: bool, segments: tuple | None = None):
     """The model's head replaced by a `LossHead` for one forward."""
     bare = _bare(model)
     parent_name, _, name = _head_path(bare).rpartition(".")
@@ -180,7 +207,8 @@ def _loss_head(model: Any, targets: Any, *, per_row: bool):
     vocab = int(getattr(getattr(bare, "config", None), "vocab_size", 0) or 32000)
     sharded = bare is not model and type(model).__name__ != "DistributedDataParallel"
     sharded = sharded or hasattr(next(iter(head.parameters()), None), "device_mesh")
-    loss_head = LossHead(head, targets, per_row=per_row, vocab=vocab, sharded=sharded)
+    loss_head = LossHead(head, targets, per_row=per_row, vocab=vocab, sharded=sharded,
+                         segments=segments)
     setattr(parent, name, loss_head)
     try:
         yield loss_head
@@ -190,13 +218,16 @@ def _loss_head(model: Any, targets: Any, *, per_row: bool):
 
 class LossHead(torch.nn.Module):
     """Takes the final hidden states where the head would, and returns the summed loss (or
-    each row's, `per_row`) of the target positions, a chunk of rows at a time."""
+    each row's, `per_row`, or each example's, `segments`) of the target positions, a chunk
+    of rows at a time. `segments`: (owner, count), the example (0..count-1) each target
+    position belongs to, -1 where none."""
 
     def __init__(self, head: Any, targets: Any, *, per_row: bool, vocab: int,
-                 sharded: bool) -> None:
+                 sharded: bool, segments: tuple | None = None) -> None:
         super().__init__()
         self.head = head
         self.targets, self.per_row, self.sharded = targets, per_row, sharded
+        self.segments = segments
         self.chunk = max(MIN_CHUNK_ROWS, CHUNK_LOGITS // max(vocab, 1))
         self.result: Any = None
 
@@ -226,6 +257,10 @@ class LossHead(torch.nn.Module):
         wanted = flat_targets.index_select(0, where)
         pieces = [(states[s:s + self.chunk], wanted[s:s + self.chunk])
                   for s in range(0, len(wanted), self.chunk)]
+        if self.segments is not None:
+            owner, count = self.segments
+            return self._segment_loss(states, wanted, owner.flatten().index_select(0, where),
+                                      count, pieces)
         if self.per_row:
             with torch.no_grad():
                 nll = [_chunk_nll(self.head, h, y, reduction="none") for h, y in pieces]
@@ -245,6 +280,60 @@ class LossHead(torch.nn.Module):
                 total = total + checkpoint(_chunk_nll, self.head, h, y, use_reentrant=False)
             return total
         return FusedHeadLoss.apply(states, wanted, self.head, self.chunk, *params)
+
+
+    def _segment_loss(self, states: Any, wanted: Any, owner: Any, count: int,
+                      pieces: list) -> Any:
+        """Each example's summed NLL (float32): fused where the head has nothing to train,
+        else each chunk checkpointed (its logits recomputed in the backward pass)."""
+        total = torch.zeros(count, dtype=torch.float32, device=states.device)
+        params = [p for p in self.head.parameters() if p.requires_grad]
+        owners = [owner[s:s + self.chunk] for s in range(0, len(wanted), self.chunk)]
+        if not torch.is_grad_enabled() or not (states.requires_grad or params):
+            with torch.no_grad():
+                for (h, y), o in zip(pieces, owners, strict=True):
+                    total.index_add_(0, o, _chunk_nll(self.head, h, y, reduction="none"))
+            return total
+        if params or self.sharded:
+            for (h, y), o in zip(pieces, owners, strict=True):
+                total = total + checkpoint(_chunk_segment_nll, self.head, h, y, o, count,
+                                           use_reentrant=False)
+            return total
+        return FusedSegmentLoss.apply(states, wanted, owner, count, self.head, self.chunk)
+
+
+class FusedSegmentLoss(torch.autograd.Function):
+    """Each example's NLL of `head(states)` against `wanted` (`owner`: the example of each
+    state), for a head with nothing to train. A state's logits reach only its own token's
+    loss, so the gradient of every token's loss with respect to its state is taken chunk by
+    chunk in the forward pass (no chunk's logits outlive it); the backward pass scales each
+    state's by the incoming gradient of its example."""
+
+    @staticmethod
+    def forward(ctx: Any, states: Any, wanted: Any, owner: Any, count: int, head: Any,
+                chunk: int) -> Any:
+        grad_states = torch.empty_like(states)
+        total = torch.zeros(count, dtype=torch.float32, device=states.device)
+        for s in range(0, len(wanted), chunk):
+            with torch.enable_grad():
+                piece = states[s:s + chunk].detach().requires_grad_(True)
+                nll = _chunk_nll(head, piece, wanted[s:s + chunk], reduction="none")
+                summed = nll.sum()
+            grad_states[s:s + chunk] = torch.autograd.grad(summed, piece)[0]
+            total.index_add_(0, owner[s:s + chunk], nll.detach())
+        ctx.save_for_backward(grad_states, owner)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Any) -> Any:
+        grad_states, owner = ctx.saved_tensors
+        scale = grad_output.index_select(0, owner).to(grad_states.dtype)
+        return grad_states * scale[:, None], None, None, None, None, None
+
+
+def _chunk_segment_nll(head: Any, states: Any, wanted: Any, owner: Any, count: int) -> Any:
+    nll = _chunk_nll(head, states, wanted, reduction="none")
+    return torch.zeros(count, dtype=nll.dtype, device=nll.device).index_add(0, owner, nll)
 
 
 class FusedHeadLoss(torch.autograd.Function):

@@ -85,9 +85,15 @@ class ProgressDisplay:
 
 
 def format_log_line(record: dict, total_steps: int) -> str:
-    parts = [f"step {record['step']:>5}/{total_steps}", f"loss {record['loss']:.4f}",
-             f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3f}",
-             f"{record['tokens_per_s']:,.0f} tok/s"]
+    parts = [f"step {record['step']:>5}/{total_steps}", f"loss {record['loss']:.4f}"]
+    if "reward_accuracy" in record:  # a pair objective's (train/objectives.py)
+        parts += [f"reward acc {record['reward_accuracy']:.0%}",
+                  f"margin {record['reward_margin']:.3f}",
+                  f"logp chosen {record['chosen_logp']:.1f} rejected {record['rejected_logp']:.1f}"]
+    elif "reward_margin" in record:  # kto's
+        parts += [f"margin {record['reward_margin']:.3f}", f"kl {record['kl']:.3f}"]
+    parts += [f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3f}",
+              f"{record['tokens_per_s']:,.0f} tok/s"]
     return "  ".join(parts)
 
 
@@ -100,7 +106,8 @@ def write_summary(path: Path, summary: dict) -> None:
 
 
 def plot_losses(records: list[dict], path: Path) -> Path | None:
-    """Train loss per logged step and validation loss per evaluation, as a PNG."""
+    """Train loss per logged step and validation loss per evaluation, as a PNG; for a
+    preference objective a second panel with the reward accuracy and margin."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train and not val:
@@ -110,14 +117,19 @@ def plot_losses(records: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    rewards = any("reward_margin" in r or "val_reward_margin" in r for r in records)
+    if rewards:
+        fig, (ax, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+        _plot_rewards(right, records)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         ax.plot(*zip(*train, strict=False), label="train loss", color="tab:blue", linewidth=1.4)
     if val:
         ax.plot(*zip(*val, strict=False), label="validation loss", color="tab:orange", marker="o",
                 markersize=4, linewidth=1.4)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per target token)")
+    ax.set_ylabel("loss (per pair or completion)" if rewards else "loss (nats per target token)")
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(path.parent.name)
@@ -125,6 +137,32 @@ def plot_losses(records: list[dict], path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _plot_rewards(ax: Any, records: list[dict]) -> None:
+    """Reward margin (left axis) and reward accuracy (right axis), train and validation."""
+    for prefix, style in (("", "-"), ("val_", "o-")):
+        margin = [(r["step"], r[f"{prefix}reward_margin"]) for r in records
+                  if f"{prefix}reward_margin" in r]
+        if margin:
+            ax.plot(*zip(*margin, strict=False), style, color="tab:green", markersize=4,
+                    label=f"{'validation' if prefix else 'train'} reward margin")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward margin")
+    ax.grid(alpha=0.3)
+    accuracy_axis = ax.twinx()
+    for prefix, style in (("", "-"), ("val_", "o-")):
+        accuracy = [(r["step"], r[f"{prefix}reward_accuracy"]) for r in records
+                    if f"{prefix}reward_accuracy" in r]
+        if accuracy:
+            accuracy_axis.plot(*zip(*accuracy, strict=False), style, color="tab:purple",
+                               markersize=4, alpha=0.8,
+                               label=f"{'validation' if prefix else 'train'} reward accuracy")
+    accuracy_axis.set_ylim(-0.02, 1.02)
+    accuracy_axis.set_ylabel("reward accuracy")
+    lines = ax.get_legend_handles_labels()
+    more = accuracy_axis.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower right")
 
 
 def peak_memory_bytes(device: Any) -> dict:
@@ -158,15 +196,15 @@ def print_header(built: BuiltRun, display: ProgressDisplay, *, resumed_from: Pat
     precision = str(built.accelerator.mixed_precision)
     precision = "fp32" if precision == "no" else precision
     procs = built.accelerator.num_processes
-    tokens_per_step = r.train.batch_size * r.train.grad_accum * procs * r.data.max_length
+    widths = 2 if built.rows and built.rows[0].roles is not None and len(built.rows[0].lengths) > 1 else 1
+    tokens_per_step = r.train.batch_size * r.train.grad_accum * procs * r.data.max_length * widths
     lines = [
         f"model {r.model.path}  quant {r.quant.method}  adapter {r.adapter.method}  "
         f"device {built.accelerator.device}  precision {precision}",
         f"trainable parameters {built.trainable_params:,} "
         f"({100 * built.trainable_params / max(_base_params(built), 1):.2f}% of the base model's "
         f"{_base_params(built):,})",
-        f"data: {len(built.rows):,} rows of <= {r.data.max_length} tokens "
-        f"({'packed' if r.data.packing else 'padded'}); batch {r.train.batch_size} x accumulation "
+        _data_line(built) + f"; batch {r.train.batch_size} x accumulation "
         f"{r.train.grad_accum}" + (f" x {procs} processes" if procs > 1 else "") +
         f" = {r.train.batch_size * r.train.grad_accum * procs} rows, "
         f"<= {tokens_per_step:,} tokens per optimizer step; {built.total_steps} steps",
@@ -186,6 +224,27 @@ def print_header(built: BuiltRun, display: ProgressDisplay, *, resumed_from: Pat
         lines.append(f"resuming from {resumed_from}")
     for line in lines:
         display.log(line)
+
+
+def _data_line(built: BuiltRun) -> str:
+    """How the training data is laid out in rows (and, for a preference objective, what the
+    reference is)."""
+    r = built.recipe
+    pairs = bool(built.rows) and built.rows[0].roles is not None and len(built.rows[0].lengths) > 1
+    if not pairs:
+        line = (f"data: {len(built.rows):,} rows of <= {r.data.max_length} tokens "
+                f"({'packed' if r.data.packing else 'padded'})")
+    else:
+        count = sum(len(row.lengths) for row in built.rows) // 2
+        line = (f"data: {count:,} pairs in {len(built.rows):,} rows of <= "
+                f"{2 * r.data.max_length} tokens ({'packed' if r.data.packing else 'a pair a row'})")
+    objective = r.train.objective
+    if objective.name != "sft":
+        line = f"objective {objective.name}; " + line
+        if built.reference is not None:
+            spent = f", {built.reference.seconds:.1f}s" if built.reference.seconds else ""
+            line = line.replace("; data", f" (reference: {built.reference.mode}{spent}); data", 1)
+    return line
 
 
 def print_footer(display: ProgressDisplay, out: Path, summary: dict) -> None:
@@ -210,8 +269,16 @@ def run_summary(built: BuiltRun, state: TrainerState, records: list[dict], artif
 
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
+    objective: dict[str, Any] = {"name": built.recipe.train.objective.name}
+    if built.reference is not None:
+        objective.update(reference=built.reference.mode,
+                         reference_seconds=round(built.reference.seconds, 3))
+    if val and objective["name"] != "sft":  # the last validation's rewards
+        objective.update({k: v for k, v in val[-1].items() if k.startswith("val_") and
+                          k not in ("val_loss", "val_target_tokens")})
     return {
         "method": built.recipe.adapter.method,
+        "objective": objective,
         "steps": state.step,
         "epochs": _epochs_done(built, state),
         "final_loss": train[-1]["loss"] if train else None,

@@ -83,7 +83,9 @@ def train_built(built: BuiltRun, out: Path, *, resume_from: Path | None = None) 
         grad_accum=recipe.train.grad_accum, max_grad_norm=recipe.train.max_grad_norm,
         log_every=recipe.train.log_every, eval_every=recipe.train.eval_every,
         save_every=recipe.train.save_every, val_batches=built.val_batches(),
-        chunked_loss=recipe.train.chunked_loss,
+        objective=built.objective,
+        reference=built.reference.train if built.reference else None,
+        val_reference=built.reference.val if built.reference else None,
         on_step=calls.display.advance, on_log=calls.on_log, on_eval=calls.on_eval,
         on_save=calls.on_save,
         num_processes=accelerator.num_processes, process_index=accelerator.process_index,
@@ -138,15 +140,26 @@ class LoopCallbacks:
 
     def on_log(self, record: dict) -> None:
         self.metrics.write(record)
-        self.display.advance(record["step"], f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                                             f"{record['tokens_per_s']:,.0f} tok/s")
+        accuracy = record.get("reward_accuracy")
+        shown = f"  acc {accuracy:.0%}" if accuracy is not None else ""
+        self.display.advance(record["step"], f"loss {record['loss']:.4f}{shown}  lr "
+                                             f"{record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s")
         self.display.log(format_log_line(record, self.built.total_steps))
 
     def on_eval(self, record: dict) -> None:
-        record["val_ppl"] = perplexity(record["val_loss"])
+        preference = self.built.objective.name != "sft"
+        if not preference:
+            record["val_ppl"] = perplexity(record["val_loss"])
         self.metrics.write(record)
+        if "val_reward_accuracy" in record:
+            shown = (f"val reward acc {record['val_reward_accuracy']:.1%}  margin "
+                     f"{record['val_reward_margin']:.3f}")
+        elif preference:  # kto: unpaired, no accuracy
+            shown = f"val margin {record['val_reward_margin']:.3f}  kl {record['val_kl']:.3f}"
+        else:
+            shown = f"val ppl {record['val_ppl']:.2f}"
         self.display.log(f"step {record['step']:>5}/{self.built.total_steps}  val loss "
-                         f"{record['val_loss']:.4f}  val ppl {record['val_ppl']:.2f}")
+                         f"{record['val_loss']:.4f}  {shown}")
 
     def on_save(self, current: TrainerState) -> None:
         self.last_checkpoint = self._checkpoint(current)

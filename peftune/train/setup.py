@@ -20,6 +20,8 @@ from peftune.device import has_cuda, native_bf16
 from peftune.dist import agree, found_on_every_rank, main_first, process_state
 from peftune.errors import InputError
 from peftune.recipe.schema import Recipe
+from peftune.train.objectives import Objective, build_objective
+from peftune.train.reference import ReferenceLogps
 
 
 @dataclass
@@ -40,24 +42,26 @@ class BuiltRun:
     total_params: int
     setup_s: float
     quiet: bool = False
+    objective: Objective | None = None
+    reference: ReferenceLogps | None = None  # log π_ref for dpo, ln-dpo, ipo, kto
 
     def batches_for_epoch(self, epoch: int) -> Sequence[dict]:
-        from peftune.data import micro_batches
-
-        cfg = self.recipe
-        return micro_batches(self.rows, batch_size=cfg.train.batch_size,
-                             pad_id=self.tokenizer.pad_token_id, seed=cfg.train.seed,
-                             epoch=epoch, packing=cfg.data.packing)
+        return run_batches(self.recipe, self.rows, self.tokenizer, epoch=epoch)
 
     def val_batches(self) -> Sequence[dict] | None:
-        from peftune.data import micro_batches
-
         if not self.val_rows:
             return None
-        cfg = self.recipe
-        return micro_batches(self.val_rows, batch_size=cfg.train.batch_size,
-                             pad_id=self.tokenizer.pad_token_id, seed=cfg.train.seed, epoch=0,
-                             packing=cfg.data.packing)
+        return run_batches(self.recipe, self.val_rows, self.tokenizer, epoch=0)
+
+
+def run_batches(recipe: Recipe, rows: list, tokenizer: Any, *, epoch: int) -> Sequence[dict]:
+    """One epoch's micro-batches of `rows` (a preference pair always shares its row)."""
+    from peftune.data import micro_batches
+
+    pairs = bool(rows) and rows[0].roles is not None and len(rows[0].lengths) > 1
+    return micro_batches(rows, batch_size=recipe.train.batch_size,
+                         pad_id=tokenizer.pad_token_id, seed=recipe.train.seed, epoch=epoch,
+                         packing=recipe.data.packing or pairs)
 
 
 def total_steps(recipe: Recipe, *, micro_batches_per_epoch: int, num_processes: int = 1) -> int:
@@ -186,6 +190,8 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
     model, hooks = agree(state, model_and_adapter)
     trainable_params, total_params = count_parameters(model)
 
+    reference = agree(state, lambda: _reference(recipe, model, accelerator, tokenizer, rows,
+                                                 val_rows, splits))
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, steps)
     # The scheduler is stepped by the loop once per optimizer step, so it is not prepared.
@@ -198,7 +204,21 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
         hooks=hooks, optimizer=optimizer, scheduler=scheduler, rows=rows, val_rows=val_rows,
         total_steps=steps, data_stats=_data_stats(splits.stats, selection), trainable_params=trainable_params,
         total_params=total_params, setup_s=time.perf_counter() - started, quiet=quiet,
+        objective=build_objective(recipe.train.objective, chunked=recipe.train.chunked_loss),
+        reference=reference,
     )
+
+
+def _reference(recipe: Recipe, model: Any, accelerator: Any, tokenizer: Any, rows: list,
+               val_rows: list | None, splits: Any) -> ReferenceLogps | None:
+    """The objective's reference log-probs (train/reference.py), from the starting model."""
+    from peftune.train.reference import build_reference
+
+    val = run_batches(recipe, val_rows, tokenizer, epoch=0) if val_rows else None
+    sizes = (len(splits.train), len(splits.val) if splits.val is not None else 0)
+    return build_reference(recipe, model=model, accelerator=accelerator,
+                           batches=run_batches(recipe, rows, tokenizer, epoch=0),
+                           val_batches=val, sizes=sizes)
 
 
 def check_engine(recipe: Recipe, accelerator: Any) -> None:
