@@ -70,13 +70,19 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 @app.command()
 def compare(
     recipe: RecipeArg,
-    methods: Annotated[str, typer.Option(
+    methods: Annotated[str | None, typer.Option(
         "--methods", help="adapter methods to train, comma-separated, e.g. lora,full "
-        "(`peftune methods` lists them)", show_default=False)],
+        "(`peftune methods` lists them); default: the recipe's", show_default=False)] = None,
+    objectives: Annotated[str | None, typer.Option(
+        "--objectives", help="training objectives, one run each, comma-separated, e.g. "
+        "dpo,ln-dpo,simpo (sft, dpo, ln-dpo, ipo, orpo, simpo, kto); default: the recipe's. "
+        "Only one of --methods and --objectives may list several", show_default=False)] = None,
     overrides: OverridesArg = None,
     set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="METHOD.KEY=VALUE for one method only: an adapter key (lora.r=16) or a "
-        "recipe key (full.train.lr=1e-5); repeat for several", show_default=False)] = None,
+        "--set", help="NAME.KEY=VALUE for the runs of one method or objective (their names "
+        "never overlap): an adapter key (lora.r=16), an objective key (dpo.beta=0.2, "
+        "simpo.gamma=1.0) or a recipe key (ln-dpo.train.lr=1e-5); repeat for several",
+        show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
         help="output directory (default: the recipe's output.dir + -compare)",
         show_default=False)] = None,
@@ -84,12 +90,14 @@ def compare(
                                             help="replace an earlier comparison in --out")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress or table")] = False,
 ) -> None:
-    """Train several adapter methods on the same data, steps and seed; tabulate what each
-    measured (trainable params, peak memory, tokens/s, final losses, time)."""
+    """Train several adapter methods, or several objectives, on the same data, steps and
+    seed; tabulate what each measured (trainable params, peak memory, tokens/s, final losses,
+    validation reward accuracy and margin for preference objectives, time)."""
     from peftune.compare import exit_code, run_compare
 
-    report = run_compare(recipe_path=recipe, methods=methods, overrides=overrides or [],
-                         method_overrides=set_ or [], out=out, overwrite=overwrite, quiet=quiet)
+    report = run_compare(recipe_path=recipe, methods=methods, objectives=objectives,
+                         overrides=overrides or [], run_overrides=set_ or [], out=out,
+                         overwrite=overwrite, quiet=quiet)
     if exit_code(report):
         raise typer.Exit(exit_code(report))
 
@@ -163,11 +171,13 @@ def eval_(
     config: Annotated[Path | None, typer.Option(
         "--config", help="eval YAML with an eval: section (several tasks)",
         show_default=False)] = None,
-    task: Annotated[str | None, typer.Option(help="perplexity, choice or generate",
+    task: Annotated[str | None, typer.Option(help="perplexity, choice, generate or preference",
                                              show_default=False)] = None,
-    data: Annotated[str | None, typer.Option(help="the task's data file", show_default=False)] = None,
-    format: Annotated[str | None, typer.Option(help="text, instruction or chat",
-                                               show_default=False)] = None,
+    data: Annotated[str | None, typer.Option(
+        help="the task's data file (preference: prompt, chosen and rejected rows, as "
+             "data.format: preference reads them)", show_default=False)] = None,
+    format: Annotated[str | None, typer.Option(help="text, instruction or chat (not with "
+                                               "preference)", show_default=False)] = None,
     name: Annotated[str | None, typer.Option(help="the task's name in the report",
                                              show_default=False)] = None,
     max_examples: Annotated[int | None, typer.Option(help="first N rows of each task",
@@ -191,6 +201,15 @@ def eval_(
     normalize: Annotated[list[str] | None, typer.Option(
         help="generate: strip, lower, whitespace, punctuation, articles (repeat)",
         show_default=False)] = None,
+    beta: Annotated[float | None, typer.Option(
+        help="preference: reward scale β in β·(log π - log π_ref) (default: the run's "
+             "objective's, else 0.1)", show_default=False)] = None,
+    max_length: Annotated[int | None, typer.Option(
+        help="preference: tokens per prompt + response at most (default: the model's context)",
+        show_default=False)] = None,
+    truncation: Annotated[str | None, typer.Option(
+        help="preference: cut a longer example's end (right) or its prompt's start (left)",
+        show_default=False)] = None,
     compare: Annotated[list[str] | None, typer.Option(
         help="also evaluate `base` (the target without its adapter) or another run/model "
              "directory, and report deltas (repeat)", show_default=False)] = None,
@@ -203,13 +222,15 @@ def eval_(
         "--lm-eval", help="also run lm-evaluation-harness tasks (comma-separated names or "
         "local task YAMLs); needs the lm-eval package", show_default=False)] = None,
 ) -> None:
-    """Evaluate a run, a model or a base + adapter: perplexity, multiple choice, generation."""
+    """Evaluate a run, a model or a base + adapter: perplexity, multiple choice, generation,
+    preference pairs (log-prob and, for an adapter against its base, reward accuracy)."""
     from peftune.evaluate.command import eval_command
 
     flags = {"task": task, "data": data, "format": format, "name": name,
              "max_examples": max_examples, "window": window, "stride": stride,
              "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-             "stop": stop, "metrics": metrics, "normalize": normalize}
+             "stop": stop, "metrics": metrics, "normalize": normalize, "beta": beta,
+             "max_length": max_length, "truncation": truncation}
     with interruptible("eval", out):  # the default --out is named by eval_command
         eval_command(target=target, model=model, adapter=adapter, quant=quant, config=config,
                      flags=flags, batch_size=batch_size, compare=compare or [], out=out,

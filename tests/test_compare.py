@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import main_in_process, run_cli, write_recipe
+from conftest import main_in_process, run_cli, write_jsonl, write_recipe
 
 from peftune.compare import run_compare
 from peftune.compare.runner import SUMMARY_KEYS, check_compare_dir
@@ -25,7 +25,7 @@ def test_compare_tabulates_what_each_run_measured(tmp_path, tiny_model_dir, text
     from peftune.recipe import estimate_parameters
 
     recipe = _recipe(tmp_path, tiny_model_dir, text_data)
-    report = run_compare(recipe_path=recipe, methods="lora,full", method_overrides=["lora.r=2"])
+    report = run_compare(recipe_path=recipe, methods="lora,full", run_overrides=["lora.r=2"])
 
     out = tmp_path / "runs" / "run-compare"  # the default: output.dir + "-compare"
     assert json.loads((out / "compare.json").read_text()) == json.loads(json.dumps(report))
@@ -177,3 +177,146 @@ def test_overwrite_through_a_link_replaces_the_earlier_comparison_it_points_to(t
     make_compare_dir(link)
     assert link.is_symlink() and link.resolve() == earlier.resolve()
     assert list(earlier.iterdir()) == []
+
+
+# ---- --objectives: one run per training objective ---------------------------------------
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory) -> dict[str, Path]:
+    from test_preference import kto_rows, make_pairs
+
+    root = tmp_path_factory.mktemp("pairs")
+    pairs = make_pairs(16, seed=0)
+    return {"train": write_jsonl(root / "pairs.jsonl", pairs),
+            "val": write_jsonl(root / "val.jsonl", make_pairs(8, seed=1)),
+            "kto": write_jsonl(root / "kto.jsonl", kto_rows(pairs))}
+
+
+def _pref_recipe(tmp_path: Path, model: Path, pair_files: dict, objective: object = "dpo",
+                 fmt: str = "preference") -> Path:
+    from test_preference import pref_recipe
+
+    data = pair_files["train" if fmt == "preference" else "kto"]
+    return pref_recipe(tmp_path, model, data, objective, fmt=fmt,
+                       val=pair_files["val"] if fmt == "preference" else None,
+                       train={"max_steps": 2, "eval_every": 2})
+
+
+def test_compare_objectives_trains_one_run_per_objective(tmp_path, tiny_model_dir, pair_files,
+                                                         capsys):
+    import yaml
+
+    recipe = _pref_recipe(tmp_path, tiny_model_dir, pair_files, {"name": "dpo", "beta": 0.2})
+    report = run_compare(recipe_path=recipe, objectives="dpo,simpo",
+                         run_overrides=["simpo.gamma=1.0"], out=tmp_path / "cmp")
+
+    out = tmp_path / "cmp"
+    assert report["axis"] == "objective" and report["methods"] == ["lora"]
+    rows = {row["objective"]: row for row in report["rows"]}
+    assert list(rows) == ["dpo", "simpo"]
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md", "compare.png",
+                                                     "dpo", "simpo"]
+    for name, row in rows.items():
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert row["status"] == "ok" and summary["objective"]["name"] == name
+        assert row["method"] == "lora" and summary["steps"] == 2
+        assert 0 <= row["val_reward_accuracy"] <= 1 and row["val_reward_margin"] is not None
+        assert row["val_reward_accuracy"] == summary["objective"]["val_reward_accuracy"]
+    # the recipe's beta stays with dpo; simpo takes its own default and the --set gamma
+    assert rows["dpo"]["objective_keys"]["beta"] == 0.2
+    saved = yaml.safe_load((out / "simpo" / "recipe.yaml").read_text())
+    assert saved["train"]["objective"] == {"name": "simpo", "beta": 2.0, "gamma": 1.0}
+    assert rows["simpo"]["defaulted_keys"] == ["train.objective.beta"]
+    assert rows["simpo"]["dropped_keys"] == []  # only keys the recipe wrote can be dropped
+
+    markdown = (out / "compare.md").read_text()
+    assert "| objective | peak RSS | tokens/s | train loss | val loss | val reward acc | " \
+           "val reward margin | train s | total s | status |" in markdown
+    accuracy = f"{rows['simpo']['val_reward_accuracy']:.1%}"
+    assert next(line for line in markdown.splitlines()
+                if line.startswith("| simpo |")).count(accuracy) == 1
+    assert "adapter method lora for every run" in markdown
+    assert "simpo: beta is simpo's default, not the recipe's" in markdown
+    assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
+    printed = capsys.readouterr().out
+    assert "objective 1/2: dpo" in printed and "objective 2/2: simpo" in printed
+
+
+def test_one_method_with_several_objectives_and_the_recipe_keys_each_objective_keeps(
+        tmp_path, tiny_model_dir, pair_files):
+    """--methods with one name: every run's method; `dora.r` addresses them all. Objective
+    keys carry where the objective reads them, beta only to the recipe's own objective."""
+    from peftune.compare.plan import load_runs
+
+    recipe = _pref_recipe(tmp_path, tiny_model_dir, pair_files,
+                          {"name": "dpo", "beta": 0.2, "reference": "precomputed"})
+    axis, runs = load_runs(recipe, methods="dora", objectives="dpo,ipo,orpo",
+                           run_overrides=["dora.r=2", "ipo.beta=0.3", "orpo.lambda=0.2",
+                                          "orpo.train.lr=1e-3"])
+    assert axis == "objective" and [run.name for run in runs] == ["dpo", "ipo", "orpo"]
+    objectives = {run.name: run.recipe.train.objective for run in runs}
+    assert [run.recipe.adapter.method for run in runs] == ["dora"] * 3
+    assert [run.recipe.adapter.r for run in runs] == [2, 2, 2]
+    assert (objectives["dpo"].beta, objectives["dpo"].reference) == (0.2, "precomputed")
+    assert (objectives["ipo"].beta, objectives["ipo"].reference) == (0.3, "precomputed")
+    assert objectives["orpo"].lambda_ == 0.2 and runs[2].recipe.train.lr == 1e-3
+    assert runs[0].recipe.train.lr == runs[1].recipe.train.lr == 2e-2
+    assert runs[1].defaulted == []  # its beta came from --set
+    assert runs[2].dropped == ["train.objective.beta", "train.objective.reference"]
+
+
+def test_method_and_objective_names_never_overlap():
+    """--set NAME.KEY tells a method from an objective by its name alone."""
+    from peftune.adapters.registry import method_names
+    from peftune.recipe.schema import OBJECTIVE_KEYS
+
+    assert set(method_names()).isdisjoint(OBJECTIVE_KEYS)
+
+
+@pytest.mark.parametrize(("recipe", "args", "expected"), [
+    ("dpo", ["--objectives", "dpo,dpx"],
+     "--objectives: unknown objective 'dpx'; choose from: sft, dpo, ln-dpo, ipo, orpo, simpo, "
+     "kto (did you mean dpo?)"),
+    ("dpo", ["--objectives", "dpo,kto"],
+     "--objectives kto: train.objective: objective kto trains on unpaired rows (prompt, "
+     "completion, label) and needs data.format: kto, got preference"),
+    ("kto", ["--objectives", "kto,dpo"],
+     "--objectives dpo: train.objective: objective dpo trains on chosen/rejected pairs and "
+     "needs data.format: preference, got kto; use objective kto for unpaired rows"),
+    ("dpo", ["--objectives", "sft,dpo"],
+     "sft: {recipe}: ... data.format: preference is for preference objectives"),
+    ("dpo", ["--objectives", "dpo,ipo", "--set", "simpo.gamma=1"],
+     "--set 'simpo.gamma=1': simpo is not one of --objectives (dpo, ipo)"),
+    ("dpo", ["--objectives", "dpo,simpo", "--set", "dpo.gamma=1"],
+     "--set 'dpo.gamma=1': train.objective.gamma: objective dpo has no key 'gamma' (its keys: "
+     "beta, label_smoothing, reference); only simpo reads it"),
+    ("dpo", ["--objectives", "dpo,simpo", "--set", "simpo.gama=1"], "(did you mean gamma?)"),
+    ("dpo", ["--objectives", "dpo,ipo", "--set", "ipo.beta=-1"],
+     "--set 'ipo.beta=-1': train.objective.beta: must be > 0, got -1"),
+    ("dpo", ["--objectives", "dpo,ipo", "--set", "ipo.train.max_steps=3"],
+     "train.max_steps: the same for every objective in a comparison"),
+    ("dpo", ["--objectives", "dpo,ipo", "train.objective.beta=0.3"],
+     "override 'train.objective.beta=0.3': train.objective: set by --objectives"),
+    ("dpo", ["--objectives", "dpo,ipo", "--methods", "lora,dora"],
+     "--methods and --objectives: a comparison varies one of them; list several methods or "
+     "several objectives, not both"),
+    ("dpo", [], "--methods or --objectives: name what to compare"),
+], ids=["unknown", "kto-on-pairs", "dpo-on-kto-rows", "sft-on-pairs", "set-not-compared",
+        "key-of-another", "key-typo", "bad-value", "shared-key", "global-objective",
+        "both-axes", "neither"])
+def test_bad_objective_input_exits_2_with_one_line_before_anything_trains(
+        tmp_path, tiny_model_dir, pair_files, monkeypatch, capsys, recipe, args, expected):
+    fmt = "kto" if recipe == "kto" else "preference"
+    path = _pref_recipe(tmp_path, tiny_model_dir, pair_files, recipe, fmt=fmt)
+    monkeypatch.delenv("PEFTUNE_DEBUG", raising=False)
+    before = _tree(tmp_path)
+    code, _, stderr = main_in_process(capsys, "compare", path, *args, "--out", tmp_path / "cmp",
+                                      "--quiet")
+    assert code == 2, stderr
+    (line,) = stderr.splitlines()
+    assert line.startswith("error: "), line
+    rest = line
+    for part in (p.format(recipe=path) for p in expected.split(" ... ")):  # each, in order
+        assert part in rest, line
+        rest = rest.partition(part)[2]
+    assert _tree(tmp_path) == before

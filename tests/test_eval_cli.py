@@ -172,7 +172,7 @@ BAD = [
     (["{tiny}", "--adapter", "notadapter", "--task", "perplexity", "--data", "ok.jsonl"],
      "--adapter notadapter: no adapter_config.json, so not a PEFT adapter directory"),
     (["{tiny}", "--task", "perplexty", "--data", "ok.jsonl"],
-     "--task: eval.tasks[0].task: must be one of perplexity, choice, generate; got "
+     "--task: eval.tasks[0].task: must be one of perplexity, choice, generate, preference; got "
      "'perplexty' (did you mean perplexity?)"),
     (["{tiny}", "--task", "generate", "--data", "ok.jsonl", "--metrics", "bleu"],
      "--metrics: eval.tasks[0].metrics[0]: must be one of exact_match, contains, regex_match; "

@@ -12,14 +12,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-_COLUMNS = ("method", "trainable", "{memory}", "tokens/s", "train loss", "val loss", "train s",
-            "total s", "status")
-
 
 def print_plan(report: dict) -> None:
-    """What will train, on what, and which recipe keys each method leaves out or changes."""
+    """What will train, on what, and which recipe keys each run leaves out or changes."""
     console = Console(highlight=False, markup=False)
-    console.print(f"compare {len(report['methods'])} methods ({', '.join(report['methods'])}) "
+    names = [_label(row, report) for row in report["rows"]]
+    fixed = f" with {_fixed(report)}" if _fixed(report) else ""
+    console.print(f"compare {len(names)} {report['axis']}s ({', '.join(names)}){fixed} "
                   f"on {report['recipe']}: {_steps(report)}, seed {report['seed']}, same data; "
                   f"into {report['out']}", soft_wrap=True)
     for line in _notes(report):
@@ -27,32 +26,39 @@ def print_plan(report: dict) -> None:
 
 
 def print_running(report: dict, index: int) -> None:
-    """The line that says which method trains now: `method 2/4: dora`."""
-    title = f"method {index + 1}/{len(report['rows'])}: {report['rows'][index]['method']}"
+    """The line that says which run trains now: `method 2/4: dora`, `objective 1/3: dpo`."""
+    title = (f"{report['axis']} {index + 1}/{len(report['rows'])}: "
+             f"{_label(report['rows'][index], report)}")
     Console(highlight=False, markup=False).rule(title)
 
 
-def print_failed(row: dict) -> None:
+def print_failed(row: dict, report: dict) -> None:
     Console(highlight=False, markup=False, stderr=True).print(
-        f"{row['method']} failed: {row['error']}", style="red", soft_wrap=True)
+        f"{_label(row, report)} failed: {row['error']}", style="red", soft_wrap=True)
 
 
 def print_table(report: dict) -> None:
-    """The figures in a table that fits 80 columns; each failure's error on a line below."""
+    """The figures in a table that fits 80 columns (for preference objectives without
+    tokens/s and total s, which compare.md keeps: train s tells the speed of the same steps);
+    each failure's error on a line below."""
     console = Console(highlight=False, markup=False)
     table = Table(title=f"peftune compare: {report['recipe']}", box=box.SIMPLE_HEAD,
                   show_edge=False, pad_edge=False, collapse_padding=True)
-    for index, column in enumerate(_COLUMNS):
-        header = column.format(memory=_memory_name(report)).replace(" ", "\n")
-        table.add_column(header, no_wrap=True,
-                         justify="left" if index in (0, len(_COLUMNS) - 1) else "right")
+    columns = _columns(report)
+    shown = [i for i, column in enumerate(columns)
+             if not (column in ("tokens/s", "total s") and _preference(report))]
+    for index in shown:
+        table.add_column(columns[index].replace(" ", "\n"), no_wrap=True,
+                         justify="left" if index in (0, len(columns) - 1) else "right")
     for row in report["rows"]:
-        cells = _cells(row, report)[:-1]
-        table.add_row(*cells, Text(row["status"], style="" if row["status"] == "ok" else "red"))
+        cells = _cells(row, report)
+        table.add_row(*(cells[i] for i in shown[:-1]),
+                      Text(row["status"], style="" if row["status"] == "ok" else "red"))
     console.print(table)
     for row in report["rows"]:
         if row["status"] != "ok":
-            console.print(f"  {row['method']} {row['status']}: {row['error']}", soft_wrap=True)
+            console.print(f"  {_label(row, report)} {row['status']}: {row['error']}",
+                          soft_wrap=True)
     out = Path(report["out"])
     for name in ("compare.json", "compare.md", "compare.png"):
         console.print(f"  {name:<13} {out / name}")
@@ -65,12 +71,13 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def markdown(report: dict) -> str:
-    columns = [c.format(memory=_memory_name(report)) for c in _COLUMNS]
+    columns = _columns(report)
     lines = [
         f"# peftune compare: {report['recipe']}", "",
         f"Model `{report['model']}`, data `{report['data']['train']}`"
         + (f" (validation `{report['data']['val']}`)" if report["data"]["val"] else "")
-        + f"; {_steps(report)} and seed {report['seed']} for every method"
+        + f"; {_steps(report)} and seed {report['seed']}"
+        + (f", {_fixed(report)}" if _fixed(report) else "") + " for every run"
         + (f"; overrides `{' '.join(report['overrides'])}`" if report["overrides"] else "")
         + ".", "",
         "| " + " | ".join(columns) + " |",
@@ -81,26 +88,48 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row, report)) + " |")
     lines.append("")
     lines += [f"- {line}" for line in _notes(report)]
-    lines += ["- Figures are those in each run's `summary.json` (`<method>/summary.json`); "
-              "train s is the training loop, total s adds the process start, model load and "
-              "export.", ""]
+    if _preference(report):
+        lines.append("- val reward acc is the share of validation pairs whose chosen response "
+                     "gets the higher reward, val reward margin the mean chosen-minus-rejected "
+                     "reward, each as its objective defines the reward (summary.json's "
+                     "`objective` block). Losses and margins are each objective's own "
+                     "quantity (formula and beta); accuracy compares across objectives."
+                     + ("" if report["data"]["val"] else " The recipe has no data.val, so "
+                        "there are no validation rewards: give one to fill these columns."))
+    lines += [f"- Figures are those in each run's `summary.json` (`<{report['axis']}>/"
+              "summary.json`); train s is the training loop, total s adds the process start, "
+              "model load and export.", ""]
     return "\n".join(lines)
 
 
 def plot(report: dict, path: Path) -> Path:
-    """Bar charts per method: final train/val loss, trainable parameters (log), tokens/s and
-    peak memory. A failed method keeps its place, marked "failed"."""
+    """Charts per run: final train/val loss; the trainable parameters (log) when the methods
+    differ; validation reward accuracy and margin for preference objectives; tokens/s, peak
+    memory, and training time when the objectives differ. A failed run keeps its place,
+    marked "failed"."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = report["rows"]
-    names = [row["method"] for row in rows]
+    names = [_label(row, report) for row in rows]
     x = list(range(len(rows)))
     colors = [plt.get_cmap("tab10")(i % 10) for i in x]
-    fig, axes = plt.subplots(2, 2, figsize=(max(8, 1.3 * len(rows) + 5), 7), dpi=110)
-    loss_ax, params_ax, speed_ax, memory_ax = axes.flat
+    memory = _memory_key(report)
+    panels = [("trainable_params", "trainable parameters (log scale)", "{:,}", 1)
+              ] if report["axis"] == "method" else []
+    if _preference(report):
+        panels += [("val_reward_accuracy", "validation reward accuracy", "{:.0%}", 1),
+                   ("val_reward_margin", "validation reward margin", "{:.3f}", 1)]
+    if report["axis"] == "objective":
+        panels.append(("train_seconds", "training time (s)", "{:,.1f}", 1))
+    panels += [("tokens_per_s", "tokens / s (training)", "{:,.0f}", 1),
+               (memory, f"{_memory_name(report)} (MiB)", "{:,.0f}", 2**20)]
+    ncols = (len(panels) + 2) // 2
+    fig, axes = plt.subplots(2, ncols, figsize=(max(4 * ncols, 1.3 * len(rows) * ncols / 2 + 5),
+                                                7), dpi=110)
+    loss_ax, *others = axes.flat
 
     # Points, not bars: bars from zero would hide differences in the second decimal.
     for key, label, marker, shift in (("final_loss", "train", "o", -0.15),
@@ -117,17 +146,18 @@ def plot(report: dict, path: Path) -> Path:
                                  xytext=(-6 if shift < 0 else 6, -3),
                                  ha="right" if shift < 0 else "left")
     loss_ax.legend(fontsize=8)
-    loss_ax.set_title("final loss (nats per target token)")
-    _bars(params_ax, x, [row["trainable_params"] for row in rows], colors, 0.7, "{:,}")
-    params_ax.set_yscale("log")
-    params_ax.set_title("trainable parameters (log scale)")
-    _bars(speed_ax, x, [row["tokens_per_s"] for row in rows], colors, 0.7, "{:,.0f}")
-    speed_ax.set_title("tokens / s (training)")
-    memory = _memory_key(report)
-    _bars(memory_ax, x, [None if row[memory] is None else row[memory] / 2**20 for row in rows],
-          colors, 0.7, "{:,.0f}")
-    memory_ax.set_title(f"{_memory_name(report)} (MiB)")
-    for ax in axes.flat:
+    loss_ax.set_title("final loss (each objective's own)" if report["axis"] == "objective"
+                      else "final loss (per pair or completion)" if _preference(report)
+                      else "final loss (nats per target token)")
+    for ax, (key, title, fmt, unit) in zip(others, panels, strict=False):
+        _bars(ax, x, [_scaled(row.get(key), unit) for row in rows],
+              colors, 0.7, fmt)
+        ax.set_title(title)
+        if key == "trainable_params":
+            ax.set_yscale("log")
+    for ax in others[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes.flat[: len(panels) + 1]:
         ax.set_xticks(x, names, rotation=30 if len(rows) > 5 else 0)
         ax.set_xlim(-0.6, len(rows) - 0.4)
         ax.grid(axis="y", alpha=0.3)
@@ -137,7 +167,8 @@ def plot(report: dict, path: Path) -> Path:
                 ax.text(i, 0.02, row["status"], transform=ax.get_xaxis_transform(),
                         ha="center", color="tab:red", fontsize=9)
     fig.suptitle(f"peftune compare: {Path(report['recipe']).name} ({_steps(report)}, "
-                 f"seed {report['seed']})")
+                 f"seed {report['seed']}" + (f", {_fixed(report)}" if _fixed(report) else "")
+                 + ")")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -153,27 +184,78 @@ def _bars(ax, x, values, colors, width, fmt, **style) -> None:
     ax.bar_label(bars, labels=[fmt.format(h) for h in heights], fontsize=7, padding=2)
 
 
+def _scaled(value: float | None, unit: int) -> float | None:
+    """`value` in `unit`s; a count stays an int for its "{:,}" label (unit 1)."""
+    return value if value is None or unit == 1 else value / unit
+
+
+def _columns(report: dict) -> list[str]:
+    """The table's headers: the run's name, then what was measured; trainable parameters
+    only where the methods differ, the validation rewards only for preference objectives."""
+    return [report["axis"], *(["trainable"] if report["axis"] == "method" else []),
+            _memory_name(report), "tokens/s", "train loss", "val loss",
+            *(["val reward acc", "val reward margin"] if _preference(report) else []),
+            "train s", "total s", "status"]
+
+
 def _cells(row: dict, report: dict) -> list[str]:
     def num(key: str, fmt: str) -> str:
-        return "-" if row[key] is None else fmt.format(row[key])
+        return "-" if row.get(key) is None else fmt.format(row[key])
 
     memory = row[_memory_key(report)]
     status = "ok" if row["status"] == "ok" else f"{row['status']}: {row['error'] or ''}".strip()
-    return [row["method"], num("trainable_params", "{:,}"),
+    rewards = [num("val_reward_accuracy", "{:.1%}"), num("val_reward_margin", "{:.3f}")]
+    return [_label(row, report),
+            *([num("trainable_params", "{:,}")] if report["axis"] == "method" else []),
             "-" if memory is None else _bytes(memory), num("tokens_per_s", "{:,.0f}"),
             num("final_loss", "{:.4f}"), num("final_val_loss", "{:.4f}"),
+            *(rewards if _preference(report) else []),
             _seconds(row["train_seconds"]), _seconds(row["wall_seconds"]), status]
 
 
 def _notes(report: dict) -> list[str]:
     notes = []
     for row in report["rows"]:
-        if row["dropped_keys"]:
-            notes.append(f"{row['method']}: dropped {', '.join(row['dropped_keys'])} (not "
-                         f"keys of {row['method']})")
+        label = _label(row, report)
+        first = report["rows"][0]
+        if row["objective"] != "sft" and (report["axis"] == "objective" or row is first or (
+                row["objective"], row["objective_keys"]) != (first["objective"],
+                                                             first["objective_keys"])):
+            keys = ", ".join(f"{k} {v}" for k, v in row["objective_keys"].items())
+            shown = keys if report["axis"] == "objective" else f"objective {row['objective']}: {keys}"
+            notes.append(f"{label}: {shown}")
+        adapter = [key for key in row["dropped_keys"] if key.startswith("adapter.")]
+        objective = [key for key in row["dropped_keys"] if key not in adapter]
+        for keys, owner in ((adapter, row["method"]), (objective, row["objective"])):
+            if keys:
+                notes.append(f"{label}: dropped {', '.join(keys)} (not "
+                             f"{'keys' if len(keys) > 1 else 'a key'} of {owner})")
+        for key in row.get("defaulted_keys", []):
+            name = key.rpartition(".")[2]
+            notes.append(f"{label}: {name} is {row['objective']}'s default, not the recipe's "
+                         f"(its scale differs by objective; --set {label}.{name}=... to choose)")
         if row["overrides"]:
-            notes.append(f"{row['method']}: --set {' '.join(row['overrides'])}")
+            notes.append(f"{label}: --set {' '.join(row['overrides'])}")
     return notes
+
+
+def _label(row: dict, report: dict) -> str:
+    """A row's name, and its run's directory under the comparison's: its method or objective."""
+    return row[report["axis"]]
+
+
+def _fixed(report: dict) -> str:
+    """The axis every run shares, where it is worth saying: `adapter method lora`,
+    `objective dpo` (none for a comparison of methods on the default objective, sft)."""
+    if report["axis"] == "objective":
+        return f"adapter method {', '.join(report['methods'])}"
+    if report["objectives"] != ["sft"]:
+        return f"objective {', '.join(report['objectives'])}"
+    return ""
+
+
+def _preference(report: dict) -> bool:
+    return any(row["objective"] != "sft" for row in report["rows"])
 
 
 def _memory_key(report: dict) -> str:

@@ -172,7 +172,7 @@ def build_datasets(cfg: DataSection, tokenizer: Any, *, seed: int,
         left = cfg.truncation == "left"
         usable = raw.target_counts(cfg.max_length, left=left) > 0
         if raw.roles is not None:  # preference data: a response cut away is the row's problem
-            usable = _usable_rows(cfg, raw, usable, key=key, path=path, stats=stats)
+            usable = usable_rows(cfg, raw, usable, key=key, path=path, stats=stats)
         keep = np.flatnonzero(usable)
         stats["truncated"] += int(np.count_nonzero(raw.lengths[keep] > cfg.max_length))
         dropped = len(raw) - len(keep)
@@ -206,7 +206,7 @@ def build_datasets(cfg: DataSection, tokenizer: Any, *, seed: int,
     return DataSplits(train=train, val=val, stats=stats)
 
 
-def _usable_rows(cfg: DataSection, raw: TokenizedSet, usable: np.ndarray, *, key: str,
+def usable_rows(cfg: DataSection, raw: TokenizedSet, usable: np.ndarray, *, key: str,
                  path: str, stats: dict[str, Any]) -> np.ndarray:
     """Which examples of preference data to keep: a row whose prompt leaves no response token
     within data.max_length is an error naming it (or, with on_bad_row: skip, left out whole:

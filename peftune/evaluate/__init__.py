@@ -1,6 +1,6 @@
-"""`peftune eval`: perplexity, multiple choice and generation tasks (a registry keyed by
-task name, one module each), on a run directory, a model or a base with an adapter, with
-comparisons, a report and sharding over processes.
+"""`peftune eval`: perplexity, multiple choice, generation and preference-pair tasks (a
+registry keyed by task name, one module each), on a run directory, a model or a base with an
+adapter, with comparisons, a report and sharding over processes.
 
     config = load_eval_config("eval.yaml")
     report = run_eval(targets=[resolve_target("runs/lora")], config=config, out=Path("out"))

@@ -40,6 +40,7 @@ def eval_command(*, target: str | None, model: str | None, adapter: str | None,
         section = None
     else:
         section = load_eval_config(config, flags, batch_size=batch_size)
+        section = _preference_beta(primary, section)
     if out is None:
         out = (primary.run / "eval") if primary.run is not None else Path("runs/eval") / primary.label
     try:
@@ -61,21 +62,45 @@ def eval_command(*, target: str | None, model: str | None, adapter: str | None,
 
 
 _DATA_KEYS = ("format", "text_field", "prompt_field", "input_field", "response_field",
-              "messages_field", "roles", "prompt_template", "add_eos")
+              "messages_field", "chosen_field", "rejected_field", "roles", "prompt_template",
+              "add_eos", "truncation")
 
 
 def _run_data_format(run: Path, task: str) -> dict[str, Any]:
     """A run's data format and field names (those the task reads), which `--task` uses unless
-    `--format` is given: the data evaluated is usually shaped like the data trained on."""
-    from peftune.models.facts import inspect_model
-    from peftune.recipe import load_recipe
+    `--format` is given: the data evaluated is usually shaped like the data trained on. Task
+    preference reads a preference run's pairs so; the other tasks read text, instruction or
+    chat rows, and nothing of a preference run's."""
     from peftune.recipe.schema import EVAL_TASK_KEYS
 
-    data = load_recipe(run / "recipe.yaml", inspect_model=inspect_model).data
+    data = _run_recipe(run).data
+    if (task == "preference") != (data.format == "preference") or data.format == "kto":
+        return {}
     fields = type(data).model_fields
     return {key: getattr(data, key) for key in _DATA_KEYS
             if key in EVAL_TASK_KEYS.get(task, ())
             and (key == "format" or getattr(data, key) != fields[key].default)}
+
+
+def _preference_beta(primary: Target, section: Any) -> Any:
+    """The eval section with each preference task's β where none is given: the β the run's
+    objective trained its rewards with, else 0.1."""
+    from peftune.evaluate.config import preference_beta
+
+    if not any(task.task == "preference" and task.beta is None for task in section.tasks):
+        return section
+    objective = _run_recipe(primary.run).train.objective if primary.run is not None else None
+    tasks = [task.model_copy(update={"beta": preference_beta(objective)})
+             if task.task == "preference" and task.beta is None else task
+             for task in section.tasks]
+    return section.model_copy(update={"tasks": tasks})
+
+
+def _run_recipe(run: Path) -> Any:
+    from peftune.models.facts import inspect_model
+    from peftune.recipe import load_recipe
+
+    return load_recipe(run / "recipe.yaml", inspect_model=inspect_model)
 
 
 def run_lm_eval(targets: list[Target], tasks: str, *, out: Path) -> dict:

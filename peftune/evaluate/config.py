@@ -17,6 +17,7 @@ from peftune.recipe.schema import EvalSection, EvalTask
 from peftune.recipe.yamlfile import read_yaml, unique_lines
 
 _FLAGS = 3  # problems sort as: file (0), its parent (1), then flags
+DEFAULT_BETA = 0.1  # a preference task's β where no preference objective gives one
 
 
 def load_eval_config(path: str | Path | None, flags: dict[str, Any] | None = None,
@@ -61,8 +62,9 @@ def load_eval_config(path: str | Path | None, flags: dict[str, Any] | None = Non
         where[("eval", "batch_size")] = Where((_FLAGS, 99), "--batch-size")
     if not tasks:
         problems.append(Problem(locate(("eval", "tasks"), where), ("eval", "tasks"),
-                                "no task to run: give --task perplexity|choice|generate with "
-                                "--data FILE, or --config FILE with eval.tasks"))
+                                "no task to run: give --task perplexity|choice|generate|"
+                                "preference with --data FILE, or --config FILE with "
+                                "eval.tasks"))
     config = validate_section(section, data, where, problems)
     if problems or config is None:
         raise InputError(*unique_lines(problems))
@@ -110,11 +112,16 @@ def validate_section(section: dict, data: dict, where: dict,
 
 def recipe_tasks(recipe: Any) -> list[EvalTask]:
     """A training recipe's eval tasks, each reading `data.val` (with the recipe's data keys)
-    when it names no file of its own."""
+    when it names no file of its own; a preference task's `beta` is the recipe's objective's
+    unless it sets one."""
     tasks = []
+    # not max_length: a preference task scores whole pairs, up to the model's context
     shared = {key: getattr(recipe.data, key) for key in EvalTask.model_fields
-              if key in type(recipe.data).model_fields and key != "max_examples"}
+              if key in type(recipe.data).model_fields
+              and key not in ("max_examples", "max_length")}
     for i, task in enumerate(recipe.eval.tasks):
+        if task.task == "preference" and task.beta is None:
+            task = task.model_copy(update={"beta": preference_beta(recipe.train.objective)})
         if task.data is None:
             if recipe.data.val is None:
                 raise InputError(f"eval.tasks[{i}].data: required, since the recipe has no "
@@ -124,6 +131,13 @@ def recipe_tasks(recipe: Any) -> list[EvalTask]:
             task = task.model_copy(update={**inherited, "data": recipe.data.val})
         tasks.append(task)
     return tasks
+
+
+def preference_beta(objective: Any | None) -> float:
+    """A preference task's β by default: the β of a run's preference objective (`objective`:
+    its train.objective), else DEFAULT_BETA (sft, orpo, no run)."""
+    beta = getattr(objective, "beta", None) if getattr(objective, "name", "sft") != "sft" else None
+    return DEFAULT_BETA if beta is None else beta
 
 
 def _reads(task: str, key: str) -> bool:

@@ -20,6 +20,7 @@ TASKS: dict[str, str] = {
     "perplexity": "peftune.evaluate.perplexity:TASK",
     "choice": "peftune.evaluate.choice:TASK",
     "generate": "peftune.evaluate.generate:TASK",
+    "preference": "peftune.evaluate.preference:TASK",
 }
 
 

@@ -16,7 +16,10 @@ from peftune.errors import InputError
 
 # Metrics where lower is better (the delta's sign reads the other way round).
 LOWER_IS_BETTER = {"loss", "perplexity", "bits_per_byte"}
-NOT_COMPARED = {"tokens", "answered"}
+NOT_COMPARED = {"tokens", "answered", "chosen_length", "rejected_length"}
+# Metrics with no better direction (a preference objective may lower both log-probs): their
+# deltas are shown uncoloured.
+UNDIRECTED = {"chosen_logp", "rejected_logp", "chosen_reward", "rejected_reward"}
 
 
 def check_out_dir(out: Path, *, overwrite: bool) -> None:
@@ -80,6 +83,21 @@ def _json(value: Any) -> Any:
     return str(value)
 
 
+def metric_names(models: list[dict], task: str) -> list[str]:
+    """The task's metrics over all models, in order of appearance: a model may lack some (a
+    base has no reward against itself)."""
+    names: list[str] = []
+    for model in models:
+        for name in model["tasks"].get(task, {}).get("metrics", {}):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _metric(model: dict, task: str, name: str) -> dict | None:
+    return model["tasks"].get(task, {}).get("metrics", {}).get(name)
+
+
 def _fmt(name: str, value: float) -> str:
     if name == "tokens":
         return f"{int(value):,}"
@@ -106,9 +124,11 @@ def print_table(report: dict, out: Path | None) -> None:
         table.add_column(model["label"], justify="right", no_wrap=True)
     for model in models[1:]:
         table.add_column(f"Δ {model['label']}", justify="right", no_wrap=True)
-    for task, result in models[0]["tasks"].items():
-        for metric, first in result["metrics"].items():
-            cells = [_fmt(metric, m["tasks"][task]["metrics"][metric]["value"]) for m in models]
+    for task in models[0]["tasks"]:
+        for metric in metric_names(models, task):
+            found = [_metric(m, task, metric) for m in models]
+            first = next(m for m in found if m is not None)
+            cells = ["-" if m is None else _fmt(metric, m["value"]) for m in found]
             signs = []
             for name in delta_names:
                 delta = report["deltas"][name][task].get(metric)
@@ -117,6 +137,7 @@ def print_table(report: dict, out: Path | None) -> None:
                     continue
                 better = (delta < 0) if metric in LOWER_IS_BETTER else (delta > 0)
                 colour = "green" if better else ("red" if delta != 0 else "white")
+                colour = "white" if metric in UNDIRECTED else colour
                 shown = f"{delta:+,.1f}" if abs(delta) >= 100 else f"{delta:+.4f}"
                 signs.append(f"[{colour}]{shown}[/{colour}]")
             table.add_row(task, metric, f"{first['n']:,}", *cells, *signs)
@@ -143,8 +164,8 @@ def plot_metrics(report: dict, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     models = report["models"]
-    panels = [(task, metric) for task, result in models[0]["tasks"].items()
-              for metric in result["metrics"] if metric not in NOT_COMPARED]
+    panels = [(task, metric) for task in models[0]["tasks"]
+              for metric in metric_names(models, task) if metric not in NOT_COMPARED]
     if not panels:
         return None
     columns = min(4, len(panels))
@@ -154,12 +175,15 @@ def plot_metrics(report: dict, path: Path) -> Path | None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     labels = [m["label"] for m in models]
     for ax, (task, metric) in zip(axes.flat, panels, strict=False):
-        values = [m["tasks"][task]["metrics"][metric]["value"] for m in models]
+        found = [_metric(m, task, metric) for m in models]
+        values = [math.nan if m is None else m["value"] for m in found]  # nan: no bar
         bars = ax.bar(range(len(models)), values, color=colours[:len(models)])
-        ax.bar_label(bars, labels=[_fmt(metric, v) for v in values], fontsize=7)
+        ax.bar_label(bars, labels=["" if m is None else _fmt(metric, m["value"]) for m in found],
+                     fontsize=7)
         ax.set_xticks(range(len(models)), labels, rotation=20, fontsize=8)
-        arrow = "↓ better" if metric in LOWER_IS_BETTER else "↑ better"
-        ax.set_title(f"{task}: {metric} ({arrow})", fontsize=9)
+        arrow = "" if metric in UNDIRECTED else (
+            " (↓ better)" if metric in LOWER_IS_BETTER else " (↑ better)")
+        ax.set_title(f"{task}: {metric}{arrow}", fontsize=9)
         ax.margins(y=0.15)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:

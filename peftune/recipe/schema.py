@@ -376,6 +376,8 @@ EVAL_TASK_KEYS = {
                            "messages_field", "roles", "prompt_template", "max_new_tokens",
                            "temperature", "top_p", "seed", "stop", "metrics", "normalize",
                            "answer_regex"}),
+    "preference": frozenset({"prompt_field", "chosen_field", "rejected_field", "roles",
+                             "prompt_template", "add_eos", "max_length", "truncation", "beta"}),
 }
 
 
@@ -389,7 +391,7 @@ class EvalTask(Section):
     Shared keys first; each task's own keys follow and are accepted only with that task.
     The data keys have the data section's names and defaults (a test keeps them in step)."""
 
-    task: Literal["perplexity", "choice", "generate"]
+    task: Literal["perplexity", "choice", "generate", "preference"]
     name: str | None = Field(default=None, description="the task's name in the report")
     data: str | None = Field(default=None, description="jsonl | json | parquet | csv | saved "
                              "datasets dir (a recipe's eval: block defaults to data.val)")
@@ -423,6 +425,15 @@ class EvalTask(Section):
     # regex_match: the last match in prediction and reference (group 1 if the pattern has
     # one) is compared; the default finds the final number (GSM8K-style answers)
     answer_regex: str = r"-?\d[\d,]*(?:\.\d+)?"
+    # preference: prompt / chosen / rejected rows as data.format: preference reads them, each
+    # pair cut to max_length tokens a side (default: the model's context) as data.truncation
+    # says; beta scales the reward β·(log π - log π_ref) (default: the β of the run's
+    # preference objective, else 0.1)
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    max_length: int | None = Field(default=None, gt=1)
+    truncation: Literal["right", "left"] = "right"
+    beta: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="before")
     @classmethod
