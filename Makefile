@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PYTHON) scripts/bench_eval.py
 	$(PYTHON) scripts/bench_merge.py
 	$(PYTHON) scripts/bench_optimizer_memory.py
+	$(PYTHON) scripts/bench_preference.py
 
 clean:
 	rm -rf .make runs/demo runs/tiny build *.egg-info
