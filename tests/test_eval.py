@@ -229,6 +229,12 @@ def test_generate_exact_match_after_memorising_and_low_on_the_base(memorised, tm
     mine = [x for x in lines if x["model"] == "run"]
     assert [x["prediction"] for x in mine] == [r for _, r in PAIRS]
     assert mine[0]["prompt"] == "red?\n" and mine[0]["location"].endswith("pairs.jsonl:1")
+    from transformers import AutoTokenizer  # each answer's length in tokens, and their mean
+
+    tokenizer = AutoTokenizer.from_pretrained(memorised["base"])
+    counts = [len(tokenizer(x["prediction"], add_special_tokens=False)["input_ids"]) for x in mine]
+    assert [x["answer_tokens"] for x in mine] == counts
+    assert _metric(report, "generate", "answer_tokens") == pytest.approx(sum(counts) / len(counts))
     assert (tmp_path / "out" / "metrics.png").stat().st_size > 5000
 
 
@@ -342,8 +348,9 @@ def test_generate_answers_prompts_without_a_reference(memorised, tmp_path):
     only = _eval(memorised["run"], tmp_path, [{"task": "generate", "data": str(prompts),
                                                 "max_new_tokens": 10}], name="only",
                  compare=["base"])
-    assert only["models"][0]["tasks"]["generate"]["metrics"] == {
-        "answered": {"value": len(PAIRS), "n": len(PAIRS)}}
+    metrics = only["models"][0]["tasks"]["generate"]["metrics"]
+    assert set(metrics) == {"answered", "answer_tokens"}
+    assert metrics["answered"] == {"value": len(PAIRS), "n": len(PAIRS)}
     chats = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     chat = _eval(memorised["base"], tmp_path, [{"task": "generate", "data": str(chats),
                                                  "format": "chat", "max_new_tokens": 4}],

@@ -105,15 +105,18 @@ class GenerateTask:
             out = loaded.model.generate(input_ids=torch.from_numpy(ids).to(device),
                                         attention_mask=torch.from_numpy(mask).to(device),
                                         **options, **loaded.extra(len(prompts)))
-        texts = tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
-        return [(index, {"prediction": _cut_at_stop(text, task.stop)})
-                for index, text in zip(batch, texts, strict=True)]
+        texts = [_cut_at_stop(text, task.stop) for text in
+                 tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return [(index, {"prediction": text, "answer_tokens": length})
+                for index, text, length in zip(batch, texts, lengths, strict=True)]
 
     def summarise(self, prepared: Prepared, records: dict[int, dict]) -> tuple[dict, list]:
         task = prepared.task
         totals = dict.fromkeys(task.metrics, 0)
         predictions = []
         n = 0  # rows with a reference: the others are answered, not scored
+        lengths = []  # tokens of each answer (as cut at a stop string)
         for located in prepared.examples_:
             prediction = records[located.index]["prediction"]
             reference = located.item.reference
@@ -121,12 +124,18 @@ class GenerateTask:
             n += reference is not None
             for name in scores:
                 totals[name] += scores[name]
+            tokens = records[located.index]["answer_tokens"]
+            lengths.append(tokens)
             predictions.append({"index": located.index, "location": located.location,
                                 "prompt": located.item.prompt, "reference": reference,
-                                "prediction": prediction, **scores})
+                                "prediction": prediction, "answer_tokens": tokens, **scores})
+        length = {"answer_tokens": {"value": sum(lengths) / max(len(lengths), 1),
+                                    "n": len(lengths)}}
         if n == 0:  # prompts only: the predictions are the result
-            return {"answered": {"value": prepared.examples, "n": prepared.examples}}, predictions
-        return {name: {"value": total / n, "n": n} for name, total in totals.items()}, predictions
+            return {"answered": {"value": prepared.examples, "n": prepared.examples},
+                    **length}, predictions
+        return {**{name: {"value": total / n, "n": n} for name, total in totals.items()},
+                **length}, predictions
 
 
 def normalize(text: str, steps: list[str]) -> str:

@@ -19,7 +19,8 @@ LOWER_IS_BETTER = {"loss", "perplexity", "bits_per_byte"}
 NOT_COMPARED = {"tokens", "answered", "chosen_length", "rejected_length"}
 # Metrics with no better direction (a preference objective may lower both log-probs): their
 # deltas are shown uncoloured.
-UNDIRECTED = {"chosen_logp", "rejected_logp", "chosen_reward", "rejected_reward"}
+UNDIRECTED = {"chosen_logp", "rejected_logp", "chosen_reward", "rejected_reward",
+              "answer_tokens"}
 
 
 def check_out_dir(out: Path, *, overwrite: bool) -> None:
