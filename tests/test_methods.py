@@ -5,13 +5,15 @@ promises: the loss falls; the exported artifact, loaded by peft / transformers a
 the original base, reproduces the trained model's logits; merged logits equal unmerged
 ones where the method is mergeable; plain-LoRA exports are plain LoRA adapters; and the
 method trains over an nf4 base where its registration says so (elsewhere the recipe is
-refused before anything loads). The validate-time parameter estimate equals the real
-count wherever it gives one.
+refused before anything loads); and it trains with dpo on preference pairs, its reference
+had the way `reference: auto` should have it. The validate-time parameter estimate equals
+the real count wherever it gives one.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -22,10 +24,13 @@ from conftest import (
     NO_DEBUG,
     logits_of,
     main_in_process,
+    read_metrics,
     run_cli,
     train_in_session,
+    write_jsonl,
     write_recipe,
 )
+from test_preference import make_pairs
 
 from peftune.adapters.registry import all_methods, get_method, method_names
 from peftune.errors import InputError
@@ -95,13 +100,17 @@ def test_every_registered_method_has_a_row():
 
 
 def _recipe(tmp_path: Path, model: Path, data: dict, method: str, quant: str = "none",
-            steps: int = 8) -> Path:
+            steps: int = 8, objective: str = "sft", lr: float | None = None) -> Path:
     spec = get_method(method)
     needs_rows = spec.config.model_fields.get("num_virtual_tokens") is not None
     sections: dict = {
         "adapter": {"method": method, **ROWS[method]},
-        "train": {"max_steps": steps, "lr": LR.get(method, 2e-2)},
+        "train": {"max_steps": steps, "lr": lr or LR.get(method, 2e-2)},
     }
+    data_keys = None
+    if objective != "sft":  # a preference objective, on pairs
+        sections["train"]["objective"] = objective
+        data_keys = {"format": "preference"}
     if method == "loftq" and quant == "none":
         quant = "nf4"  # loftq is a QLoRA init: it only exists over a 4-bit base
     if quant != "none":
@@ -109,7 +118,7 @@ def _recipe(tmp_path: Path, model: Path, data: dict, method: str, quant: str = "
     if quant == "int4":
         sections["quant"]["group_size"] = 32  # divides the tiny model's widths (32, 64)
     path = write_recipe(tmp_path / f"{method}-{quant}.yaml", model=model, data=data["train"],
-                        out=tmp_path / f"run-{method}-{quant}", **sections)
+                        out=tmp_path / f"run-{method}-{quant}", data_keys=data_keys, **sections)
     if needs_rows:  # virtual tokens need one example per row
         path.write_text(path.read_text().replace("max_length: 64", "max_length: 64\n  packing: false"))
     return path
@@ -179,18 +188,24 @@ QUANTIZED = [(m, q) for q in ("nf4", "int8", "int4") for m in sorted(ROWS)
              if q in get_method(m).quantized]
 
 
+def _one_row_per_implementation(rows: list[tuple], keep: tuple[str, ...] = ()) -> list:
+    """`rows` ((method, *rest) tuples) as parameters: the default run keeps, per `rest`, the
+    first method of each implementation (`apply` function) plus the methods in `keep`; the
+    other rows, which take the same code path, are marked slow (make test-all)."""
+    seen = set()
+    params = []
+    for method, *rest in rows:
+        path = (get_method(method).apply, *rest)
+        kept = path not in seen or method in keep
+        seen.add(path)
+        params.append(pytest.param(method, *rest, marks=() if kept else pytest.mark.slow))
+    return params
+
+
 def _quantized_rows() -> list:
-    """Every (method, quantization) pair; the default run keeps, per quantization, the first
-    method of each implementation (`apply` function) plus LoRA and LoftQ (its own 4-bit
-    init); the other pairs, which take the same code path, are marked slow (make test-all)."""
-    kept, seen = set(), set()
-    for method, quant in QUANTIZED:
-        path = (get_method(method).apply, quant)
-        if path not in seen or method in ("lora", "loftq"):
-            seen.add(path)
-            kept.add((method, quant))
-    return [pytest.param(m, q, marks=() if (m, q) in kept else pytest.mark.slow)
-            for m, q in QUANTIZED]
+    """Every (method, quantization) pair; per quantization the default run keeps one method
+    per implementation plus LoRA and LoftQ (its own 4-bit init)."""
+    return _one_row_per_implementation(QUANTIZED, keep=("lora", "loftq"))
 
 
 @pytest.mark.parametrize(("method", "quant"), _quantized_rows())
@@ -236,6 +251,71 @@ def test_methods_table_lists_every_method_with_its_keys():
         assert spec.paper.split(",")[0] in row
         for key in spec.keys[:2]:
             assert key in row
+
+
+# ---- preference objectives -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pair_data(tmp_path_factory) -> dict[str, Path]:
+    return {"train": write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl",
+                                 make_pairs(16, seed=0))}
+
+
+# peft's own adapters, which peft's disable_adapter() switches off (the others are peftune's)
+PEFT_BACKED = ("peftune.adapters.lora.model:apply_lora", "peftune.adapters.tuners.model:apply_tuner")
+# Inits whose switched-off adapter is not the starting model besides those that rewrite W or
+# prepend virtual tokens: LoftQ starts from the 4-bit W plus its error in A·B, and VB-LoRA's A
+# and B are both drawn from a random vector bank.
+STARTS_AWAY_FROM_THE_BASE = ("loftq", "vblora")
+DPO_LR = {"loldu": 0.02}  # its sft rate (0.1) overshoots the pairs' margins
+
+
+def _reference_of(method: str) -> str:
+    """How `reference: auto` should get a method's reference: the adapter switched off where
+    that gives the starting model, else precomputed."""
+    spec = get_method(method)
+    switchable = spec.apply in PEFT_BACKED and not spec.trains_base_weights
+    starts_at_the_base = not (getattr(spec.config, "rewrites_base", False)
+                              or "num_virtual_tokens" in spec.config.model_fields
+                              or method in STARTS_AWAY_FROM_THE_BASE)
+    return "adapter_off" if switchable and starts_at_the_base else "precomputed"
+
+
+@pytest.mark.parametrize("method", _one_row_per_implementation([(m,) for m in sorted(ROWS)]))
+def test_method_trains_with_dpo(tmp_path, tiny_model_dir, pair_data, method):
+    """Every method trains with dpo: `reference: auto` picks the way it should, the first
+    step's loss is ln 2 (policy == reference), the pairs are learnt, the artifact written.
+    Calibrated inits (CorDA, EVA, LoRA-GA) calibrate on the pairs' sequences, one a row."""
+    _, _, summary, losses, out = train_in_session(_recipe(
+        tmp_path, tiny_model_dir, pair_data, method, steps=4, objective="dpo",
+        lr=DPO_LR.get(method)))
+    assert summary["objective"]["reference"] == _reference_of(method)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
+    margins = [r["reward_margin"] for r in read_metrics(out) if "loss" in r]
+    assert losses[-1] < losses[0] or margins[-1] > margins[0], (losses, margins)
+    artifact = out / ("model" if get_method(method).trains_base_weights else "adapter")
+    assert list(artifact.glob("*.safetensors")), sorted(p.name for p in out.iterdir())
+
+
+def test_virtual_tokens_come_before_each_example_of_a_pair(tmp_path, tiny_model_dir, pair_data):
+    """A pair shares its row; prompt tuning scores each of its examples as if alone, after
+    its own virtual tokens (sequence_logps gives them a row each)."""
+    from peftune.train.loss import sequence_logps
+    from peftune.train.setup import build_training
+
+    built = build_training(load_recipe(_recipe(tmp_path, tiny_model_dir, pair_data, "prompt",
+                                               objective="dpo")), quiet=True)
+    model, batch = built.unwrapped_model, built.batches_for_epoch(0)[0]
+    assert (batch["segment_ids"][0] == 1).any()  # the first row holds a whole pair
+    logps, lengths = sequence_logps(model, batch)
+    for example in range(len(batch["roles"])):
+        where = batch["segment_ids"] == example
+        ids, labels = batch["input_ids"][where], batch["labels"][where]
+        logits = model(input_ids=ids[None], use_cache=False).logits[0, -len(ids):-1]
+        scored = labels[1:] != -100
+        alone = torch.log_softmax(logits.float(), -1)[scored].gather(1, labels[1:][scored, None])
+        torch.testing.assert_close(logps[example], alone.sum(), rtol=1e-5, atol=1e-4)
+        assert lengths[example] == scored.sum()
 
 
 # ---- training strategies -------------------------------------------------------------------

@@ -121,7 +121,11 @@ def sequence_logps(model: Any, batch: dict, *, chunked: bool = True) -> tuple[An
     response (float32, differentiable when gradients are on), and its target-token count, in
     the order of `batch["roles"]`. Examples are told apart by `batch["segment_ids"]`
     (data.packing.sequence_keys); label t + 1, the target of position t, is scored for the
-    example that token t + 1 belongs to."""
+    example that token t + 1 belongs to. A model that prepends virtual tokens (prompt,
+    prefix and p-tuning) gets one example per row: each example needs its own virtual
+    tokens, and peft cannot join them to a pair's block-causal mask."""
+    if _prepends_virtual_tokens(model):
+        batch = one_example_per_row(batch)
     targets = shifted_targets(batch["labels"])
     owner = shifted_targets(batch["segment_ids"]).masked_fill(targets == IGNORE_INDEX, -1)
     count = len(batch["roles"])
@@ -134,6 +138,31 @@ def sequence_logps(model: Any, batch: dict, *, chunked: bool = True) -> tuple[An
     scored = owner[owner >= 0]
     lengths = torch.bincount(scored, minlength=count)
     return -nll, lengths
+
+
+def _prepends_virtual_tokens(model: Any) -> bool:
+    config = getattr(_bare(model), "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def one_example_per_row(batch: dict) -> dict:
+    """`batch` with each example of `segment_ids` moved to a row of its own (in example order,
+    right-padded, labels -100 on padding); `roles` and `example_ids` keep their order."""
+    segments = batch["segment_ids"]
+    count = len(batch["roles"])
+    where = [(segments == s).nonzero(as_tuple=True) for s in range(count)]
+    width = max(len(rows) for rows, _ in where)
+    input_ids = batch["input_ids"].new_zeros((count, width))
+    labels = batch["labels"].new_full((count, width), IGNORE_INDEX)
+    new_segments = segments.new_full((count, width), -1)
+    mask = batch["input_ids"].new_zeros((count, width))
+    for s, (rows, cols) in enumerate(where):
+        n = len(cols)
+        input_ids[s, :n] = batch["input_ids"][rows, cols]
+        labels[s, :n] = batch["labels"][rows, cols]
+        new_segments[s, :n], mask[s, :n] = s, 1
+    return {**{k: v for k, v in batch.items() if k != "position_ids"}, "input_ids": input_ids,
+            "labels": labels, "segment_ids": new_segments, "attention_mask": mask}
 
 
 def _plain_segment_nll(logits: Any, targets: Any, owner: Any, count: int) -> Any:

@@ -251,7 +251,7 @@ def calibration_batches(recipe: Recipe, tokenizer: Any, train_set: Any, calibrat
     `adapter.calibration.data` read like data.train, as padded micro-batches."""
     import numpy as np
 
-    from peftune.data import build_datasets, micro_batches, pack_rows
+    from peftune.data import TokenizedSet, build_datasets, micro_batches, pack_rows
 
     data = train_set
     if calibration.data is not None:
@@ -261,6 +261,8 @@ def calibration_batches(recipe: Recipe, tokenizer: Any, train_set: Any, calibrat
         data = build_datasets(section, tokenizer, seed=recipe.train.seed).train
     if len(data) == 0:
         raise InputError("adapter.calibration: the calibration data has no examples")
+    # Preference pairs calibrate as their sequences, each on its own (a draw breaks pairs).
+    data = TokenizedSet(data.input_ids, data.labels, data.offsets)
     order = np.random.default_rng(recipe.train.seed).permutation(len(data))
     chosen = data.select(order[:calibration.examples])
     rows = pack_rows(chosen, max_length=recipe.data.max_length, packing=False,
