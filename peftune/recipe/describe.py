@@ -54,14 +54,18 @@ def derived_numbers(recipe: Recipe, *,
     model = inspect_model(recipe.model)
     processes = 1
     sequences = train.batch_size * train.grad_accum * processes
-    tokens = sequences * data.max_length
+    pairs = data.format == "preference"  # a row holds whole pairs: two sides of max_length
+    width = data.max_length * (2 if pairs else 1)
+    tokens = sequences * width
     fill = ("packed sequences are full, so close to this" if data.packing
             else "unpacked rows are usually shorter")
+    row = f"2 × max_length {data.max_length} per row of pairs" if pairs else \
+        f"max_length {data.max_length}"
     return {
-        "sequences per optimizer step": f"{sequences:,} (batch_size {train.batch_size} × "
-                                        f"grad_accum {train.grad_accum} × {processes} process)",
-        "tokens per optimizer step": f"at most {tokens:,} ({sequences:,} × max_length "
-                                     f"{data.max_length}; {fill})",
+        ("rows" if pairs else "sequences") + " per optimizer step":
+            f"{sequences:,} (batch_size {train.batch_size} × grad_accum {train.grad_accum} × "
+            f"{processes} process)" + ("; each row one pair or more" if pairs else ""),
+        "tokens per optimizer step": f"at most {tokens:,} ({sequences:,} × {row}; {fill})",
         "gradient accumulation": f"{train.grad_accum} micro-batch{'es' if train.grad_accum > 1 else ''}"
                                  f" of {train.batch_size} per optimizer step",
         "learning rate": _schedule_summary(recipe),
