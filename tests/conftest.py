@@ -97,6 +97,37 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def make_pairs(n: int, *, seed: int = 0) -> list[dict]:
+    """Preference rows: prompts of words; the chosen response continues the alphabet, the
+    rejected one is longer and random (a preference the tiny model can learn)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        start = rng.randrange(len(WORDS))
+        prompt = " ".join(WORDS[(start + i) % len(WORDS)] for i in range(rng.randint(2, 6)))
+        chosen = " ".join(WORDS[(start + 6 + i) % len(WORDS)] for i in range(rng.randint(1, 4)))
+        rejected = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def kto_rows(pairs: list[dict]) -> list[dict]:
+    """The pairs as unpaired KTO rows: the chosen desirable, the rejected not."""
+    return [row for p in pairs for row in (
+        {"prompt": p["prompt"], "completion": p["chosen"], "label": True},
+        {"prompt": p["prompt"], "completion": p["rejected"], "label": False})]
+
+
+@pytest.fixture(scope="session")
+def pair_data(tmp_path_factory) -> dict[str, Path]:
+    """32 training pairs, 8 validation pairs, and the training pairs as KTO rows."""
+    root = tmp_path_factory.mktemp("pairs")
+    pairs = make_pairs(32, seed=0)
+    return {"train": write_jsonl(root / "pairs.jsonl", pairs),
+            "val": write_jsonl(root / "val.jsonl", make_pairs(8, seed=1)),
+            "kto": write_jsonl(root / "kto.jsonl", kto_rows(pairs))}
+
+
 @pytest.fixture(scope="session")
 def text_data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
@@ -320,6 +351,15 @@ def write_recipe(path: Path, *, model: Path, data: Path, out: Path, val: Path | 
             recipe.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def pref_recipe(tmp_path: Path, model: Path, data: Path, objective: object = "dpo",
+                name: str = "run", fmt: str = "preference", data_keys: dict | None = None,
+                **sections) -> Path:
+    """`write_recipe` for a preference objective (4 steps of 4 rows) into tmp_path/name."""
+    train = {"objective": objective, "max_steps": 4, "batch_size": 4, **sections.pop("train", {})}
+    return write_recipe(tmp_path / f"{name}.yaml", model=model, data=data, out=tmp_path / name,
+                        train=train, data_keys={"format": fmt, **(data_keys or {})}, **sections)
 
 
 def recipe_refusal(tmp_path: Path, *, model: Path, data: Path, **sections) -> str:

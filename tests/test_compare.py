@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import main_in_process, run_cli, write_jsonl, write_recipe
+from conftest import main_in_process, pref_recipe, run_cli, write_recipe
 
 from peftune.compare import run_compare
 from peftune.compare.runner import SUMMARY_KEYS, check_compare_dir
@@ -181,32 +181,19 @@ def test_overwrite_through_a_link_replaces_the_earlier_comparison_it_points_to(t
 
 # ---- --objectives: one run per training objective ---------------------------------------
 
-@pytest.fixture(scope="module")
-def pair_files(tmp_path_factory) -> dict[str, Path]:
-    from test_preference import kto_rows, make_pairs
-
-    root = tmp_path_factory.mktemp("pairs")
-    pairs = make_pairs(16, seed=0)
-    return {"train": write_jsonl(root / "pairs.jsonl", pairs),
-            "val": write_jsonl(root / "val.jsonl", make_pairs(8, seed=1)),
-            "kto": write_jsonl(root / "kto.jsonl", kto_rows(pairs))}
-
-
-def _pref_recipe(tmp_path: Path, model: Path, pair_files: dict, objective: object = "dpo",
+def _pref_recipe(tmp_path: Path, model: Path, pair_data: dict, objective: object = "dpo",
                  fmt: str = "preference") -> Path:
-    from test_preference import pref_recipe
-
-    data = pair_files["train" if fmt == "preference" else "kto"]
+    data = pair_data["train" if fmt == "preference" else "kto"]
     return pref_recipe(tmp_path, model, data, objective, fmt=fmt,
-                       val=pair_files["val"] if fmt == "preference" else None,
+                       val=pair_data["val"] if fmt == "preference" else None,
                        train={"max_steps": 2, "eval_every": 2})
 
 
-def test_compare_objectives_trains_one_run_per_objective(tmp_path, tiny_model_dir, pair_files,
+def test_compare_objectives_trains_one_run_per_objective(tmp_path, tiny_model_dir, pair_data,
                                                          capsys):
     import yaml
 
-    recipe = _pref_recipe(tmp_path, tiny_model_dir, pair_files, {"name": "dpo", "beta": 0.2})
+    recipe = _pref_recipe(tmp_path, tiny_model_dir, pair_data, {"name": "dpo", "beta": 0.2})
     report = run_compare(recipe_path=recipe, objectives="dpo,simpo",
                          run_overrides=["simpo.gamma=1.0"], out=tmp_path / "cmp")
 
@@ -243,12 +230,12 @@ def test_compare_objectives_trains_one_run_per_objective(tmp_path, tiny_model_di
 
 
 def test_one_method_with_several_objectives_and_the_recipe_keys_each_objective_keeps(
-        tmp_path, tiny_model_dir, pair_files):
+        tmp_path, tiny_model_dir, pair_data):
     """--methods with one name: every run's method; `dora.r` addresses them all. Objective
     keys carry where the objective reads them, beta only to the recipe's own objective."""
     from peftune.compare.plan import load_runs
 
-    recipe = _pref_recipe(tmp_path, tiny_model_dir, pair_files,
+    recipe = _pref_recipe(tmp_path, tiny_model_dir, pair_data,
                           {"name": "dpo", "beta": 0.2, "reference": "precomputed"})
     axis, runs = load_runs(recipe, methods="dora", objectives="dpo,ipo,orpo",
                            run_overrides=["dora.r=2", "ipo.beta=0.3", "orpo.lambda=0.2",
@@ -305,9 +292,9 @@ def test_method_and_objective_names_never_overlap():
         "key-of-another", "key-typo", "bad-value", "shared-key", "global-objective",
         "both-axes", "neither"])
 def test_bad_objective_input_exits_2_with_one_line_before_anything_trains(
-        tmp_path, tiny_model_dir, pair_files, monkeypatch, capsys, recipe, args, expected):
+        tmp_path, tiny_model_dir, pair_data, monkeypatch, capsys, recipe, args, expected):
     fmt = "kto" if recipe == "kto" else "preference"
-    path = _pref_recipe(tmp_path, tiny_model_dir, pair_files, recipe, fmt=fmt)
+    path = _pref_recipe(tmp_path, tiny_model_dir, pair_data, recipe, fmt=fmt)
     monkeypatch.delenv("PEFTUNE_DEBUG", raising=False)
     before = _tree(tmp_path)
     code, _, stderr = main_in_process(capsys, "compare", path, *args, "--out", tmp_path / "cmp",

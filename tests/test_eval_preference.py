@@ -12,8 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, main_in_process, train_in_process, write_jsonl
-from test_preference import make_pairs, pref_recipe
+from conftest import WORDS, main_in_process, make_pairs, pref_recipe, train_in_process, write_jsonl
 
 from peftune.recipe.schema import DataSection, EvalSection, EvalTask
 

@@ -27,10 +27,8 @@ from conftest import (
     read_metrics,
     run_cli,
     train_in_session,
-    write_jsonl,
     write_recipe,
 )
-from test_preference import make_pairs
 
 from peftune.adapters.registry import all_methods, get_method, method_names
 from peftune.errors import InputError
@@ -255,10 +253,6 @@ def test_methods_table_lists_every_method_with_its_keys():
 
 # ---- preference objectives -----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def pair_data(tmp_path_factory) -> dict[str, Path]:
-    return {"train": write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl",
-                                 make_pairs(16, seed=0))}
 
 
 # peft's own adapters, which peft's disable_adapter() switches off (the others are peftune's)

@@ -9,7 +9,6 @@ bitwise, the reference is the starting model however it is had, and bad input is
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from conftest import (
     NO_DEBUG,
     WORDS,
     assert_one_error_line,
+    pref_recipe,
     read_metrics,
     run_cli,
     train_in_process,
@@ -30,44 +30,6 @@ from safetensors.torch import load_file
 
 from peftune.errors import InputError
 from peftune.recipe import load_recipe
-
-
-def make_pairs(n: int, *, seed: int = 0) -> list[dict]:
-    """Prompts of words; the chosen response continues the alphabet, the rejected one is
-    longer and random (a preference the tiny model can learn)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        start = rng.randrange(len(WORDS))
-        prompt = " ".join(WORDS[(start + i) % len(WORDS)] for i in range(rng.randint(2, 6)))
-        chosen = " ".join(WORDS[(start + 6 + i) % len(WORDS)] for i in range(rng.randint(1, 4)))
-        rejected = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return rows
-
-
-def kto_rows(pairs: list[dict]) -> list[dict]:
-    return [row for p in pairs for row in (
-        {"prompt": p["prompt"], "completion": p["chosen"], "label": True},
-        {"prompt": p["prompt"], "completion": p["rejected"], "label": False})]
-
-
-@pytest.fixture(scope="module")
-def pair_data(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pairs")
-    pairs = make_pairs(32, seed=0)
-    return {"train": write_jsonl(root / "pairs.jsonl", pairs),
-            "val": write_jsonl(root / "val.jsonl", make_pairs(8, seed=1)),
-            "kto": write_jsonl(root / "kto.jsonl", kto_rows(pairs))}
-
-
-def pref_recipe(tmp_path: Path, model: Path, data: Path, objective: object = "dpo",
-                name: str = "run", fmt: str = "preference", data_keys: dict | None = None,
-                **sections) -> Path:
-    train = {"objective": objective, "max_steps": 4, "batch_size": 4, **sections.pop("train", {})}
-    return write_recipe(tmp_path / f"{name}.yaml", model=model, data=data, out=tmp_path / name,
-                        train=train, data_keys={"format": fmt, **(data_keys or {})}, **sections)
-
 
 # ---- the formulas ----------------------------------------------------------------------
 

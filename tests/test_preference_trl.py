@@ -26,8 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
-from test_preference import kto_rows, make_pairs, pref_recipe
+from conftest import kto_rows, make_pairs, pref_recipe, write_jsonl
 
 from peftune.data.formats import ROLE_DESIRABLE
 
