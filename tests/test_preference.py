@@ -259,6 +259,9 @@ def test_auto_reference_precomputes_where_the_adapter_rewrites_the_base(tmp_path
                        adapter={"method": "full"}, train={"lr": 1e-3})
     assert train_in_process(full)[1]["objective"]["reference"] == "precomputed"
     assert (tmp_path / "full" / "model").is_dir()
+    card = (tmp_path / "full" / "README.md").read_text()  # a whole model loads without peft
+    assert f'AutoModelForCausalLM.from_pretrained("{tmp_path / "full" / "model"}")' in card
+    assert "with the `dpo` objective" in card and "PeftModel" not in card
 
 
 def test_a_reference_model_path_is_precomputed_from_that_model(tmp_path, tiny_model_dir, pair_data):

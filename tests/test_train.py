@@ -39,9 +39,15 @@ def test_lora_run_writes_every_artifact_and_the_adapter_reproduces_the_model(
                           train={"max_steps": 12, "eval_every": 6})
     built, summary = train_in_process(recipe)
     run = tmp_path / "run"
-    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "loss.png",
+    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "loss.png", "README.md",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (run / name).is_file(), name
+    card = (run / "README.md").read_text()  # the model card: from the summary and the recipe
+    assert f"A `lora` fine-tune of `{tiny_model_dir}`" in card
+    assert f"PeftModel.from_pretrained(base, \"{run / 'adapter'}\")" in card
+    assert f"| final validation loss | {summary['final_val_loss']:.4g} |" in card
+    assert f"{summary['trainable_params']:,} of {summary['total_params']:,}" in card
+    assert (run / "recipe.yaml").read_text().strip() in card
     records = read_metrics(run)
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == list(range(1, 13))

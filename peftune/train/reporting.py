@@ -260,6 +260,8 @@ def print_footer(display: ProgressDisplay, out: Path, summary: dict) -> None:
     if summary["plot"]:
         display.log(f"  {'plot':<10} {summary['plot']}")
     display.log(f"  {'summary':<10} {out / 'summary.json'}")
+    if (out / "README.md").is_file():
+        display.log(f"  {'card':<10} {out / 'README.md'}")
 
 
 def run_summary(built: BuiltRun, state: TrainerState, records: list[dict], artifact: Path,

@@ -24,6 +24,7 @@ from peftune import dist
 from peftune.interrupts import interrupt_signum
 from peftune.recipe.schema import Recipe
 from peftune.train.artifacts import checkpoint_now, export, export_interrupted, restore
+from peftune.train.card import write_model_card
 from peftune.train.checkpoint import TrainerState
 from peftune.train.interrupts import (
     FinishInterrupted,
@@ -119,6 +120,7 @@ def train_built(built: BuiltRun, out: Path, *, resume_from: Path | None = None) 
             raise _eval_interrupted(built, out, summary, stop_eval, step=state.step,
                                     artifact=artifact) from None
     write_summary(out / "summary.json", summary)
+    write_model_card(out, summary, out / "recipe.yaml")
     print_footer(calls.display, out, summary)
     accelerator.wait_for_everyone()
     return summary
