@@ -19,8 +19,8 @@ from peftune.recipe import load_recipe
 
 RECIPES = REPO / "recipes"
 # quickstart: lora, qlora (+ eval.yaml); tiny: pretrain, lora;
-# models: qwen2.5-0.5b lora + qlora, llama-3.2-1b qlora
-SHIPPED = 8
+# models: qwen2.5-0.5b lora + qlora, llama-3.2-1b qlora; preference: dpo (+ eval.yaml)
+SHIPPED = 10
 ALL = sorted(RECIPES.rglob("*.yaml"))
 EVAL_FILES = [p for p in ALL if set(yaml.safe_load(p.read_text()) or {}) == {"eval"}]
 TRAIN_RECIPES = [p for p in ALL if p not in EVAL_FILES]

@@ -78,8 +78,8 @@ def run_compare(*, recipe_path: str | Path, methods: str | Sequence[str] | None 
               "objectives": list(dict.fromkeys(r.recipe.train.objective.name for r in runs)),
               "overrides": list(overrides), "out": str(out),
               "steps": shared.train.max_steps, "epochs": shared.train.epochs,
-              "seed": shared.train.seed, "data": {"train": shared.data.train,
-                                                   "val": shared.data.val},
+              "seed": shared.train.seed,  # a data mix's sources as the recipe writes them
+              "data": shared.data.model_dump(mode="json", include={"train", "val"}),
               "model": shared.model.path, "rows": [_row(run, out) for run in runs]}
     _write_json(out / MARKER, report)
     if not quiet:

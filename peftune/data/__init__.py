@@ -10,6 +10,9 @@
             inputs = {k: v for k, v in batch.items() if k != "num_tokens"}
             loss = model(**inputs, use_cache=False).loss  # use_cache=False keeps packing exact
 
+A data mix (`data.train` a list of sources with weights) draws each epoch's examples anew
+(`TrainingMix` in mix.py: `splits` carries the sources), and packs that epoch's rows.
+
 Importing this package imports numpy but not torch, transformers or datasets; those are
 imported by the functions that need them.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 from peftune.data import preference as _preference  # noqa: F401  (registers its formats)
 from peftune.data.cache import DATA_FORMAT_VERSION, default_cache_dir
 from peftune.data.formats import FORMATS, IGNORE_INDEX, RowError, Segments, register_format
+from peftune.data.mix import TrainingMix
 from peftune.data.packing import (
     MicroBatches,
     Row,
@@ -28,18 +32,20 @@ from peftune.data.packing import (
     packing_efficiency,
     per_example_losses,
 )
-from peftune.data.tokenized import DataSplits, TokenizedSet, build_datasets
+from peftune.data.tokenized import DataSplits, MixSource, TokenizedSet, build_datasets
 
 __all__ = [
     "DATA_FORMAT_VERSION",
     "FORMATS",
     "IGNORE_INDEX",
     "MicroBatches",
+    "MixSource",
     "DataSplits",
     "Row",
     "RowError",
     "Segments",
     "TokenizedSet",
+    "TrainingMix",
     "block_causal_mask",
     "build_datasets",
     "default_cache_dir",

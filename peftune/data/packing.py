@@ -7,8 +7,9 @@ derives a block-diagonal causal mask from the restarts, so no token attends acro
 and every example's first label is -100, so the shifted loss never predicts one example's
 first token from the one before it.
 
-Rows are built once per run (`pack_rows`); each epoch shuffles the order of the rows and
-groups them into micro-batches (`micro_batches`), deterministically for (seed, epoch).
+Rows are built once per run (`pack_rows`; a data mix packs each epoch's own draw, mix.py);
+each epoch shuffles the order of the rows and groups them into micro-batches
+(`micro_batches`), deterministically for (seed, epoch).
 """
 
 from __future__ import annotations
@@ -44,23 +45,19 @@ class Row:
         return len(self.input_ids)
 
 
-def pack_rows(data: TokenizedSet, *, max_length: int, packing: bool, seed: int) -> list[Row]:
+def pack_rows(data: TokenizedSet, *, max_length: int, packing: bool, seed: int,
+              example_ids: np.ndarray | None = None) -> list[Row]:
     """The run's rows: best-fit-decreasing bins of examples when packing, else one example per
     row. Examples of equal length are placed in a seeded random order, so that which examples
     share a row varies with the seed and not with the file order.
 
     Preference pairs (`data.group` 2) are packed whole: a row holds one pair (packing off) or
-    several (on), at most `group x max_length` tokens, each side its own example."""
-    lengths = data.lengths
-    if len(lengths) and int(lengths.max()) > max_length:
-        raise ValueError(f"an example has {int(lengths.max())} tokens, more than max_length="
-                         f"{max_length}; build the data with the same data.max_length")
-    group = data.group
-    units = lengths.reshape(-1, group).sum(axis=1) if group > 1 else lengths
-    if packing:
-        bins = best_fit_decreasing(units, max_length * group, seed=seed)
-    else:
-        bins = [[i] for i in range(len(units))]
+    several (on), at most `group x max_length` tokens, each side its own example.
+    `example_ids`: what each example's `example_indices` entry is (default: its index in
+    `data`; a data mix's epoch gives each example's index in the whole mix)."""
+    lengths, group = data.lengths, data.group
+    index_of = np.arange(len(data)) if example_ids is None else np.asarray(example_ids)
+    bins = row_bins(lengths, group, max_length=max_length, packing=packing, seed=seed)
     rows = []
     for unit_members in bins:
         members = [u * group + k for u in unit_members for k in range(group)]
@@ -68,7 +65,7 @@ def pack_rows(data: TokenizedSet, *, max_length: int, packing: bool, seed: int) 
         rows.append(Row(input_ids=np.concatenate([ids for ids, _ in pieces]),
                         labels=np.concatenate([labels for _, labels in pieces]),
                         lengths=tuple(int(lengths[i]) for i in members),
-                        example_indices=tuple(int(i) for i in members),
+                        example_indices=tuple(int(index_of[i]) for i in members),
                         roles=None if data.roles is None else tuple(
                             int(data.roles[i]) for i in members)))
     if packing and rows:
@@ -76,6 +73,19 @@ def pack_rows(data: TokenizedSet, *, max_length: int, packing: bool, seed: int) 
         log.info("packed %d examples into %d rows of <= %d tokens (%.1f%% filled)",
                  len(data), len(rows), capacity, 100 * packing_efficiency(rows, capacity))
     return rows
+
+
+def row_bins(lengths: np.ndarray, group: int, *, max_length: int, packing: bool,
+             seed: int) -> list[list[int]]:
+    """Which units (examples, or `group` examples that stay together) `pack_rows` puts in each
+    row, from the examples' lengths alone: len() is the number of rows."""
+    if len(lengths) and int(lengths.max()) > max_length:
+        raise ValueError(f"an example has {int(lengths.max())} tokens, more than max_length="
+                         f"{max_length}; build the data with the same data.max_length")
+    units = lengths.reshape(-1, group).sum(axis=1) if group > 1 else lengths
+    if packing:
+        return best_fit_decreasing(units, max_length * group, seed=seed)
+    return [[i] for i in range(len(units))]
 
 
 def packing_efficiency(rows: list[Row], max_length: int) -> float:

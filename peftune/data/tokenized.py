@@ -30,7 +30,7 @@ from peftune.data.formats import (
 )
 from peftune.data.sources import iter_rows, resolve_source
 from peftune.errors import InputError
-from peftune.recipe.schema import DataSection
+from peftune.recipe.schema import DataSection, dotted_key
 
 MAX_REPORTED_BAD_ROWS = 10
 _ROWS_PER_BATCH = 1024  # rows tokenized per call of the tokenizer
@@ -79,6 +79,23 @@ class TokenizedSet:
             return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), offsets)
         return cls(np.concatenate([ids for ids, _ in examples]),
                    np.concatenate([labels for _, labels in examples]), offsets)
+
+    @classmethod
+    def concatenate(cls, parts: list[TokenizedSet]) -> TokenizedSet:
+        """The examples of `parts` end to end (one part: that part itself)."""
+        if len(parts) == 1:
+            return parts[0]
+        ends = np.cumsum([0, *(part.num_tokens for part in parts[:-1])])
+
+        def joined(name: str) -> np.ndarray | None:
+            arrays = [getattr(part, name) for part in parts]
+            return None if any(a is None for a in arrays) else np.concatenate(arrays)
+
+        return cls(np.concatenate([part.input_ids for part in parts]),
+                   np.concatenate([part.labels for part in parts]),
+                   np.concatenate([[0]] + [part.offsets[1:] + end
+                                           for part, end in zip(parts, ends, strict=True)]),
+                   roles=joined("roles"), source_rows=joined("source_rows"))
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> TokenizedSet:
@@ -143,57 +160,97 @@ class TokenizedSet:
 
 
 @dataclass
+class MixSource:
+    """One source of a data mix as read: its recipe key (`data.train[1]`), path and weight,
+    and its examples: `train[start:stop]` of the DataSplits (a mix's training set is its
+    sources' usable examples end to end, in recipe order)."""
+
+    key: str
+    path: str
+    weight: float
+    start: int
+    stop: int
+
+
+@dataclass
 class DataSplits:
     """What the training loop gets: the training set, the validation set if any, and counts
-    worth printing (rows read and skipped, examples truncated or dropped, cache use, time)."""
+    worth printing (rows read and skipped, examples truncated or dropped, cache use, time).
+    For a data mix, `sources` says which examples of `train` each source gave (how an
+    epoch draws from them is peftune.data.mix)."""
 
     train: TokenizedSet
     val: TokenizedSet | None
     stats: dict[str, Any] = field(default_factory=dict)
+    sources: list[MixSource] | None = None
 
 
 def build_datasets(cfg: DataSection, tokenizer: Any, *, seed: int,
                    cache_dir: Path | None = None) -> DataSplits:
-    """Read, tokenize (or load from the cache), truncate and split the recipe's data."""
-    check_format_setup(cfg, tokenizer)
+    """Read, tokenize (or load from the cache), truncate and split the recipe's data. Each
+    source of a data mix (or of a validation list) is read on its own, with its own format
+    keys and its own cache entry; `val_ratio` splits each training source alike."""
+    problems = cfg.mix_problems()
+    if problems:  # a DataSection built without a recipe (a recipe reports these on loading)
+        raise InputError(*(f"{dotted_key(path)}: {message}" for path, message in problems))
+    train_sources, val_sources = cfg.sources("train"), cfg.sources("val")
+    for key, section in train_sources + val_sources:
+        _check_setup(section, tokenizer, key)
     directory = Path(cache_dir) if cache_dir is not None else cache.default_cache_dir()
     token_print = cache.tokenizer_fingerprint(tokenizer)
     stats: dict[str, Any] = {"rows_read": 0, "rows_skipped": 0, "dropped_no_target": 0,
                              "truncated": 0, "cache_hit": True, "tokenize_seconds": 0.0,
                              "bad_rows": []}
+    counted: dict[str, str] = {}  # per source: its rows read, skipped, dropped (for errors)
 
-    def load(path: str, key: str, limit: int | None) -> TokenizedSet:
-        raw, meta = _load_or_tokenize(cfg, tokenizer, path=path, key=key, limit=limit,
+    def load(section: DataSection, key: str, limit: int | None) -> TokenizedSet:
+        path = section.train  # the source's path (sources() puts it there)
+        raw, meta = _load_or_tokenize(section, tokenizer, path=path, key=key, limit=limit,
                                       cache_dir=directory, token_print=token_print)
+        before = (stats["rows_skipped"], stats["dropped_no_target"])
         for name in ("rows_read", "rows_skipped", "tokenize_seconds"):
             stats[name] += meta[name]
         stats["bad_rows"] += meta["bad_rows"]
         stats["cache_hit"] &= meta["cache_hit"]
-        left = cfg.truncation == "left"
-        usable = raw.target_counts(cfg.max_length, left=left) > 0
+        left = section.truncation == "left"
+        usable = raw.target_counts(section.max_length, left=left) > 0
         if raw.roles is not None:  # preference data: a response cut away is the row's problem
-            usable = usable_rows(cfg, raw, usable, key=key, path=path, stats=stats)
+            usable = usable_rows(section, raw, usable, key=key, path=path, stats=stats)
         keep = np.flatnonzero(usable)
-        stats["truncated"] += int(np.count_nonzero(raw.lengths[keep] > cfg.max_length))
+        stats["truncated"] += int(np.count_nonzero(raw.lengths[keep] > section.max_length))
         dropped = len(raw) - len(keep)
         stats["dropped_no_target"] += dropped
+        counted[key] = (f"{meta['rows_read']} rows read, "
+                        f"{stats['rows_skipped'] - before[0]} skipped as bad, "
+                        f"{stats['dropped_no_target'] - before[1]} with no target token left "
+                        "after truncation to data.max_length")
         if dropped and (dropped * 2 > len(raw) or not len(keep)):
-            raise InputError(f"{key}: {_too_long(cfg, raw, dropped, path)}")
-        return raw.select(keep, max_length=cfg.max_length, left=left)
+            raise InputError(f"{key}: {_too_long(section, raw, dropped, path)}")
+        return raw.select(keep, max_length=section.max_length, left=left)
 
-    train = load(cfg.train, "data.train", cfg.max_examples)
+    parts = [load(section, key, cfg.max_examples) for key, section in train_sources]
     val: TokenizedSet | None = None
     if cfg.val is not None:
-        val = load(cfg.val, "data.val", None)
-        if len(val) == 0:
-            raise InputError(f"data.val: no usable examples in {cfg.val}")
+        vals = [load(section, key, None) for key, section in val_sources]
+        for (key, section), part in zip(val_sources, vals, strict=True):
+            if len(part) == 0:
+                raise InputError(f"{key}: no usable examples in {section.train}")
+        val = TokenizedSet.concatenate(vals)
     elif cfg.val_ratio > 0:
-        train, val = _split(train, cfg.val_ratio, seed)
-    if len(train) == 0:
-        raise InputError(
-            f"data.train: no usable examples in {cfg.train} ({stats['rows_read']} rows read, "
-            f"{stats['rows_skipped']} skipped as bad, {stats['dropped_no_target']} with no "
-            "target token left after truncation to data.max_length)")
+        halves = [_split(part, cfg.val_ratio, seed, key=key)
+                  for part, (key, _) in zip(parts, train_sources, strict=True)]
+        parts = [kept for kept, _ in halves]
+        val = TokenizedSet.concatenate([held_out for _, held_out in halves])
+    for part, (key, section) in zip(parts, train_sources, strict=True):
+        if len(part) == 0:
+            raise InputError(f"{key}: no usable examples in {section.train} ({counted[key]})")
+    train = TokenizedSet.concatenate(parts)
+    sources = None
+    if cfg.is_mix:
+        ends = np.cumsum([len(part) for part in parts]).tolist()
+        sources = [MixSource(key, section.train, float(source.weight), start, stop)
+                   for (key, section), source, start, stop in zip(
+                       train_sources, cfg.train, [0, *ends[:-1]], ends, strict=True)]
     stats.update(train_examples=len(train), train_tokens=train.num_tokens,
                  train_target_tokens=train.num_target_tokens,
                  val_examples=len(val) if val is not None else 0)
@@ -203,7 +260,18 @@ def build_datasets(cfg: DataSection, tokenizer: Any, *, seed: int,
         log.warning("dropped %d examples with no target token within data.max_length=%d "
                     "(their prompts fill it; data.truncation: left keeps the response)",
                     stats["dropped_no_target"], cfg.max_length)
-    return DataSplits(train=train, val=val, stats=stats)
+    return DataSplits(train=train, val=val, stats=stats, sources=sources)
+
+
+def _check_setup(section: DataSection, tokenizer: Any, key: str) -> None:
+    """check_format_setup, its message naming the source of a list it concerns."""
+    if not key.endswith("]"):
+        check_format_setup(section, tokenizer)
+        return
+    try:
+        check_format_setup(section, tokenizer)
+    except InputError as err:
+        raise InputError(*(f"{key}: {line}" for line in err.lines)) from None
 
 
 def usable_rows(cfg: DataSection, raw: TokenizedSet, usable: np.ndarray, *, key: str,
@@ -256,13 +324,15 @@ def _too_long(cfg: DataSection, raw: TokenizedSet, dropped: int, path: str) -> s
             f"data.max_length={cfg.max_length} (their prompts fill it); {fix}")
 
 
-def _split(data: TokenizedSet, ratio: float, seed: int) -> tuple[TokenizedSet, TokenizedSet]:
+def _split(data: TokenizedSet, ratio: float, seed: int, *,
+           key: str = "data.train") -> tuple[TokenizedSet, TokenizedSet]:
     """A seeded random split; both parts keep file order."""
     group = data.group  # pairs are split as pairs
     units = len(data) // group
     n_val = max(1, round(units * ratio))
     if n_val >= units:
-        raise InputError(f"data.val_ratio: {ratio} of {units} examples leaves none to "
+        source = "" if key == "data.train" else f" (of {key})"
+        raise InputError(f"data.val_ratio: {ratio} of {units} examples{source} leaves none to "
                          "train on; lower it or give data.val")
     order = np.random.default_rng([seed % 2**63, 0x5A1]).permutation(units)
 
@@ -296,7 +366,8 @@ def _field_nowhere(cfg: DataSection, key: str, display: str, name: str | None, h
     keys = [k for k in ("text_field", "prompt_field", "input_field", "response_field",
                         "messages_field", "chosen_field", "rejected_field", "completion_field",
                         "label_field") if getattr(cfg, k, None) == name]
-    which = f"data.{keys[0]}" if keys else "the format's field"
+    which = (f"{key}.{keys[0]}" if key.endswith("]") else f"data.{keys[0]}") if keys else (
+        "the format's field")
     fields = has.removeprefix("the row has: ")
     present = set(fields.split(", "))
     hint = ""

@@ -104,11 +104,102 @@ class AdapterSection(Section):
     method: str = "lora"
 
 
+# The data section's keys that say how a row becomes text, by the format that reads them. A
+# source of a data mix may set these for itself (and only those its format reads); every other
+# data key (max_length, truncation, packing, on_bad_row, ...) is section-wide.
+FORMAT_KEYS = {
+    "text": frozenset({"text_field", "add_eos"}),
+    "instruction": frozenset({"prompt_field", "input_field", "response_field",
+                              "prompt_template", "add_eos"}),
+    "chat": frozenset({"messages_field", "roles"}),
+    "preference": frozenset({"prompt_field", "chosen_field", "rejected_field",
+                             "prompt_template", "add_eos", "roles"}),
+    "kto": frozenset({"prompt_field", "completion_field", "label_field", "prompt_template",
+                      "add_eos", "roles"}),
+}
+SOURCE_FORMAT_KEYS = frozenset({"format"}).union(*FORMAT_KEYS.values())
+# What an objective makes of a format's examples: sources of one mix are all of one kind (a
+# preference objective scores pairs, kto labelled completions, sft plain examples).
+FORMAT_KIND = {"text": "plain", "instruction": "plain", "chat": "plain",
+               "preference": "preference pairs", "kto": "kto rows"}
+DataFormat = Literal["text", "instruction", "chat", "preference", "kto"]
+
+
+class DataSource(Section):
+    """One source of a data mix: `data.train: [{path: a.jsonl, weight: 3}, {path: b.jsonl,
+    weight: 1, format: instruction}]` (a bare path is `{path: PATH}`). `weight` (default 1,
+    train only) is the source's share of each epoch relative to the other weights. The format
+    keys below mirror DataSection's (same types and defaults; a test keeps them in step) and
+    override the section's for this source only; the keys left out come from the section."""
+
+    path: str = Field(description="a data file: jsonl | json | parquet | csv | saved datasets dir")
+    weight: float | None = Field(default=None, ge=0)
+    format: DataFormat = "text"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    input_field: str | None = None
+    response_field: str = "response"
+    messages_field: str = "messages"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    completion_field: str = "completion"
+    label_field: str = "label"
+    roles: dict[str, str] = Field(default_factory=dict)
+    prompt_template: str = "{prompt}\n"
+    add_eos: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"path": value}
+        if not isinstance(value, dict):
+            return value
+        from peftune.recipe.errors import did_you_mean
+
+        for key in value:
+            if key in cls.model_fields:
+                continue
+            if key in DataSection.model_fields:
+                raise ValueError(f"{key} is section-wide: set it under data:, not in a source "
+                                 "(a source takes path, weight and format keys)")
+            raise ValueError(f"unknown key {key!r}{did_you_mean(key, list(cls.model_fields))}; "
+                             "a source takes path, weight and format keys (format, "
+                             "text_field, prompt_field, ...)")
+        return value
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _weight_is_a_number(cls, value: Any) -> Any:
+        # pydantic would read "2" or true as a number; a weight is written as one
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError("expected a number >= 0 (the source's share of an epoch, relative "
+                             "to the other weights)")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _keys_set_only(self, handler: Any) -> dict:
+        # a dump (the run's recipe.yaml) holds the keys the source sets: the others are the
+        # data section's, which the dump writes in full
+        dumped = handler(self)
+        kept = {"path"} | (self.model_fields_set & SOURCE_FORMAT_KEYS)
+        if self.weight is not None:
+            kept.add("weight")
+        return {key: value for key, value in dumped.items() if key in kept}
+
+    def own_keys(self) -> dict[str, Any]:
+        """The format keys this source sets for itself."""
+        return {key: getattr(self, key) for key in SOURCE_FORMAT_KEYS & self.model_fields_set}
+
+
 class DataSection(Section):
-    train: str = Field(description="training data: jsonl | json | parquet | csv | saved datasets dir")
-    val: str | None = None
+    # a file, or a mix: a list of sources ({path, weight, format keys}) drawn by weight
+    train: str | list[DataSource] = Field(
+        description="training data: jsonl | json | parquet | csv | saved datasets dir")
+    # a file, or a list of sources (each read whole, no weights)
+    val: str | list[DataSource] | None = None
     val_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
-    format: Literal["text", "instruction", "chat", "preference", "kto"] = "text"
+    format: DataFormat = "text"
     text_field: str = "text"
     prompt_field: str = "prompt"
     input_field: str | None = None
@@ -131,8 +222,121 @@ class DataSection(Section):
     packing: bool = True
     add_eos: bool = True
     on_bad_row: Literal["error", "skip"] = "error"
+    # at most this many rows read from data.train (from each source of a mix)
     max_examples: int | None = Field(default=None, gt=0)
     select: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_of_the_mix(cls, data: Any) -> Any:
+        # A mix whose sources all name one format trains that format: it is data.format
+        # (which the objective's checks read) unless the section sets one itself.
+        if not isinstance(data, dict) or "format" in data or not isinstance(
+                data.get("train"), list):
+            return data
+        named = [s.get("format") if isinstance(s, dict) else None for s in data["train"]]
+        if named and None not in named and len(set(named)) == 1:
+            data = {**data, "format": named[0]}
+        return data
+
+    @field_validator("train")
+    @classmethod
+    def _train_weights(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list of sources; give a file or at least one "
+                                 "source {path, weight}")
+            # weight 1 where a source sets none, written out so the dump says it
+            value = [s if s.weight is not None else s.model_copy(update={"weight": 1.0})
+                     for s in value]
+        return value
+
+    @field_validator("val")
+    @classmethod
+    def _val_sources(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list of sources; give a file, a list of sources, or "
+                             "null")
+        return value
+
+    @property
+    def is_mix(self) -> bool:
+        return isinstance(self.train, list)
+
+    def sources(self, split: Literal["train", "val"]) -> list[tuple[str, DataSection]]:
+        """Each source of `split` as (recipe key, the data section it is read with): a plain
+        path is (`data.train`, this section); a source of a list is (`data.train[i]`, this
+        section with the source's path as `train` and its own format keys)."""
+        value = getattr(self, split)
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [(f"data.{split}", self if split == "train" else self.model_copy(
+                update={"train": value, "val": None, "val_ratio": 0.0, "select": None}))]
+        return [(f"data.{split}[{i}]", self.model_copy(update={
+                    **source.own_keys(), "train": source.path, "val": None, "val_ratio": 0.0,
+                    "select": None}))
+                for i, source in enumerate(value)]
+
+    def mix_problems(self) -> list[tuple[tuple[Any, ...], str]]:
+        """What is wrong with the data mix, as (key path, message): format keys a source's
+        format does not read, weights in a validation mix, formats that cannot train
+        together, weights that are all 0, selection from a mix."""
+        problems: list[tuple[tuple[Any, ...], str]] = []
+        listed = [(("data", split, i), source) for split in ("train", "val")
+                  if isinstance(getattr(self, split), list)
+                  for i, source in enumerate(getattr(self, split))]
+        for at, source in listed:
+            fmt = self._format_of(source)
+            for key in sorted(source.own_keys().keys() - {"format"} - FORMAT_KEYS[fmt]):
+                readers = [name for name, keys in FORMAT_KEYS.items() if key in keys]
+                problems.append((at + (key,), f"format {fmt} does not read it (only "
+                                 f"{', '.join(readers)} do); remove it, or set this source's "
+                                 "format"))
+            if at[1] == "val" and source.weight is not None:
+                problems.append((at + ("weight",), "a validation mix reads each source "
+                                 "whole, so it has no weights; remove it"))
+        # (where to point, what to call it, format): every source, and data.format, which
+        # the objective's checks read and a plain data.train or data.val is read with
+        formats = [(at + ("format",), dotted_key(at), self._format_of(source))
+                   for at, source in listed]
+        formats.append((("data", "format"), "data.format", self.format))
+        _, first_name, first = formats[0]
+        for at, name, fmt in formats[1:]:
+            if FORMAT_KIND[fmt] != FORMAT_KIND[first]:
+                problems.append((at, f"{name} is {fmt} ({FORMAT_KIND[fmt]}) and {first_name} "
+                                 f"is {first} ({FORMAT_KIND[first]}): an objective scores "
+                                 "them differently, so they cannot train together; give "
+                                 "every source one kind of rows"))
+                break
+        if self.is_mix and not any(source.weight for source in self.train):
+            problems.append((("data", "train"), "every source's weight is 0, so an epoch "
+                             "would draw nothing; give at least one source a weight > 0"))
+        if self.is_mix and self.select is not None:
+            problems.append((("data", "select"), f"selection picks rows from one pool, and "
+                             f"data.train is a mix of {len(self.train)} sources; run `peftune "
+                             "select-data` on the pool and give its selected.jsonl as one "
+                             "source of the mix"))
+        return problems
+
+    def recipe_problems(self, recipe: Any) -> list[tuple[tuple[Any, ...], str]]:
+        """mix_problems, and an eval task that would read a validation mix (tasks read one
+        file)."""
+        problems = self.mix_problems()
+        if isinstance(self.val, list):
+            problems += [(("eval", "tasks", i, "data"), "required: data.val is a mix of "
+                          f"{len(self.val)} sources and an eval task reads one file; name it")
+                         for i, task in enumerate(recipe.eval.tasks) if task.data is None]
+        return problems
+
+    def _format_of(self, source: DataSource) -> str:
+        return source.format if "format" in source.model_fields_set else self.format
+
+
+def dotted_key(path: tuple[Any, ...]) -> str:
+    """('data', 'train', 1) -> 'data.train[1]'."""
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p)
+                   for i, p in enumerate(path))
 
 
 # The keys each training strategy reads besides `name` (a key of another strategy is an error).
@@ -544,6 +748,7 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
     if recipe.train.strategy is not None:
         problems += recipe.train.strategy.recipe_problems(recipe)
     problems += recipe.train.objective.recipe_problems(recipe)
+    problems += recipe.data.recipe_problems(recipe)
     if recipe.data.val is not None and recipe.data.val_ratio > 0:
         problems.append((
             ("data", "val_ratio"),

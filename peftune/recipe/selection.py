@@ -76,6 +76,12 @@ def select_problems(selection: dict, data: dict, where: Locations) -> list[Probl
     prefix = ("data", "select")
     problems = [Problem(locate(prefix + (key,), where), prefix + (key,), message)
                 for key, message in TRAINING_FORBIDDEN.items() if key in selection]
+    fmt = (data.get("data") or {}).get("format")
+    if fmt in ("preference", "kto"):  # selection scores one text per row, not a pair
+        problems.append(Problem(locate(prefix, where), prefix,
+                                f"data.select scores one text per row and cannot select "
+                                f"data.format: {fmt} rows; select plain rows with `peftune "
+                                "select-data`, or remove data.select"))
     if not selection.get("target"):
         problems.append(Problem(locate(prefix, where), prefix + ("target",),
                                 "required key is missing (the target sample: a file or a list "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from peftune.data.cache import default_cache_dir, source_fingerprint
 from peftune.data.sources import resolve_source
+from peftune.errors import InputError
 from peftune.recipe.schema import DataSection
 from peftune.select.config import SelectConfig
 
@@ -22,6 +23,10 @@ _NOT_IN_KEY = frozenset({"pool", "target", "out", "num_proc"})
 def training_selection(data: DataSection) -> SelectConfig:
     """The SelectConfig of `data.select`: its pool is data.train, and it scores the text the
     data section trains on unless `data.select` names its own fields."""
+    if data.is_mix:  # a recipe refuses this on loading (DataSection.mix_problems)
+        raise InputError(f"data.select: selection picks rows from one pool, and data.train is "
+                         f"a mix of {len(data.train)} sources; run `peftune select-data` on "
+                         "the pool and give its selected.jsonl as one source of the mix")
     values = dict(data.select or {})
     for key in _INHERITED:
         values.setdefault(key, getattr(data, key))

@@ -118,13 +118,17 @@ def _keys(title: str, keys: dict) -> str:
 def _data(data: dict, stats: dict) -> list[str]:
     lines = [f"- format `{data.get('format', 'text')}`, max_length {data.get('max_length')}, "
              f"packing {data.get('packing')}",
-             f"- train: `{data.get('train')}`: {stats.get('rows_read', 0):,} rows read, "
+             f"- train: {_sources(data.get('train'))}: {stats.get('rows_read', 0):,} rows read, "
              f"{stats.get('rows_skipped', 0):,} skipped, {stats.get('train_examples', 0):,} "
              f"examples ({stats.get('train_tokens', 0):,} tokens, "
              f"{stats.get('train_target_tokens', 0):,} targets)"]
     if data.get("val") or stats.get("val_examples"):
-        where = f"`{data['val']}`" if data.get("val") else f"{data.get('val_ratio')} of train"
+        where = _sources(data["val"]) if data.get("val") else f"{data.get('val_ratio')} of train"
         lines.append(f"- validation: {where}: {stats.get('val_examples', 0):,} examples")
+    for source in stats.get("mix") or []:  # what a weighted mix drew
+        lines.append(f"  - `{source.get('path')}` weight {source.get('weight')}: "
+                     f"{_number(source.get('share'))} of the examples drawn, "
+                     f"{_number(source.get('token_share'))} of the tokens")
     selection = stats.get("selection")
     if selection:
         lines.append(f"- selected by `{selection['method']}`: {selection['k']:,} of "
@@ -132,6 +136,14 @@ def _data(data: dict, stats: dict) -> list[str]:
                      f"{selection['kl_reduction']:.3f}, random {selection['random_kl_reduction']:.3f}); "
                      f"report in `{selection['dir']}`")
     return [*lines, ""]
+
+
+def _sources(value: Any) -> str:
+    """A data path, or a mix's sources with their weights."""
+    if isinstance(value, list):
+        return ", ".join(f"`{s['path']}` (weight {s.get('weight', 1)})" if isinstance(s, dict)
+                         else f"`{s}`" for s in value)
+    return f"`{value}`"
 
 
 def _results(summary: dict) -> list[str]:

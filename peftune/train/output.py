@@ -92,8 +92,9 @@ def check_data_paths(recipe: Recipe) -> None:
     from peftune.data.sources import resolve_source
 
     calibration = getattr(recipe.adapter, "calibration", None)
-    paths = [("data.train", recipe.data.train), ("data.val", recipe.data.val),
-             ("adapter.calibration.data", getattr(calibration, "data", None))]
+    paths = [(key, section.train) for split in ("train", "val")
+             for key, section in recipe.data.sources(split)]
+    paths += [("adapter.calibration.data", getattr(calibration, "data", None))]
     paths += [(f"eval.tasks[{i}].data", task.data) for i, task in enumerate(recipe.eval.tasks)]
     for key, path in paths:
         if path is not None:

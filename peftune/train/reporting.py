@@ -213,6 +213,8 @@ def print_header(built: BuiltRun, display: ProgressDisplay, *, resumed_from: Pat
     if init:
         details = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in init.items())
         lines.append(f"adapter init ({r.adapter.method}): {details}")
+    if built.mix is not None:
+        lines.append(built.mix.describe())
     selection = built.data_stats.get("selection")
     if selection is not None:
         reused = "cached, " if selection["cached"] else ""
@@ -297,9 +299,17 @@ def run_summary(built: BuiltRun, state: TrainerState, records: list[dict], artif
         **peak,
         "artifact": str(artifact),
         "plot": str(plot) if plot else None,
-        "data": built.data_stats,
+        "data": _data_summary(built, state),
         "model_source": describe_source(built.recipe.model.path),
     }
+
+
+def _data_summary(built: BuiltRun, state: TrainerState) -> dict:
+    """The data numbers, with a data mix's realised draw (`mix`: per source, over the epochs
+    the run drew from)."""
+    if built.mix is None:
+        return built.data_stats
+    return {**built.data_stats, "mix": built.mix.report(epochs=state.epoch + 1)}
 
 
 def _base_params(built: BuiltRun) -> int:

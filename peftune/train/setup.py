@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftune.adapters.hooks import AdapterHooks
 from peftune.device import has_cuda, native_bf16
@@ -22,6 +22,9 @@ from peftune.errors import InputError
 from peftune.recipe.schema import Recipe
 from peftune.train.objectives import Objective, build_objective
 from peftune.train.reference import ReferenceLogps
+
+if TYPE_CHECKING:
+    from peftune.data import TrainingMix
 
 
 @dataclass
@@ -44,9 +47,12 @@ class BuiltRun:
     quiet: bool = False
     objective: Objective | None = None
     reference: ReferenceLogps | None = None  # log π_ref for dpo, ln-dpo, ipo, kto
+    # a data mix draws every epoch anew (data/mix.py); `rows` are then its first epoch's
+    mix: TrainingMix | None = None
 
     def batches_for_epoch(self, epoch: int) -> Sequence[dict]:
-        return run_batches(self.recipe, self.rows, self.tokenizer, epoch=epoch)
+        rows = self.rows if self.mix is None else self.mix.rows(epoch)
+        return run_batches(self.recipe, rows, self.tokenizer, epoch=epoch)
 
     def val_batches(self) -> Sequence[dict] | None:
         if not self.val_rows:
@@ -64,12 +70,23 @@ def run_batches(recipe: Recipe, rows: list, tokenizer: Any, *, epoch: int) -> Se
                          packing=recipe.data.packing or pairs)
 
 
-def total_steps(recipe: Recipe, *, micro_batches_per_epoch: int, num_processes: int = 1) -> int:
+def total_steps(recipe: Recipe, *, micro_batches_per_epoch: int | Sequence[int],
+                num_processes: int = 1) -> int:
     """`train.max_steps`, or epochs x micro-batches per epoch / (grad_accum x processes),
-    rounded up: each optimizer step takes grad_accum micro-batches on every process."""
+    rounded up: each optimizer step takes grad_accum micro-batches on every process. Epochs
+    of different sizes (a data mix packs each epoch's draw anew) are given one count per
+    epoch, ceil(train.epochs) of them: the whole epochs' counts add up, and a fraction of an
+    epoch takes that fraction of the next."""
     if recipe.train.max_steps is not None:
         return recipe.train.max_steps
-    micro_batches = recipe.train.epochs * micro_batches_per_epoch
+    epochs = recipe.train.epochs
+    if isinstance(micro_batches_per_epoch, int):
+        micro_batches = epochs * micro_batches_per_epoch
+    else:
+        whole = math.floor(epochs)
+        micro_batches = sum(micro_batches_per_epoch[:whole])
+        if epochs > whole:
+            micro_batches += (epochs - whole) * micro_batches_per_epoch[whole]
     return max(1, math.ceil(micro_batches / (recipe.train.grad_accum * num_processes)))
 
 
@@ -153,14 +170,13 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
         return selection, build_datasets(data, tokenizer, seed=recipe.train.seed)
 
     selection, splits = main_first(state, tokenized)
-    rows = pack_rows(splits.train, max_length=recipe.data.max_length,
-                     packing=recipe.data.packing, seed=recipe.train.seed)
+    rows, mix, per_epoch = training_rows(recipe, splits)
     val_rows = None
     if splits.val is not None and len(splits.val):
         val_rows = pack_rows(splits.val, max_length=recipe.data.max_length,
                              packing=recipe.data.packing, seed=recipe.train.seed)
 
-    steps = total_steps(recipe, micro_batches_per_epoch=-(-len(rows) // recipe.train.batch_size),
+    steps = total_steps(recipe, micro_batches_per_epoch=per_epoch,
                         num_processes=accelerator.num_processes)
     spec = get_method(recipe.adapter.method)
 
@@ -190,8 +206,12 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
     model, hooks = agree(state, model_and_adapter)
     trainable_params, total_params = count_parameters(model)
 
-    reference = agree(state, lambda: _reference(recipe, model, accelerator, tokenizer, rows,
-                                                 val_rows, splits))
+    every_example = rows  # what a precomputed reference scores: each example once
+    if mix is not None and recipe.train.objective.uses_reference:  # epochs look them up
+        every_example = pack_rows(splits.train, max_length=recipe.data.max_length,
+                                  packing=recipe.data.packing, seed=recipe.train.seed)
+    reference = agree(state, lambda: _reference(recipe, model, accelerator, tokenizer,
+                                                 every_example, val_rows, splits))
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, steps)
     # The scheduler is stepped by the loop once per optimizer step, so it is not prepared.
@@ -205,8 +225,28 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
         total_steps=steps, data_stats=_data_stats(splits.stats, selection), trainable_params=trainable_params,
         total_params=total_params, setup_s=time.perf_counter() - started, quiet=quiet,
         objective=build_objective(recipe.train.objective, chunked=recipe.train.chunked_loss),
-        reference=reference,
+        reference=reference, mix=mix,
     )
+
+
+def training_rows(recipe: Recipe, splits: Any) -> tuple[list, TrainingMix | None,
+                                                       int | list[int]]:
+    """The first epoch's rows; the TrainingMix that draws each epoch of a data mix (else
+    None: every epoch shuffles the same rows); the micro-batches per epoch, for total_steps
+    (for a mix, one count per epoch: each epoch packs its own draw)."""
+    from peftune.data import TrainingMix, pack_rows
+
+    data, train = recipe.data, recipe.train
+    if splits.sources is None:
+        rows = pack_rows(splits.train, max_length=data.max_length, packing=data.packing,
+                         seed=train.seed)
+        return rows, None, -(-len(rows) // train.batch_size)
+    mix = TrainingMix(splits.train, splits.sources, seed=train.seed,
+                      max_length=data.max_length, packing=data.packing)
+    first = mix.rows(0)
+    epochs = 0 if train.max_steps is not None else math.ceil(train.epochs)
+    per_epoch = [-(-mix.row_count(epoch) // train.batch_size) for epoch in range(epochs)]
+    return first, mix, per_epoch
 
 
 def _reference(recipe: Recipe, model: Any, accelerator: Any, tokenizer: Any, rows: list,
