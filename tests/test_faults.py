@@ -79,13 +79,13 @@ for kind, step, release in json.loads(os.environ["FAULT_GATES"]):
             return _real(*args, **kwargs)
         setup.build_training = build
     elif kind == "nan":  # the loss of optimizer step k is NaN (one micro-batch per step)
-        from peftune.train import loop
+        from peftune.train import objectives  # where the sft loss is computed
         calls = [0]
-        def poisoned(model, batch, _real=loop.token_loss_sum, _step=step, **kwargs):
+        def poisoned(model, batch, _real=objectives.token_loss_sum, _step=step, **kwargs):
             calls[0] += 1
             loss = _real(model, batch, **kwargs)
             return loss * float("nan") if calls[0] == _step else loss
-        loop.token_loss_sum = poisoned
+        objectives.token_loss_sum = poisoned
     elif kind == "steps":  # each process writes the step its loop stopped at
         from peftune.train import run
         def run_loop(*args, _real=run.run_loop, _rel=release, **kwargs):
