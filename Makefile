@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PYTHON) scripts/bench_merge.py
 	$(PYTHON) scripts/bench_optimizer_memory.py
 	$(PYTHON) scripts/bench_preference.py
+	$(PYTHON) scripts/bench_export.py
 
 clean:
 	rm -rf .make runs/demo runs/tiny build *.egg-info

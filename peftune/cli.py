@@ -308,6 +308,36 @@ def merge(
 
 
 @app.command()
+def export(
+    target: Annotated[str, typer.Argument(
+        metavar="RUN|MODEL", help="a training run directory (its adapter is merged first), or a "
+        "model directory, .gguf file, catalogue model or PEFT adapter directory",
+        show_default=False)],
+    adapter: Annotated[str | None, typer.Option(help="PEFT adapter directory to merge into MODEL",
+                                                show_default=False)] = None,
+    format: Annotated[str, typer.Option("--format", help="file format (gguf)")] = "gguf",
+    outtype: Annotated[str, typer.Option(
+        help="f16, bf16, q8_0 or q4_0 (the matrices; norms stay f32)")] = "f16",
+    out: Annotated[Path | None, typer.Option(
+        help="the .gguf file to write (default for a run: RUN/export/NAME-OUTTYPE.gguf)",
+        show_default=False)] = None,
+    ollama: Annotated[bool, typer.Option(
+        "--ollama", help="also write an Ollama Modelfile beside it")] = False,
+    allow_noop: Annotated[bool, typer.Option(
+        "--allow-noop", help="export even when the adapter changes nothing")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace an existing --out (and Modelfile)")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress lines")] = False,
+) -> None:
+    """Write a run (adapter merged) or a model as one GGUF file, verified by reading it back."""
+    from peftune.export.runner import run_export
+
+    with interruptible("export", out):
+        run_export(target=target, adapter=adapter, fmt=format, outtype=outtype, out=out,
+                   ollama=ollama, overwrite=overwrite, allow_noop=allow_noop, quiet=quiet)
+
+
+@app.command()
 def pull(
     name: Annotated[str | None, typer.Argument(
         help="a catalogue model (no name: list the catalogue)", show_default=False)] = None,
