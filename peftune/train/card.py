@@ -95,6 +95,10 @@ def _loading(out: Path, summary: dict, base: str | None, full: bool) -> list[str
         f"model = PeftModel.from_pretrained(base, \"{out / 'adapter'}\")", "```", "",
         f"`peftune merge {out}` writes the merged model (plain transformers, no peft), verified "
         "against the adapter; `peftune chat` and `peftune eval` take the run directory as it is.",
+        "",
+        f"For llama.cpp and Ollama (Llama-family and Qwen2 models): `peftune export {out} "
+        f"--outtype q8_0 --ollama` writes one verified GGUF file and a Modelfile into "
+        f"`{out / 'export'}`; then `ollama create {out.name} -f {out / 'export' / 'Modelfile'}`.",
         ""]
 
 
