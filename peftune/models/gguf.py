@@ -174,7 +174,9 @@ def _convert(path: Path, out: Path, *, key: str) -> None:
     from peftune.models.quiet import quiet_libraries
 
     quiet_libraries()
-    folder, name = str(path.parent), path.name
+    # the absolute path: a bare name is looked for in the working directory first, where a
+    # file of the same name would supply the weights while the config came from this one
+    folder, name = str(path.parent), str(path.resolve())
     try:  # transformers draws its own per-tensor progress bar: peftune said what is going on
         with contextlib.redirect_stderr(io.StringIO()):
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
