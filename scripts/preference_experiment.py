@@ -46,11 +46,13 @@ def metric(report: dict, model: int, task: str, name: str) -> float | None:
 
 
 def table(reports: dict[str, dict]) -> str:
-    """Base (from the first report's --compare base), then each objective's run."""
+    """Base (from the first report's --compare base), then each objective's run. Reward
+    margins are left out: each is scaled by its objective's beta, so only their sign (the
+    accuracy) compares across objectives."""
     rows = [("base", next(iter(reports.values())), 1)] + [(name, rep, 0)
                                                           for name, rep in reports.items()]
-    lines = ["| model | held-out reward acc | reward margin | log-prob acc | mean answer "
-             "tokens | answers naming the module |", "|---|---|---|---|---|---|"]
+    lines = ["| model | held-out reward accuracy | held-out log-prob accuracy | mean answer "
+             "tokens | answers naming the right module |", "|---|---|---|---|---|"]
 
     def cell(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
@@ -59,7 +61,6 @@ def table(reports: dict[str, dict]) -> str:
         lines.append("| " + " | ".join([
             name,
             cell(metric(report, index, PAIRS_TASK, "reward_accuracy"), ".1%"),
-            cell(metric(report, index, PAIRS_TASK, "reward_margin"), ".2f"),
             cell(metric(report, index, PAIRS_TASK, "logp_accuracy"), ".1%"),
             cell(metric(report, index, ANSWERS_TASK, "answer_tokens"), ".1f"),
             cell(metric(report, index, ANSWERS_TASK, "contains"), ".1%")]) + " |")
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["concise", "verbose", "correct"])
     parser.add_argument("--steps", type=int, default=36)
     parser.add_argument("--workdir", type=Path, default=REPO)
+    parser.add_argument("--tables-only", action="store_true",
+                        help="print the tables of runs already evaluated, train nothing")
     args = parser.parse_args(argv)
     work = args.workdir.resolve()
     py, peftune = sys.executable, [sys.executable, "-m", "peftune.cli"]
@@ -79,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         run([py, str(REPO / "scripts/build_demo_task.py"), "--out", "runs/demo/data"], work)
     results = {}
     for pairs in args.sets:
+        if args.tables_only:
+            results[pairs] = table({o: json.loads((work / f"runs/preference/{pairs}-{o}/eval/"
+                                                           "report.json").read_text())
+                                    for o in OBJECTIVES})
+            continue
         data = f"runs/preference/{pairs}"
         run([py, str(REPO / "scripts/build_preference_task.py"), "--task", "runs/demo/data",
              "--out", data, "--prefer", pairs], work)
