@@ -94,24 +94,27 @@ def next_micro_batches(loop: Loop, state: TrainerState) -> list[dict]:
 
 
 def step_totals(loop: Loop, batches: Sequence[dict], model: Any,
-                reference: Callable[[dict], Any] | None) -> dict[str, float]:
+                reference: Callable[[dict], Any] | None,
+                counted: Sequence[bool] | None = None) -> dict[str, float]:
     """The objective's normalisers (and step-wide statistics) over `batches` on every
-    process, with `targets` and `tokens` counted too: the same dict on every rank."""
+    process, with `targets` and `tokens` counted too: the same dict on every rank.
+    `counted` False: a batch that only keeps a sharded forward in step (not counted)."""
     import torch
 
     objective = _objective(loop)
+    counted = [True] * len(batches) if counted is None else counted
     local: dict[str, float] = {"targets": 0.0, "tokens": 0.0}
-    for batch in batches:
+    for batch in (b for b, count in zip(batches, counted, strict=True) if count):
         local["targets"] += count_targets(batch)
         local["tokens"] += count_tokens(batch)
         for name, value in objective.counts(batch).items():
             local[name] = local.get(name, 0.0) + value
     if objective.step_pass:
         with torch.no_grad():
-            for batch in batches:
+            for batch, count in zip(batches, counted, strict=True):
                 sums = objective.step_sums(model, _to(batch, loop.accelerator.device), reference)
                 for name, value in sums.items():
-                    local[name] = local.get(name, 0.0) + value
+                    local[name] = local.get(name, 0.0) + (value if count else 0.0)
     names = sorted(local)
     return dict(zip(names, global_sums(loop.accelerator, *(local[n] for n in names)),
                     strict=True))
@@ -166,8 +169,7 @@ def evaluate_loss(loop: Loop) -> dict:
             mine, counted = mine + [0] * extra, counted + [False] * extra
         batches = [batches[i] for i in mine]
     model.eval()
-    mine_counted = [b for b, count in zip(batches, counted, strict=True) if count]
-    totals = step_totals(loop, mine_counted, model, loop.val_reference)
+    totals = step_totals(loop, batches, model, loop.val_reference, counted)
     total, sums = 0.0, {}
     with torch.no_grad(), loop.accelerator.autocast():
         for batch, count in zip(batches, counted, strict=True):
