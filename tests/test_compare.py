@@ -189,6 +189,7 @@ def _pref_recipe(tmp_path: Path, model: Path, pair_data: dict, objective: object
                        train={"max_steps": 2, "eval_every": 2})
 
 
+@pytest.mark.slow  # the same training path as the methods comparison above (default run)
 def test_compare_objectives_trains_one_run_per_objective(tmp_path, tiny_model_dir, pair_data,
                                                          capsys):
     import yaml

@@ -187,7 +187,9 @@ def _adapter(run: Path) -> dict:
     return load_file(run / "adapter" / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("objective", ["dpo", "orpo", "kto"])
+# kto (its KL estimate spans the step) in the default run; dpo and orpo share its counting
+@pytest.mark.parametrize("objective", [pytest.param("dpo", marks=pytest.mark.slow),
+                                       pytest.param("orpo", marks=pytest.mark.slow), "kto"])
 def test_gradient_accumulation_equals_one_bigger_batch(tmp_path, tiny_model_dir, pair_data,
                                                        objective):
     data, fmt = (pair_data["kto"], "kto") if objective == "kto" else (pair_data["train"], "preference")
@@ -264,6 +266,7 @@ def test_auto_reference_precomputes_where_the_adapter_rewrites_the_base(tmp_path
     assert "with the `dpo` objective" in card and "PeftModel" not in card
 
 
+@pytest.mark.slow  # the precomputed table of the default-run tests, from another model
 def test_a_reference_model_path_is_precomputed_from_that_model(tmp_path, tiny_model_dir, pair_data):
     from peftune.models import build_tiny_model
 

@@ -212,9 +212,10 @@ def gguf_logits(path: Path, reader: gguf.GGUFReader, inputs: list[torch.Tensor],
     for key in _VOCABULARY_ARRAYS & set(reader.fields):  # checked already; most of its memory
         del reader.fields[key]
     with _parsed_once(path, reader), contextlib.redirect_stderr(io.StringIO()):
-        # an absolute gguf_file: a bare name is looked for in the working directory first
+        # an absolute gguf_file: a bare name is looked for in the working directory first;
+        # the weights are the GGUF file's own tensors: no pickle is involved
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=str(path.resolve()),
-                                                     dtype=dtype)
+                                                     dtype=dtype, use_safetensors=False)
     model.eval()
     lengths = [ids.shape[1] for ids in inputs]
     batch = torch.zeros(len(inputs), max(lengths), dtype=torch.long)
