@@ -17,11 +17,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from peftune import dist
 from peftune.errors import InputError, TrainingError
+from peftune.merge.common import staging_dir
 
 if TYPE_CHECKING:
     from peftune.merge.adapter_merge import MergeJob
@@ -90,7 +88,7 @@ def run_export(*, target: str, adapter: str | None = None, fmt: str = "gguf",
         modelfile_body = modelfile_text(out.name, tokenizer, add_bos=vocab.add_bos)
     del tokenizer
 
-    with _staging(out) as tmp:
+    with staging_dir(out, kind="export") as tmp:
         merge_report = None
         model_dir = source.model_dir
         if source.job is not None:
@@ -195,23 +193,6 @@ def _tokenizer(source: Source):
         else source.model_dir
     trust = bool(getattr(source.job, "trust_remote_code", False))
     return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust)
-
-
-@contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A fresh directory beside `out` (same file system: the final rename is atomic), removed
-    on every way out."""
-    tmp = out.parent / f".tmp-export-{out.name}-{os.getpid()}"
-    made_parent = not out.parent.exists()
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if made_parent:  # e.g. RUN/export/ of an export that failed: not left behind empty
-            with contextlib.suppress(OSError):
-                out.parent.rmdir()
 
 
 def _merge(source: Source, tmp: Path, outtype: str, *, allow_noop: bool, quiet: bool) -> dict:

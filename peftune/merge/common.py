@@ -57,16 +57,21 @@ def stored_dtype(base: Path) -> str:
 
 
 @contextlib.contextmanager
-def staging_dir(out: Path) -> Iterator[Path]:
-    """A fresh directory beside `out` to write the merge into, removed on every way out
-    (`publish_verified` has moved it to `out` by then when all went well)."""
-    tmp = out.parent / f".tmp-merge-{out.name}-{os.getpid()}"
+def staging_dir(out: Path, *, kind: str = "merge") -> Iterator[Path]:
+    """A fresh directory beside `out` (same file system: the final rename is atomic) to write
+    into, removed on every way out (`publish_verified` has moved it to `out` by then when all
+    went well), and so is `out`'s parent when this made it and it is left empty."""
+    tmp = out.parent / f".tmp-{kind}-{out.name}-{os.getpid()}"
+    made_parent = not out.parent.exists()
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made_parent:  # e.g. RUN/export/ of an export that failed: not left behind empty
+            with contextlib.suppress(OSError):
+                out.parent.rmdir()
 
 
 def publish_verified(report: dict, tmp: Path, out: Path, *, failure: str | None = None) -> None:
