@@ -46,6 +46,7 @@ GENERATE_TASK, PERPLEXITY_TASK = "heldout-answers", "heldout-perplexity"
 # --quick: a smaller task and a short run; the fine-tune still beats the base on perplexity.
 QUICK_TASK = ("--train", "64", "--heldout", "12")
 QUICK_STEPS = 8
+QUICK_EVAL = ("--max-new-tokens", "12")  # enough for a module name; the base model's sentence is cut
 SHOWN = 3  # answers side by side
 
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
          None),
         ("evaluate the fine-tuned and the base model on the held-out questions",
          [*peftune, "eval", str(run_dir), "--config", _shown(EVAL, workdir), "--compare", "base",
-          "--overwrite"],
+          "--overwrite", *(QUICK_EVAL if args.quick else ())],
          None),
     ]
 

@@ -194,10 +194,15 @@ def imported_modules(stderr: str) -> set[str]:
 def assert_one_error_line(result: subprocess.CompletedProcess, expected: str) -> None:
     """A refusal as the user sees it: exit code 2, no traceback, and exactly one line on
     stderr, which contains `expected`."""
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert_one_line(result.returncode, result.stderr, expected)
+
+
+def assert_one_line(code: Any, stderr: str, expected: str) -> None:
+    """`assert_one_error_line` for an exit code and stderr (from `main_in_process`)."""
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], stderr
 
 
 # ---- running `peftune` in this process ---------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from conftest import make_text_rows, read_jsonl, write_jsonl
 
+from peftune.errors import InputError
 from peftune.evaluate import resolve_target, run_eval
 from peftune.recipe.schema import DataSection, EvalTask
 
@@ -378,3 +379,21 @@ def test_choice_with_chat_format_renders_the_question_as_the_users_turn(tiny_mod
     report = _eval(tiny_model_dir, tmp_path, [{"task": "choice", "data": str(data),
                                                "format": "chat"}])
     assert report["models"][0]["tasks"]["choice"]["metrics"]["accuracy"]["n"] == 1
+
+
+def test_a_task_flag_without_task_goes_to_the_tasks_that_read_it(tmp_path):
+    """--max-new-tokens with a file of generate and perplexity tasks sets the generate task's
+    only; --max-examples (a key every task has) sets both; a flag no task reads is refused."""
+    from peftune.evaluate.config import load_eval_config
+
+    path = tmp_path / "eval.yaml"
+    path.write_text("eval:\n  tasks:\n    - {task: generate, data: d.jsonl}\n"
+                    "    - {task: perplexity, data: d.jsonl}\n")
+    config = load_eval_config(path, {"max_new_tokens": 7, "max_examples": 3})
+    generate, perplexity = config.tasks
+    assert generate.max_new_tokens == 7 and generate.max_examples == 3
+    assert perplexity.max_examples == 3 and "max_new_tokens" not in perplexity.model_fields_set
+    only_ppl = tmp_path / "ppl.yaml"
+    only_ppl.write_text("eval:\n  tasks:\n    - {task: perplexity, data: d.jsonl}\n")
+    with pytest.raises(InputError, match="--max-new-tokens: .*only generate tasks do"):
+        load_eval_config(only_ppl, {"max_new_tokens": 7})

@@ -395,6 +395,8 @@ def test_two_processes_stop_at_one_step_with_one_checkpoint_and_resume_bitwise(
     assert stopped_at == {0: "4", 1: "4"}  # the same step boundary on both processes
     assert _steps(run) == [4] and ckpt.verify_checkpoint(run / "checkpoints" / "step-4") is None
     assert not list((run / "checkpoints").glob(".tmp-*")) and not (run / "adapter").exists()
+    if how != "ctrl-c":  # the same checkpoint at the same step: one resume proves it (~15 s)
+        return
 
     resumed = _cli(tmp_path, "train", str(recipe), "--resume", "--nproc", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -19,6 +19,8 @@ from conftest import (
     NO_DEBUG,
     WORDS,
     assert_one_error_line,
+    assert_one_line,
+    main_in_process,
     pref_recipe,
     read_metrics,
     run_cli,
@@ -347,14 +349,15 @@ def test_dpo_over_an_nf4_base(tmp_path, tiny_model_dir, pair_data):
      "data.format: preference is for preference objectives"),
 ])
 def test_bad_preference_input_is_one_line_exit_2_and_writes_nothing(
-        tmp_path, tiny_model_dir, rows, data_keys, train_keys, expected):
+        tmp_path, monkeypatch, capsys, tiny_model_dir, rows, data_keys, train_keys, expected):
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
     train = {"objective": "dpo", **train_keys}
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=data,
                           out=tmp_path / "run", data_keys={"format": "preference", **data_keys},
                           train=train)
-    done = run_cli("train", recipe, env=NO_DEBUG, timeout=120)
-    assert_one_error_line(done, expected)
+    monkeypatch.delenv("PEFTUNE_DEBUG", raising=False)
+    code, _, err = main_in_process(capsys, "train", recipe)  # in process: 9 cases, ~1 s each
+    assert_one_line(code, err, expected)
     assert not (tmp_path / "run").exists()
 
 

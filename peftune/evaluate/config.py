@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from peftune.errors import InputError
 from peftune.recipe.errors import Problem, Where, locate, pydantic_problems, show
-from peftune.recipe.schema import EvalSection, EvalTask
+from peftune.recipe.schema import EVAL_SHARED_KEYS, EVAL_TASK_KEYS, EvalSection, EvalTask
 from peftune.recipe.yamlfile import read_yaml, unique_lines
 
 _FLAGS = 3  # problems sort as: file (0), its parent (1), then flags
@@ -23,7 +23,8 @@ DEFAULT_BETA = 0.1  # a preference task's β where no preference objective gives
 def load_eval_config(path: str | Path | None, flags: dict[str, Any] | None = None,
                      *, batch_size: int | None = None) -> EvalSection:
     """The eval section of `path` (if given), with one more task from `flags` (when
-    `flags['task']` is set) and `flags`' other task keys applied to every task."""
+    `flags['task']` is set) and `flags`' other task keys applied to every task that reads
+    them."""
     if path is not None:
         data, where, problems = read_yaml(path, normalise=_empty_eval_section)
         extra = sorted(set(data) - {"eval"})
@@ -49,14 +50,22 @@ def load_eval_config(path: str | Path | None, flags: dict[str, Any] | None = Non
         where[("eval", "tasks", len(tasks))] = Where((_FLAGS, 0), "--task")
         tasks.append({"task": flags["task"]})
     # With --task, the other task flags describe that task; without, they apply to every
-    # task of the file (--max-examples 50 for a quick look).
+    # task of the file that reads them (--max-examples 50 for a quick look; --max-new-tokens
+    # to the generate tasks).
     receivers = [len(tasks) - 1] if "task" in flags else range(len(tasks))
     for number, (key, value) in enumerate(flags.items()):
         at = Where((_FLAGS, number), f"--{key.replace('_', '-')}")
-        for i in receivers:
-            if isinstance(tasks[i], dict):
-                tasks[i][key] = value
-                where[("eval", "tasks", i, key)] = at
+        readers = [i for i in receivers if isinstance(tasks[i], dict)]
+        if "task" not in flags and key not in EVAL_SHARED_KEYS:
+            readers = [i for i in readers if key in EVAL_TASK_KEYS.get(tasks[i].get("task"), ())]
+            if not readers and tasks:
+                owners = [task for task, keys in EVAL_TASK_KEYS.items() if key in keys]
+                problems.append(Problem(at, ("eval", "tasks", key),
+                                        f"no task of {path} reads it; only "
+                                        f"{' and '.join(owners)} tasks do"))
+        for i in readers:
+            tasks[i][key] = value
+            where[("eval", "tasks", i, key)] = at
     if batch_size is not None:
         section["batch_size"] = batch_size
         where[("eval", "batch_size")] = Where((_FLAGS, 99), "--batch-size")

@@ -585,7 +585,7 @@ EVAL_TASK_KEYS = {
 }
 
 
-_EVAL_SHARED_KEYS = frozenset({"task", "name", "data", "max_examples", "batch_size",
+EVAL_SHARED_KEYS = frozenset({"task", "name", "data", "max_examples", "batch_size",
                                "on_bad_row"})
 
 
@@ -678,7 +678,7 @@ class EvalTask(Section):
     def _own_keys_only(self, handler: Any) -> dict:
         # A dump (a run's recipe.yaml, a report) holds the task's own keys only, so that it
         # loads back: another task's key is an error.
-        own = EVAL_TASK_KEYS[self.task] | _EVAL_SHARED_KEYS
+        own = EVAL_TASK_KEYS[self.task] | EVAL_SHARED_KEYS
         return {key: value for key, value in handler(self).items() if key in own}
 
     @property
