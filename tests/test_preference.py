@@ -18,7 +18,6 @@ from conftest import (
     LAUNCH_ENV,
     NO_DEBUG,
     WORDS,
-    assert_one_error_line,
     assert_one_line,
     main_in_process,
     pref_recipe,

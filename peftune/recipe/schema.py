@@ -566,7 +566,43 @@ class TrainSection(Section):
 
 
 class OutputSection(Section):
+    """Where the run is written; metrics.jsonl always, and with `report_to` also TensorBoard
+    event files (`dir/tensorboard`) and an MLflow run (peftune.train.trackers)."""
+
     dir: str = "runs/my-run"
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="also log the metrics to tensorboard and/or mlflow")
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+        "sqlite:///mlflow.db beside the run directory)")
+    mlflow_experiment: str = Field(default="peftune", min_length=1)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed(cls, value: list[str]) -> list[str]:
+        from peftune.recipe.extras import missing_tracker
+
+        for name in dict.fromkeys(value):
+            if value.count(name) > 1:
+                raise ValueError(f"{name} is listed {value.count(name)} times; list it once")
+            if (problem := missing_tracker(name)) is not None:
+                raise ValueError(problem)
+        return value
+
+    @field_validator("mlflow_tracking_uri", "mlflow_experiment")
+    @classmethod
+    def _mlflow_reads_it(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # (report_to is missing from info.data where it failed its own validation)
+        default = cls.model_fields[info.field_name].default  # a resolved recipe has them all
+        if value != default and "mlflow" not in info.data.get("report_to", ["mlflow"]):
+            raise ValueError("is read only with output.report_to: [mlflow]; add mlflow there "
+                             "or remove this key")
+        return value
 
 
 # The keys each eval task reads besides the shared ones (a key of another task is an error).

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 # Keys that may change between a run and its `--resume` (they do not change what is trained;
 # output.dir differs when a run directory was moved or copied).
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.log_every", "train.eval_every",
-                     "train.save_every", "train.keep_checkpoints", "output.dir"}
+                     "train.save_every", "train.keep_checkpoints", "output.dir",
+                     "output.report_to", "output.mlflow_tracking_uri", "output.mlflow_experiment"}
 
 
 def check_output(recipe: Recipe, out: Path, *, resume: bool, overwrite: bool) -> Path | None:
@@ -81,7 +82,7 @@ def _stopped_before_anything(out: Path) -> bool:
     killed early: a crash while loading, the kernel's OOM killer)."""
     if not (out / "recipe.yaml").is_file():
         return False
-    kept = {"recipe.yaml", "metrics.jsonl", "checkpoints"}
+    kept = {"recipe.yaml", "metrics.jsonl", "checkpoints", "tensorboard", "mlflow.json"}
     names = {item.name for item in out.iterdir()}
     checkpoints = out / "checkpoints"
     return names <= kept and not (checkpoints.is_dir() and any(checkpoints.iterdir()))

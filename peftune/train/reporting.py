@@ -264,6 +264,8 @@ def print_footer(display: ProgressDisplay, out: Path, summary: dict) -> None:
     display.log(f"  {'summary':<10} {out / 'summary.json'}")
     if (out / "README.md").is_file():
         display.log(f"  {'card':<10} {out / 'README.md'}")
+    for name, where in summary.get("trackers", {}).items():  # output.report_to
+        display.log(f"  {name:<10} {where['command']}")
 
 
 def run_summary(built: BuiltRun, state: TrainerState, records: list[dict], artifact: Path,

@@ -48,6 +48,7 @@ from peftune.train.reporting import (
     write_summary,
 )
 from peftune.train.setup import BuiltRun, build_training
+from peftune.train.trackers import Trackers
 
 
 def run_train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
@@ -68,13 +69,23 @@ def run_train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
 def train_built(built: BuiltRun, out: Path, *, resume_from: Path | None = None) -> dict:
     """Train a built run into `out` (made and empty, or holding the checkpoint `resume_from`);
     returns the summary. Tests call it directly to keep the built run (its trained model)."""
-    recipe, accelerator = built.recipe, built.accelerator
-    main = accelerator.is_main_process  # rank 0 writes and prints; the others train only
-
     # recipe.yaml (and the recipe's eval data, read now: bad eval data stops the run here)
-    eval_tasks = dist.run_on_main(accelerator, lambda: start_run_dir(built, out))
+    eval_tasks = dist.run_on_main(built.accelerator, lambda: start_run_dir(built, out))
     state = restore(built, resume_from) if resume_from is not None else TrainerState()
     calls = LoopCallbacks(built, out, state=state, resumed=resume_from is not None)
+    try:
+        return _train_and_finish(built, out, calls, state, eval_tasks, resume_from)
+    except BaseException as err:  # a stop to resume (a signal), or a failure
+        calls.trackers.close("KILLED" if isinstance(err, RunInterrupted | KeyboardInterrupt)
+                             else "FAILED")
+        raise
+
+
+def _train_and_finish(built: BuiltRun, out: Path, calls: LoopCallbacks, state: TrainerState,
+                      eval_tasks: list | None, resume_from: Path | None) -> dict:
+    """train_built's loop, export, eval and summary."""
+    recipe, accelerator = built.recipe, built.accelerator
+    main = accelerator.is_main_process  # rank 0 writes and prints; the others train only
     print_header(built, calls.display, resumed_from=resume_from)
 
     loop = Loop(
@@ -119,8 +130,11 @@ def train_built(built: BuiltRun, out: Path, *, resume_from: Path | None = None) 
         except KeyboardInterrupt as stop_eval:  # the run is whole; only its eval is missing
             raise _eval_interrupted(built, out, summary, stop_eval, step=state.step,
                                     artifact=artifact) from None
+    if calls.trackers.items:
+        summary["trackers"] = calls.trackers.describe()
     write_summary(out / "summary.json", summary)
     write_model_card(out, summary, out / "recipe.yaml")
+    calls.trackers.close("FINISHED", [out / "summary.json", out / "README.md", out / "loss.png"])
     print_footer(calls.display, out, summary)
     accelerator.wait_for_everyone()
     return summary
@@ -135,6 +149,10 @@ class LoopCallbacks:
         self.built, self.out = built, out
         self.metrics = MetricsLog(out / "metrics.jsonl", resume_step=state.step if resumed else None,
                                   enabled=main)
+        # TensorBoard / MLflow (output.report_to), given what metrics.jsonl holds up to a resume
+        self.trackers = dist.run_on_main(built.accelerator, lambda: Trackers.open(
+            built.recipe, out, resume_step=state.step if resumed else None,
+            history=self.metrics.read() if resumed else [])) or Trackers()
         self.timer = Timer()
         self.display = ProgressDisplay(total_steps=built.total_steps, start_step=state.step,
                                        enabled=not built.quiet and main)
@@ -142,6 +160,7 @@ class LoopCallbacks:
 
     def on_log(self, record: dict) -> None:
         self.metrics.write(record)
+        self.trackers.log(record)
         accuracy = record.get("reward_accuracy")
         shown = f"  acc {accuracy:.0%}" if accuracy is not None else ""
         self.display.advance(record["step"], f"loss {record['loss']:.4f}{shown}  lr "
@@ -153,6 +172,7 @@ class LoopCallbacks:
         if not preference:
             record["val_ppl"] = perplexity(record["val_loss"])
         self.metrics.write(record)
+        self.trackers.log(record)
         if "val_reward_accuracy" in record:
             shown = (f"val reward acc {record['val_reward_accuracy']:.1%}  margin "
                      f"{record['val_reward_margin']:.3f}")
