@@ -102,6 +102,32 @@ def compare(
         raise typer.Exit(exit_code(report))
 
 
+@app.command()
+def sweep(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    grid: Annotated[list[str] | None, typer.Option(
+        "--grid", help="KEY=V1,V2,...: a recipe key and the values to try (train.lr=1e-4,3e-4); "
+        "repeat for a grid: every combination trains", show_default=False)] = None,
+    max_runs: Annotated[int, typer.Option(
+        "--max-runs", min=1, help="refuse a grid of more runs than this")] = 16,
+    out: Annotated[Path | None, typer.Option(
+        help="output directory (default: the recipe's output.dir + -sweep)",
+        show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite",
+                                            help="replace an earlier sweep in --out")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress or table")] = False,
+) -> None:
+    """Train every combination of --grid values on the same data, steps and seed; tabulate
+    them by validation loss and print the best one's `peftune train` command."""
+    from peftune.compare import exit_code, run_sweep
+
+    report = run_sweep(recipe_path=recipe, grids=grid or [], overrides=overrides or [],
+                       max_runs=max_runs, out=out, overwrite=overwrite, quiet=quiet)
+    if exit_code(report):
+        raise typer.Exit(exit_code(report))
+
+
 @app.command("select-data")
 def select_data(
     args: Annotated[list[str] | None, typer.Argument(

@@ -1,7 +1,8 @@
-"""`peftune compare`: train several adapter methods, or several training objectives, on one
-recipe's data, steps and seed, and tabulate what each run measured (compare.json, compare.md,
-compare.png). Torch-free to import: each run trains in a process of its own."""
+"""`peftune compare` and `peftune sweep`: train several adapter methods, several training
+objectives, or every combination of a grid of recipe values, on one recipe's data, steps and
+seed, and tabulate what each run measured (compare.json, compare.md, compare.png). Torch-free
+to import: each run trains in a process of its own."""
 
-from peftune.compare.runner import exit_code, run_compare
+from peftune.compare.runner import exit_code, run_compare, run_sweep
 
-__all__ = ["exit_code", "run_compare"]
+__all__ = ["exit_code", "run_compare", "run_sweep"]

@@ -3,7 +3,8 @@
 A comparison varies one axis: adapter methods (`--methods lora,dora`) or training objectives
 (`--objectives dpo,ln-dpo,simpo`). The other axis keeps the recipe's value, or takes the one
 name given for it (`--methods dora --objectives dpo,simpo`: dora in every run). Both listing
-several names would be a grid in one table, and is refused.
+several names would be a grid in one table, and is refused. (`peftune sweep` trains a grid of
+recipe values with one method and objective: `peftune.compare.grid`.)
 
 `--set NAME.KEY=VALUE` addresses the runs of NAME, a method or an objective of the comparison
 (the two sets of names do not overlap; a test keeps it so): KEY is an adapter key for a method
@@ -44,6 +45,7 @@ class CompareRun:
     dropped: list[str]  # recipe keys this run does not take (adapter.r for full, ...)
     overrides: list[str] = field(default_factory=list)  # its --set values, as written
     defaulted: list[str] = field(default_factory=list)  # keys it has, at its own default
+    grid: dict[str, str] = field(default_factory=dict)  # a sweep's values: {key: as written}
 
 
 def load_runs(recipe_path: str | Path, *, methods: str | Sequence[str] | None = None,
@@ -51,9 +53,6 @@ def load_runs(recipe_path: str | Path, *, methods: str | Sequence[str] | None = 
               run_overrides: Sequence[str] = ()) -> tuple[str, list[CompareRun]]:
     """The axis ("method" or "objective") and every run's validated recipe, or one
     InputError with every problem of all of them (a problem of the shared recipe once)."""
-    from peftune.models.facts import inspect_model
-    from peftune.recipe.loader import load_method_recipe
-
     given = {"method": None if methods is None else parse_names(methods, "method"),
              "objective": None if objectives is None else parse_names(objectives, "objective")}
     axis = _axis(given)
@@ -61,7 +60,7 @@ def load_runs(recipe_path: str | Path, *, methods: str | Sequence[str] | None = 
     fixed = given[_other(axis)] or []  # the other axis: one name, or the recipe's own
     per_run, problems = split_run_overrides(run_overrides, axis, names, fixed)
     for override in overrides:
-        key = _key_of(override)
+        key = key_of(override)
         if key == ("adapter", "method") and given["method"] is not None:
             problems.append(f"override {override!r}: adapter.method: set by --methods in a "
                             "comparison; remove this override")
@@ -71,8 +70,8 @@ def load_runs(recipe_path: str | Path, *, methods: str | Sequence[str] | None = 
                             "(dpo.beta=0.2)")
     if problems:
         raise InputError(*problems)
-    file_method, file_objective, where = _recipe_choices(recipe_path, overrides)
-    if given["method"] is None and (problems := _own_method_problems(file_method, [], where)):
+    file_method, file_objective, where = recipe_choices(recipe_path, overrides)
+    if given["method"] is None and (problems := own_method_problems(file_method, [], where)):
         raise InputError(*problems)
     runs, lines = [], {}
     for name in names:
@@ -84,22 +83,39 @@ def load_runs(recipe_path: str | Path, *, methods: str | Sequence[str] | None = 
         if objective is not None:
             switch, objective_dropped, defaulted = objective_override(file_objective, objective)
             labelled[:0] = [(f"--objectives {objective}", switch)] if switch else []
-            defaulted = [k for k in defaulted if not any(_key_of(t) == tuple(k.split("."))
+            defaulted = [k for k in defaulted if not any(key_of(t) == tuple(k.split("."))
                                                          for _, t in mine)]
-        try:
-            recipe, dropped = load_method_recipe(recipe_path, method, overrides, labelled,
-                                                 inspect_model=inspect_model)
-        except InputError as err:
-            lines[name] = err.lines
-            continue
-        if given["method"] is None and dropped:  # the recipe's own method: a typo, not a drop
-            lines[name] = _own_method_problems(method, dropped, where)
+        recipe, dropped, found = load_run_recipe(
+            recipe_path, method, overrides, labelled,
+            own_method_at=where if given["method"] is None else None)
+        if recipe is None:
+            lines[name] = found
             continue
         runs.append(CompareRun(name, recipe, dropped + objective_dropped,
                                [shown for shown, _ in mine], defaulted))
     if lines:
         raise InputError(*_one_list(lines, len(names)))
     return axis, runs
+
+
+def load_run_recipe(recipe_path: str | Path, method: str, overrides: Sequence[str],
+                    labelled: Sequence[tuple[str, str]], *, own_method_at: Locations | None
+                    ) -> tuple[Recipe | None, list[str], list[str]]:
+    """One run's recipe: `overrides`, then `labelled` (`(shown, KEY=VALUE)` pairs, located as
+    `shown`), with adapter method `method`. (recipe, the adapter keys it dropped, []) or
+    (None, [], its problems). With `own_method_at` (where the recipe's keys were written)
+    `method` is the recipe's own, and a key it does not take is a typo, not a key to drop."""
+    from peftune.models.facts import inspect_model
+    from peftune.recipe.loader import load_method_recipe
+
+    try:
+        recipe, dropped = load_method_recipe(recipe_path, method, overrides, labelled,
+                                             inspect_model=inspect_model)
+    except InputError as err:
+        return None, [], err.lines
+    if own_method_at is not None and dropped:
+        return None, [], own_method_problems(method, dropped, own_method_at)
+    return recipe, dropped, []
 
 
 def parse_names(given: str | Sequence[str], kind: str) -> list[str]:
@@ -251,7 +267,7 @@ def _objective_key_problem(name: str, key: str) -> str | None:
             f"as {name}.train.lr=1e-5")
 
 
-def _recipe_choices(recipe_path: str | Path, overrides: Sequence[str]
+def recipe_choices(recipe_path: str | Path, overrides: Sequence[str]
                     ) -> tuple[str, Any, Locations]:
     """The recipe's adapter.method and train.objective as written (after `overrides`), for
     the axis a comparison keeps, and where each key was written; the loader validates them."""
@@ -266,7 +282,7 @@ def _recipe_choices(recipe_path: str | Path, overrides: Sequence[str]
     return method if isinstance(method, str) else "lora", train.get("objective"), where
 
 
-def _own_method_problems(method: str, dropped: list[str], where: Locations) -> list[str]:
+def own_method_problems(method: str, dropped: list[str], where: Locations) -> list[str]:
     """The recipe's own method (no --methods) keeps its keys: one it does not take is a
     typo to report as `load_recipe` would, not a key to drop."""
     from peftune.adapters.registry import get_method, method_names
@@ -293,5 +309,5 @@ def _one_list(lines: dict[str, list[str]], count: int) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _key_of(override: str) -> tuple[str, ...]:
+def key_of(override: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in override.partition("=")[0].split("."))

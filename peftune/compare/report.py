@@ -1,4 +1,5 @@
-"""What a comparison shows: the plan and progress, a rich table, compare.md and compare.png.
+"""What a comparison or a sweep shows: the plan and progress, a rich table, compare.md and
+compare.png; a sweep (axis "grid") has a column per grid key and names its best run.
 
 Every figure comes from the report's rows, which copy each run's summary.json unchanged.
 """
@@ -18,16 +19,19 @@ def print_plan(report: dict) -> None:
     console = Console(highlight=False, markup=False)
     names = [_label(row, report) for row in report["rows"]]
     fixed = f" with {_fixed(report)}" if _fixed(report) else ""
-    console.print(f"compare {len(names)} {report['axis']}s ({', '.join(names)}){fixed} "
-                  f"on {report['recipe']}: {_steps(report)}, seed {report['seed']}, same data; "
+    what = (f"sweep {len(names)} runs ({_grid(report)})" if report["axis"] == "grid"
+            else f"compare {len(names)} {report['axis']}s ({', '.join(names)})")
+    console.print(f"{what}{fixed} on {report['recipe']}: {_steps(report)}, seed {report['seed']}, same data; "
                   f"into {report['out']}", soft_wrap=True)
     for line in _notes(report):
         console.print(f"  {line}", soft_wrap=True)
 
 
 def print_running(report: dict, index: int) -> None:
-    """The line that says which run trains now: `method 2/4: dora`, `objective 1/3: dpo`."""
-    title = (f"{report['axis']} {index + 1}/{len(report['rows'])}: "
+    """The line that says which run trains now: `method 2/4: dora`, `objective 1/3: dpo`,
+    `run 3/4: lr=1e-4,r=16`."""
+    noun = "run" if report["axis"] == "grid" else report["axis"]
+    title = (f"{noun} {index + 1}/{len(report['rows'])}: "
              f"{_label(report['rows'][index], report)}")
     Console(highlight=False, markup=False).rule(title)
 
@@ -42,14 +46,18 @@ def print_table(report: dict) -> None:
     tokens/s and total s, which compare.md keeps: train s tells the speed of the same steps);
     each failure's error on a line below."""
     console = Console(highlight=False, markup=False)
-    table = Table(title=f"peftune compare: {report['recipe']}", box=box.SIMPLE_HEAD,
+    table = Table(title=f"peftune {_verb(report)}: {report['recipe']}", box=box.SIMPLE_HEAD,
                   show_edge=False, pad_edge=False, collapse_padding=True)
     columns = _columns(report)
     shown = [i for i, column in enumerate(columns)
              if not (column in ("tokens/s", "total s") and _preference(report))]
+    if report["axis"] == "grid":  # `lr`, not `train.lr`: the table fits 80 columns
+        from peftune.compare.grid import short_keys
+
+        columns[:len(report["grid"])] = short_keys(list(report["grid"])).values()
     for index in shown:
         table.add_column(columns[index].replace(" ", "\n"), no_wrap=True,
-                         justify="left" if index in (0, len(columns) - 1) else "right")
+                         justify="left" if _left(index, columns, report) else "right")
     for row in report["rows"]:
         cells = _cells(row, report)
         table.add_row(*(cells[i] for i in shown[:-1]),
@@ -62,6 +70,10 @@ def print_table(report: dict) -> None:
     out = Path(report["out"])
     for name in ("compare.json", "compare.md", "compare.png"):
         console.print(f"  {name:<13} {out / name}")
+    if report["axis"] == "grid":
+        console.print(_best(report), soft_wrap=True)
+        if report["best"] is not None:
+            console.print(f"  {report['best']['command']}", soft_wrap=True)
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -73,15 +85,16 @@ def write_report(report: dict, out: Path) -> None:
 def markdown(report: dict) -> str:
     columns = _columns(report)
     lines = [
-        f"# peftune compare: {report['recipe']}", "",
+        f"# peftune {_verb(report)}: {report['recipe']}", "",
         f"Model `{report['model']}`, data `{report['data']['train']}`"
         + (f" (validation `{report['data']['val']}`)" if report["data"]["val"] else "")
         + f"; {_steps(report)} and seed {report['seed']}"
         + (f", {_fixed(report)}" if _fixed(report) else "") + " for every run"
         + (f"; overrides `{' '.join(report['overrides'])}`" if report["overrides"] else "")
-        + ".", "",
+        + "." + (f" Grid {_grid(report)}, sorted by {_ranked_by(report)} (failed runs last)."
+                 if report["axis"] == "grid" else ""), "",
         "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" if i in (0, len(columns) - 1) else "---:"
+        "|" + "|".join("---" if _left(i, columns, report) else "---:"
                        for i in range(len(columns))) + "|",
     ]
     for row in report["rows"]:
@@ -96,7 +109,11 @@ def markdown(report: dict) -> str:
                      "quantity (formula and beta); accuracy compares across objectives."
                      + ("" if report["data"]["val"] else " The recipe has no data.val, so "
                         "there are no validation rewards: give one to fill these columns."))
-    lines += [f"- Figures are those in each run's `summary.json` (`<{report['axis']}>/"
+    if report["axis"] == "grid":
+        best = report["best"]
+        lines.append(f"- {_best(report)}" + (f": `{best['command']}`" if best else ""))
+    run = "run" if report["axis"] == "grid" else report["axis"]
+    lines += [f"- Figures are those in each run's `summary.json` (`<{run}>/"
               "summary.json`); train s is the training loop, total s adds the process start, "
               "model load and export.", ""]
     return "\n".join(lines)
@@ -118,7 +135,7 @@ def plot(report: dict, path: Path) -> Path:
     colors = [plt.get_cmap("tab10")(i % 10) for i in x]
     memory = _memory_key(report)
     panels = [("trainable_params", "trainable parameters (log scale)", "{:,}", 1)
-              ] if report["axis"] == "method" else []
+              ] if _adapter_varies(report) else []
     if _preference(report):
         panels += [("val_reward_accuracy", "validation reward accuracy", "{:.0%}", 1),
                    ("val_reward_margin", "validation reward margin", "{:.3f}", 1)]
@@ -158,7 +175,9 @@ def plot(report: dict, path: Path) -> Path:
     for ax in others[len(panels):]:
         ax.set_visible(False)
     for ax in axes.flat[: len(panels) + 1]:
-        ax.set_xticks(x, names, rotation=30 if len(rows) > 5 else 0)
+        ax.set_xticks(x, names, rotation=30 if len(rows) > (2 if report["axis"] == "grid" else 5)
+                      else 0, ha="right" if report["axis"] == "grid" and len(rows) > 2
+                      else "center")
         ax.set_xlim(-0.6, len(rows) - 0.4)
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.15)
@@ -166,7 +185,7 @@ def plot(report: dict, path: Path) -> Path:
             if row["status"] != "ok":
                 ax.text(i, 0.02, row["status"], transform=ax.get_xaxis_transform(),
                         ha="center", color="tab:red", fontsize=9)
-    fig.suptitle(f"peftune compare: {Path(report['recipe']).name} ({_steps(report)}, "
+    fig.suptitle(f"peftune {_verb(report)}: {Path(report['recipe']).name} ({_steps(report)}, "
                  f"seed {report['seed']}" + (f", {_fixed(report)}" if _fixed(report) else "")
                  + ")")
     fig.tight_layout()
@@ -190,9 +209,11 @@ def _scaled(value: float | None, unit: int) -> float | None:
 
 
 def _columns(report: dict) -> list[str]:
-    """The table's headers: the run's name, then what was measured; trainable parameters
-    only where the methods differ, the validation rewards only for preference objectives."""
-    return [report["axis"], *(["trainable"] if report["axis"] == "method" else []),
+    """The table's headers: the run's name (a sweep: each grid key), then what was measured;
+    trainable parameters only where the adapters differ, the validation rewards only for
+    preference objectives."""
+    lead = list(report["grid"]) if report["axis"] == "grid" else [report["axis"]]
+    return [*lead, *(["trainable"] if _adapter_varies(report) else []),
             _memory_name(report), "tokens/s", "train loss", "val loss",
             *(["val reward acc", "val reward margin"] if _preference(report) else []),
             "train s", "total s", "status"]
@@ -205,8 +226,8 @@ def _cells(row: dict, report: dict) -> list[str]:
     memory = row[_memory_key(report)]
     status = "ok" if row["status"] == "ok" else f"{row['status']}: {row['error'] or ''}".strip()
     rewards = [num("val_reward_accuracy", "{:.1%}"), num("val_reward_margin", "{:.3f}")]
-    return [_label(row, report),
-            *([num("trainable_params", "{:,}")] if report["axis"] == "method" else []),
+    lead = list(row["grid"].values()) if report["axis"] == "grid" else [_label(row, report)]
+    return [*lead, *([num("trainable_params", "{:,}")] if _adapter_varies(report) else []),
             "-" if memory is None else _bytes(memory), num("tokens_per_s", "{:,.0f}"),
             num("final_loss", "{:.4f}"), num("final_val_loss", "{:.4f}"),
             *(rewards if _preference(report) else []),
@@ -240,8 +261,44 @@ def _notes(report: dict) -> list[str]:
 
 
 def _label(row: dict, report: dict) -> str:
-    """A row's name, and its run's directory under the comparison's: its method or objective."""
-    return row[report["axis"]]
+    """A row's name, and its run's directory under the comparison's: its method or objective,
+    or a sweep run's name (`lr=3e-4,r=16`)."""
+    return row["name"] if report["axis"] == "grid" else row[report["axis"]]
+
+
+def _verb(report: dict) -> str:
+    return "sweep" if report["axis"] == "grid" else "compare"
+
+
+def _grid(report: dict) -> str:
+    """`train.lr 1e-4, 3e-4 x adapter.r 8, 16`."""
+    return " x ".join(f"{key} {', '.join(values)}" for key, values in report["grid"].items())
+
+
+def _left(index: int, columns: list[str], report: dict) -> bool:
+    """The name columns (a sweep's grid values) and the status read left to right."""
+    lead = len(report["grid"]) if report["axis"] == "grid" else 1
+    return index < lead or index == len(columns) - 1
+
+
+def _adapter_varies(report: dict) -> bool:
+    """Whether the trainable parameters can differ: other methods, or a grid of adapter keys."""
+    return report["axis"] == "method" or (
+        report["axis"] == "grid" and any(key.startswith("adapter.") for key in report["grid"]))
+
+
+def _ranked_by(report: dict) -> str:
+    return {"final_val_loss": "validation loss",
+            "final_loss": "train loss (no validation data)"}.get(report["ranked_by"], "-")
+
+
+def _best(report: dict) -> str:
+    """`best (lowest validation loss, 2.7312): lr=3e-4,r=16`, or why there is none."""
+    best = report["best"]
+    if best is None:
+        return "best: none (no run finished with a loss)"
+    value = best[report["ranked_by"]]
+    return f"best (lowest {_ranked_by(report)}, {value:.4f}): {best['name']}; train it with"
 
 
 def _fixed(report: dict) -> str:

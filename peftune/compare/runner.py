@@ -1,15 +1,17 @@
-"""`run_compare`: validate one recipe for every run, then train them one after another.
+"""`run_compare` and `run_sweep`: validate one recipe for every run, then train them one
+after another (`train_runs`).
 
 A comparison's runs differ in one axis, the adapter method or the training objective
-(`peftune.compare.plan`). Every run's recipe is validated (and the output directory and data
-paths checked) before anything trains, so bad input exits 2 with nothing written. Each run
-then trains with `run_train` into `OUT/<method or objective>/`, in a process of its own:
-`peak_rss_bytes` (ru_maxrss) and CUDA's max allocated only ever grow within a process, so in
-a shared one every run after the first would report the largest peak so far. A run that
-fails is recorded with its error and the others still train. The figures in the table are
-read from each run's summary.json; `compare.json` is rewritten after every run, so a stopped
-comparison keeps what it measured (and marks the directory as a comparison that
-`--overwrite` may replace).
+(`peftune.compare.plan`); a sweep's in the values of its grid (`peftune.compare.grid`), and
+its rows end sorted by validation loss. Every run's recipe is validated (and the output
+directory and data paths checked) before anything trains, so bad input exits 2 with nothing
+written. Each run then trains with `run_train` into `OUT/<run name>/` (its method, objective
+or grid values), in a process of its own: `peak_rss_bytes` (ru_maxrss) and CUDA's max
+allocated only ever grow within a process, so in a shared one every run after the first
+would report the largest peak so far. A run that fails is recorded with its error and the
+others still train. The figures in the table are read from each run's summary.json;
+`compare.json` is rewritten after every run, so a stopped comparison keeps what it measured
+(and marks the directory as a comparison that `--overwrite` may replace).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import os
 import shutil
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from peftune.compare.grid import DEFAULT_MAX_RUNS, load_sweep_runs, rank_runs
 from peftune.compare.plan import CompareRun, load_runs
 from peftune.errors import InputError, TrainingError
 from peftune.recipe.schema import Recipe
@@ -51,6 +54,67 @@ def run_compare(*, recipe_path: str | Path, methods: str | Sequence[str] | None 
     (`dpo.beta=0.2`) or a recipe path (`full.train.lr=1e-5`). Returns the report written to
     compare.json; a failed run is a row with `status: failed` (see `exit_code`).
     """
+    axis, runs = load_runs(recipe_path, methods=methods, objectives=objectives,
+                           overrides=overrides, run_overrides=run_overrides)
+    out, key = check_out(runs, out, overwrite=overwrite, suffix="-compare")
+    report = new_report(recipe_path, axis, runs, overrides, out)
+    return train_runs(runs, report, out, out_key=key, quiet=quiet)
+
+
+def run_sweep(*, recipe_path: str | Path, grids: Sequence[str], overrides: Sequence[str] = (),
+              max_runs: int = DEFAULT_MAX_RUNS, out: str | Path | None = None,
+              overwrite: bool = False, quiet: bool = False) -> dict:
+    """Train every combination of `grids` (`KEY=V1,V2`, `peftune.compare.grid`) on the
+    recipe's data, steps and seed, each run `RECIPE overrides KEY=VALUE...` into
+    `out/<run name>` (default out: the recipe's output.dir + "-sweep"), and write
+    compare.json, compare.md and compare.png with a column per grid key and the rows sorted
+    by validation loss, failed runs last. A grid of more than `max_runs` runs is refused.
+    Returns the report, whose `best` names the best run and its `peftune train` command."""
+    grid, runs = load_sweep_runs(recipe_path, grids=grids, overrides=overrides,
+                                 max_runs=max_runs)
+    out, key = check_out(runs, out, overwrite=overwrite, suffix="-sweep")
+    report = new_report(recipe_path, "grid", runs, overrides, out,
+                        grid={g.key: list(g.values) for g in grid}, ranked_by=None, best=None)
+    return train_runs(runs, report, out, out_key=key, quiet=quiet, finish=rank_runs)
+
+
+def check_out(runs: list[CompareRun], out: str | Path | None, *, overwrite: bool,
+              suffix: str) -> tuple[Path, str]:
+    """The directory of a comparison (default: the recipe's output.dir + `suffix`) and how
+    messages name it, once it and every run's data paths pass; nothing is written."""
+    from peftune.train.checkpoint import probe_output_location
+    from peftune.train.output import check_data_paths
+
+    key = "--out" if out is not None else f"--out (default: output.dir + {suffix})"
+    out = (Path(out) if out is not None
+           else Path(os.path.normpath(runs[0].recipe.output.dir) + suffix))
+    check_compare_dir(out, overwrite=overwrite, key=key)
+    for run in runs:  # each run's own paths too (adapter.calibration.data)
+        check_data_paths(run.recipe)
+    probe_output_location(out, key=key)  # read-only or full: fail now, not after a run
+    return out, key
+
+
+def new_report(recipe_path: str | Path, axis: str, runs: list[CompareRun],
+               overrides: Sequence[str], out: Path, **extra: Any) -> dict:
+    """What compare.json says before any run trains: what is shared, and a pending row per
+    run; `extra` (a sweep's grid) goes before the rows."""
+    shared = runs[0].recipe
+    return {"recipe": str(recipe_path), "axis": axis,
+            "methods": list(dict.fromkeys(r.recipe.adapter.method for r in runs)),
+            "objectives": list(dict.fromkeys(r.recipe.train.objective.name for r in runs)),
+            "overrides": list(overrides), "out": str(out),
+            "steps": shared.train.max_steps, "epochs": shared.train.epochs,
+            "seed": shared.train.seed,  # a data mix's sources as the recipe writes them
+            "data": shared.data.model_dump(mode="json", include={"train", "val"}),
+            "model": shared.model.path, **extra, "rows": [_row(run, out) for run in runs]}
+
+
+def train_runs(runs: list[CompareRun], report: dict, out: Path, *, out_key: str, quiet: bool,
+               finish: Callable[[dict], None] | None = None) -> dict:
+    """Train each run in a process of its own into `out/<run name>`, its row updated from
+    its summary.json (or its error) and compare.json rewritten after each; then `finish`
+    (a sweep ranks its rows), compare.md, compare.png and the table."""
     from peftune.compare.report import (
         print_failed,
         print_plan,
@@ -59,28 +123,7 @@ def run_compare(*, recipe_path: str | Path, methods: str | Sequence[str] | None 
         write_report,
     )
 
-    axis, runs = load_runs(recipe_path, methods=methods, objectives=objectives,
-                           overrides=overrides, run_overrides=run_overrides)
-    shared = runs[0].recipe
-    key = "--out" if out is not None else "--out (default: output.dir + -compare)"
-    out = Path(out) if out is not None else Path(os.path.normpath(shared.output.dir) + "-compare")
-    check_compare_dir(out, overwrite=overwrite, key=key)
-    from peftune.train.checkpoint import probe_output_location
-    from peftune.train.output import check_data_paths
-
-    for run in runs:  # each run's own paths too (adapter.calibration.data)
-        check_data_paths(run.recipe)
-    probe_output_location(out, key=key)  # read-only or full: fail now, not after a run
-
-    make_compare_dir(out, key=key)
-    report = {"recipe": str(recipe_path), "axis": axis,
-              "methods": list(dict.fromkeys(r.recipe.adapter.method for r in runs)),
-              "objectives": list(dict.fromkeys(r.recipe.train.objective.name for r in runs)),
-              "overrides": list(overrides), "out": str(out),
-              "steps": shared.train.max_steps, "epochs": shared.train.epochs,
-              "seed": shared.train.seed,  # a data mix's sources as the recipe writes them
-              "data": shared.data.model_dump(mode="json", include={"train", "val"}),
-              "model": shared.model.path, "rows": [_row(run, out) for run in runs]}
+    make_compare_dir(out, key=out_key)
     _write_json(out / MARKER, report)
     if not quiet:
         print_plan(report)
@@ -105,6 +148,9 @@ def run_compare(*, recipe_path: str | Path, methods: str | Sequence[str] | None 
             row.update(status="failed", error=error, error_kind=kind)
             if not quiet:
                 print_failed(row, report)
+        _write_json(out / MARKER, report)
+    if finish is not None:
+        finish(report)
         _write_json(out / MARKER, report)
     write_report(report, out)
     if not quiet:
@@ -167,7 +213,8 @@ def make_compare_dir(out: Path, *, key: str = "--out") -> None:
 
 def _row(run: CompareRun, out: Path) -> dict[str, Any]:
     objective = run.recipe.train.objective
-    return {"method": run.recipe.adapter.method, "objective": objective.name,
+    sweep = {"name": run.name, "grid": run.grid} if run.grid else {}
+    return {**sweep, "method": run.recipe.adapter.method, "objective": objective.name,
             "objective_keys": {k: v for k, v in objective.model_dump(mode="json").items()
                                if k != "name"},
             "status": "pending", "error": None, "error_kind": None,
