@@ -164,6 +164,37 @@ def test_bf16_and_quantized_exports_are_exact_and_within_their_rounding_bound(
     assert types["output_norm.weight"] == "F32"
 
 
+def test_the_card_lists_every_export_in_its_directory_and_leaves_a_foreign_readme(
+        tmp_path, f16_export, lora_run):
+    report, f16 = f16_export
+    card = f16.parent / "README.md"
+    assert report["card"] == str(card)
+    text = card.read_text()
+    assert f"# {lora_run.name} (GGUF)" in text and f"the training run `{lora_run}`" in text
+    assert "| `tiny-f16.gguf` | f16 |" in text and "ollama create tiny-f16 -f" in text
+    assert 'gguf_file="tiny-f16.gguf"' in text and "final validation loss" in text
+    assert str(lora_run / "README.md") in text  # the run's own card
+
+    # a second export into a directory lists both files; a deleted one drops out
+    shutil.copytree(f16.parent, tmp_path / "both")
+    q8 = run_export(target=str(lora_run), outtype="q8_0", out=tmp_path / "both" / "tiny-q8.gguf",
+                    quiet=True)
+    text = Path(q8["card"]).read_text()
+    assert "| `tiny-f16.gguf` | f16 |" in text and "| `tiny-q8.gguf` | q8_0 |" in text
+    assert 'gguf_file="tiny-q8.gguf"' in text
+    (tmp_path / "both" / "tiny-f16.gguf").unlink()
+    (tmp_path / "both" / "tiny-q8.gguf").unlink()
+    again = run_export(target=str(lora_run), outtype="q8_0",
+                       out=tmp_path / "both" / "tiny-q8.gguf", quiet=True)
+    assert "tiny-f16.gguf" not in Path(again["card"]).read_text()
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "README.md").write_text("my notes\n")
+    mine = run_export(target=str(lora_run), outtype="q8_0", out=tmp_path / "mine" / "m.gguf",
+                      quiet=True)
+    assert mine["card"] is None and (tmp_path / "mine" / "README.md").read_text() == "my notes\n"
+
+
 def test_a_qwen2_model_exports_as_it_is(tmp_path):
     from peftune.models import build_tiny_model
 

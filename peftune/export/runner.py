@@ -108,6 +108,10 @@ def run_export(*, target: str, adapter: str | None = None, fmt: str = "gguf",
             os.replace(tmp / MODELFILE, modelfile)
     report.update(out=str(out), modelfile=str(modelfile) if modelfile else None,
                   seconds=round(time.perf_counter() - started, 3))
+    from peftune.export.card import write_export_card
+
+    card = write_export_card(report, source=target, run=source.run, adapter=adapter)
+    report["card"] = str(card) if card else None
     _print_summary(report, quiet=quiet)
     return report
 
@@ -326,6 +330,11 @@ def _print_summary(report: dict, *, quiet: bool) -> None:
     for note in report["notes"] + [f"{n}: rows not a multiple of 32, written F16"
                                    for n in report["f16_fallbacks"]]:
         say(quiet, f"note: {note}")
+    if report["card"]:
+        say(quiet, f"model card: {report['card']} (every GGUF file exported there)")
+    else:
+        say(quiet, f"note: {Path(report['out']).parent / 'README.md'} was not written by "
+                   "peftune; left as it is, with no model card for this file")
     if report["modelfile"]:
         from peftune.export.modelfile import ollama_name
 

@@ -42,14 +42,14 @@ def model_card(out: Path, summary: dict, recipe_text: str) -> str:
         "",
         f"A `{method}` fine-tune of `{model.get('path')}`"
         + (f" with the `{objective}` objective" if objective != "sft" else "")
-        + f", trained by peftune {_version()}.",
+        + f", trained by peftune {peftune_version()}.",
         "",
         "## Load it",
         "",
         *_loading(out, summary, model.get("path"), full),
         "## Base model",
         "",
-        *_base(model, quant, summary.get("model_source")),
+        *base_lines(model, quant, summary.get("model_source")),
         "## Method",
         "",
         _keys(f"adapter.method `{method}`", {k: v for k, v in adapter.items() if k != "method"}),
@@ -64,7 +64,7 @@ def model_card(out: Path, summary: dict, recipe_text: str) -> str:
         *_data(data, summary.get("data", {})),
         "## Results",
         "",
-        *_results(summary),
+        *results_lines(summary),
         "## Training",
         "",
         *_training(train, summary),
@@ -102,7 +102,7 @@ def _loading(out: Path, summary: dict, base: str | None, full: bool) -> list[str
         ""]
 
 
-def _base(model: dict, quant: str, source: dict | None) -> list[str]:
+def base_lines(model: dict, quant: str, source: dict | None) -> list[str]:
     lines = [f"- `{model.get('path')}` (dtype {model.get('dtype', 'auto')})",
              f"- quantization while training: {quant}"]
     if source:
@@ -131,8 +131,8 @@ def _data(data: dict, stats: dict) -> list[str]:
         lines.append(f"- validation: {where}: {stats.get('val_examples', 0):,} examples")
     for source in stats.get("mix") or []:  # what a weighted mix drew
         lines.append(f"  - `{source.get('path')}` weight {source.get('weight')}: "
-                     f"{_number(source.get('share'))} of the examples drawn, "
-                     f"{_number(source.get('token_share'))} of the tokens")
+                     f"{number(source.get('share'))} of the examples drawn, "
+                     f"{number(source.get('token_share'))} of the tokens")
     selection = stats.get("selection")
     if selection:
         lines.append(f"- selected by `{selection['method']}`: {selection['k']:,} of "
@@ -150,17 +150,17 @@ def _sources(value: Any) -> str:
     return f"`{value}`"
 
 
-def _results(summary: dict) -> list[str]:
+def results_lines(summary: dict) -> list[str]:
     lines = ["| measure | value |", "|---|---|",
-             f"| final train loss | {_number(summary.get('final_loss'))} |",
-             f"| final validation loss | {_number(summary.get('final_val_loss'))} |"]
+             f"| final train loss | {number(summary.get('final_loss'))} |",
+             f"| final validation loss | {number(summary.get('final_val_loss'))} |"]
     for name, value in summary.get("objective", {}).items():
         if name.startswith("val_"):
-            lines.append(f"| {name.replace('_', ' ')} | {_number(value)} |")
+            lines.append(f"| {name.replace('_', ' ')} | {number(value)} |")
     lines.append("")
     for task, metrics in (summary.get("eval") or {}).items():
         lines += [f"Eval `{task}` (`eval/report.json`):", "", "| metric | value |", "|---|---|",
-                  *(f"| {name} | {_number(value)} |" for name, value in metrics.items()), ""]
+                  *(f"| {name} | {number(value)} |" for name, value in metrics.items()), ""]
     return lines
 
 
@@ -195,7 +195,7 @@ def _hardware() -> str:
     return f"CPU {name}, {os.cpu_count()} cores"
 
 
-def _number(value: Any) -> str:
+def number(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -203,7 +203,7 @@ def _number(value: Any) -> str:
     return str(value)
 
 
-def _version() -> str:
+def peftune_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
