@@ -22,7 +22,12 @@ from conftest import (
 from torch import nn
 
 from peftune.adapters import apply_adapter
-from peftune.adapters.lowrank.budget_configs import IncreloraConfig, LoraSpConfig, MosConfig
+from peftune.adapters.lowrank.budget_configs import (
+    AfloraConfig,
+    IncreloraConfig,
+    LoraSpConfig,
+    MosConfig,
+)
 from peftune.adapters.lowrank.layer import lowrank_layers
 from peftune.recipe import load_recipe
 
@@ -308,3 +313,49 @@ def test_increlora_under_two_process_ddp_trains_what_one_process_trains_with_acc
     patterns = [json.loads((tmp_path / run / "adapter" / "adapter_config.json").read_text())
                 ["rank_pattern"] for run in ("two", "one")]
     assert patterns[0] == patterns[1] and sum(patterns[0].values()) > 2 * len(patterns[0])  # grew
+
+
+# ---- AFLoRA ------------------------------------------------------------------------------
+
+def test_aflora_is_the_vector_scaled_path_and_starts_at_zero():
+    model, hooks = apply_adapter(Tiny(), AfloraConfig(r=3, target_modules=["up", "mid"]),
+                                 total_steps=10)
+    x = torch.randn(4, 12)
+    assert torch.equal(model(x), Tiny()(x))  # Λ_u = 0: the model is unchanged at init
+    _train(model, hooks, 3)
+    for layer in lowrank_layers(model).values():
+        assert layer.aflora_u.abs().sum() > 0
+        expected = torch.diag(layer.aflora_u) @ layer.lora_B @ torch.diag(layer.lora_M) \
+            @ layer.lora_A
+        assert torch.allclose(layer.delta_weight(), expected, atol=1e-7)
+        b_mat, a_mat = layer.export_factors()  # the plain LoRA peft loads
+        assert torch.allclose(b_mat @ a_mat, expected, atol=1e-6)
+
+
+def test_aflora_freezes_the_lowest_scoring_projections_on_a_cubic_schedule():
+    """Gradients chosen so that |θ·∇θ| is c_k everywhere in projection k: the scores rank as
+    c_k. With warmup 0 and final 0.5 of 4 steps, step 1 must have 1 - (1/2)^3 = 7/8 of the 6
+    projections frozen (5, rounded): all but the one with the largest c; the vectors train."""
+    model, hooks = apply_adapter(
+        Tiny(), AfloraConfig(r=2, target_modules=["up", "mid", "down"], warmup=0.0, final=0.5),
+        total_steps=4)
+    layers = list(lowrank_layers(model).values())
+    projections = [(layer, name) for layer in layers for name in ("A", "B")]
+    weights = [3.0, 1.0, 6.0, 2.0, 5.0, 4.0]
+    for (layer, name), c in zip(projections, weights, strict=True):
+        param = getattr(layer, f"lora_{name}")
+        param.grad = c / param.detach()
+    for update in hooks.after_step:
+        update(model, 1)
+    trains = [getattr(layer, f"lora_{name}").requires_grad for layer, name in projections]
+    assert trains == [False, False, True, False, False, False]  # all but c = 6
+    assert all(layer.aflora_u.requires_grad and layer.lora_M.requires_grad for layer in layers)
+    ranked = [float((layer.aflora_ipt_A if name == "A" else layer.aflora_ipt_B).mean())
+              for layer, name in projections]
+    assert ranked == pytest.approx([(1 - 0.85) * c for c in weights], rel=1e-5)
+
+
+def test_aflora_keys_are_checked(tmp_path, tiny_model_dir, text_data):
+    line = recipe_refusal(tmp_path, model=tiny_model_dir, data=text_data["train"],
+                          adapter={"method": "aflora", "warmup": 0.5, "final": 0.6})
+    assert "adapter.warmup (0.5) + adapter.final (0.6)" in line

@@ -88,6 +88,7 @@ ROWS: dict[str, dict] = {
     "lora-sp": {"r": 4},
     "increlora": {"init_r": 2, "max_r": 4, "target_r": 3, "alpha": 8, "warmup_steps": 1,
                   "add_interval": 2},
+    "aflora": {"r": 4, "warmup": 0.0, "final": 0.3},  # projections freeze within the run
 }
 LR = {"ia3": 0.2, "prompt": 0.3, "prefix": 0.1, "ptuning": 0.05, "vera": 0.05, "full": 2e-3,
       "inttune": 0.1, "svfit": 0.1, "loldu": 0.1, "lora-sb": 0.1, "nola": 0.1}

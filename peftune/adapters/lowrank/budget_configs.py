@@ -1,9 +1,11 @@
-"""Recipe configs (torch-free) of three native methods that spend a low-rank adapter's
+"""Recipe configs (torch-free) of four native methods that spend a low-rank adapter's
 parameter budget differently, on the same layer (`peftune.adapters.lowrank.layer`):
-shards shared across layers (MoS), a frozen random fraction of the entries (LoRA-SP), and
-rank grown where it matters during training (IncreLoRA). Each exports an exact plain PEFT
-LoRA (per-module ranks for IncreLoRA). Init rules: `inits.py` (MoS, LoRA-SP, named by
-their configs' `init_rule`); IncreLoRA has its own `apply` (`increlora.py`).
+shards shared across layers (MoS), a frozen random fraction of the entries (LoRA-SP),
+rank grown where it matters during training (IncreLoRA), and projections frozen one by one
+as they stop mattering (AFLoRA). Each exports an exact plain PEFT LoRA (per-module ranks for
+IncreLoRA). Init rules: `inits.py` (MoS, LoRA-SP, AFLoRA, named by their configs'
+`init_rule`); AFLoRA's freezing: `training_hooks.py`; IncreLoRA has its own `apply`
+(`increlora.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from peftune.adapters.lowrank.configs import NativeTargetedConfig, ScaledConfig
+from peftune.adapters.lowrank.configs import LowRankConfig, NativeTargetedConfig, ScaledConfig
 from peftune.adapters.registry import BNB_4BIT, INT8, MethodSpec, register
 
 
@@ -182,6 +184,49 @@ class IncreloraConfig(NativeTargetedConfig):
         return sum(capacity * (layer.dims[0] + layer.dims[1]) for layer in layers)
 
 
+class AfloraConfig(LowRankConfig):
+    """AFLoRA (Liu et al. 2024, "AFLoRA: Adaptive Freezing of Low Rank Adaptation in
+    Parameter Efficient Fine-Tuning of Large Models", arXiv:2403.13269): the path
+    ΔW = Λ_u·B·Λ_d·A, a down-projection A (r x in) and an up-projection B (out x r), each
+    followed by a trained feature-transformation vector (Λ_d = diag of r entries, `d_init`
+    at init; Λ_u = diag of `out` entries, zero at init, so ΔW = 0); A and B Kaiming. A and B
+    train at first and are frozen one by one by their freezing score: after each optimizer
+    step, per projection, the sensitivity I = |θ ⊙ ∇θ| is smoothed (Ī <- β1·Ī + (1-β1)·I)
+    with its uncertainty (Ū <- β2·Ū + (1-β2)·|I - Ī|), and the score is mean(Ī ⊙ Ū). The
+    fraction of projections frozen follows a cubic schedule, 0 until `warmup` of the run,
+    1 - (1 - progress)^3 after it, all frozen for the `final` part of the run; the
+    lowest-scoring trainable projections freeze first, for good (the vectors always train).
+    The paper reports up to +0.85% on GLUE against LoRA with up to 9.5x fewer trained
+    parameters and up to 1.86x faster runs."""
+
+    method: Literal["aflora"] = "aflora"
+    d_init: float = Field(default=0.1, gt=0)
+    warmup: float = Field(default=0.1, ge=0.0, lt=1.0, description="fraction of the run "
+                          "before any projection freezes")
+    final: float = Field(default=0.2, ge=0.0, lt=1.0, description="fraction of the run at "
+                         "the end with every projection frozen")
+    beta1: float = Field(default=0.85, gt=0.0, lt=1.0)
+    beta2: float = Field(default=0.95, gt=0.0, lt=1.0)
+    schedules_by_length: ClassVar[bool] = True
+    ddp_unused_parameters: ClassVar[bool] = True  # a frozen projection gets no gradient
+    core: ClassVar[str | None] = "diag"
+    trainable: ClassVar[tuple[str, ...]] = ("A", "M", "B")  # B: the projection and Λ_u
+    init_rule: ClassVar[str] = "aflora_init"
+    training_hooks: ClassVar[tuple[str, ...]] = ("freeze_projections",)
+
+    @model_validator(mode="after")
+    def _room_to_freeze(self) -> AfloraConfig:
+        if self.warmup + self.final >= 1:
+            raise ValueError(f"adapter.warmup ({self.warmup}) + adapter.final ({self.final}) "
+                             "leave no part of the run to freeze projections in; keep their "
+                             "sum below 1")
+        return self
+
+    def estimate_trainable(self, layers: list[Any], model: dict) -> int | None:
+        return sum(self.r * (fan_in + fan_out) + self.r + fan_out
+                   for fan_in, fan_out in (layer.dims for layer in layers))
+
+
 _ADDS = BNB_4BIT | INT8
 for _name, _config, _apply, _description, _paper in (
     ("mos", MosConfig, "peftune.adapters.lowrank.model:apply_lowrank",
@@ -193,6 +238,9 @@ for _name, _config, _apply, _description, _paper in (
     ("increlora", IncreloraConfig, "peftune.adapters.lowrank.increlora:apply_increlora",
      "rank components added during training to the most important modules",
      "Zhang et al. 2023, arXiv:2308.12043 (IncreLoRA)"),
+    ("aflora", AfloraConfig, "peftune.adapters.lowrank.model:apply_lowrank",
+     "A, B with trained vectors after each; A and B frozen one by one by a freezing score",
+     "Liu et al. 2024, arXiv:2403.13269 (AFLoRA)"),
 ):
     register(MethodSpec(name=_name, config=_config, apply=_apply, description=_description,
                         paper=_paper, mergeable=True, exports_plain_lora=True, quantized=_ADDS))

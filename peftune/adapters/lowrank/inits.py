@@ -52,6 +52,29 @@ def lora_init(layers: Layers, config: Any, context: dict) -> None:
                 layer.seq_B.zero_()
 
 
+def aflora_init(layers: Layers, config: Any, context: dict) -> None:
+    """A and B Kaiming, Λ_d = d_init (the diagonal core), Λ_u = 0 (a vector of `out` that
+    scales B's rows): ΔW = 0. The freezing scores' running averages start at zero."""
+    with torch.no_grad():
+        for layer in layers.values():
+            device = layer.lora_A.device
+            layer.lora_A.copy_(kaiming(layer.rank, layer.in_features, device))
+            layer.lora_B.copy_(kaiming(layer.out_features, layer.rank, device))
+            layer.lora_M.fill_(config.d_init)
+            layer.aflora_u = nn.Parameter(torch.zeros(layer.out_features, device=device))
+            layer.make_B = _scaled_rows(layer)
+            layer.factor_params = {"B": [layer.lora_B, layer.aflora_u]}
+            for name in ("A", "B"):
+                factor = layer.lora_A if name == "A" else layer.lora_B
+                layer.register_buffer(f"aflora_ipt_{name}", torch.zeros_like(factor))
+                layer.register_buffer(f"aflora_unc_{name}", torch.zeros_like(factor))
+            layer.state_buffers = ("aflora_ipt_A", "aflora_unc_A", "aflora_ipt_B", "aflora_unc_B")
+
+
+def _scaled_rows(layer: LowRankLinear) -> Callable[[], torch.Tensor]:
+    return lambda: layer.aflora_u[:, None] * layer.lora_B
+
+
 def dyrank_init(layers: Layers, config: Any, context: dict) -> None:
     """A and B random, the component gates c zero: ΔW = 0, yet every gate gets a gradient."""
     with torch.no_grad():

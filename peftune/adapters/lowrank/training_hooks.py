@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from peftune.adapters.hooks import AdapterHooks
+from peftune.adapters.lowrank.budget_configs import AfloraConfig
 from peftune.adapters.lowrank.configs import (
     DyloraConfig,
     DyrankConfig,
@@ -117,6 +118,50 @@ def freeze_b_late(hooks: AdapterHooks, layers: Layers, config: LamdaConfig, *,
     hooks.after_step.append(freeze)
     if freeze_at == 0:
         freeze(None, 0)
+
+
+def freeze_projections(hooks: AdapterHooks, layers: Layers, config: AfloraConfig, *,
+                       total_steps: int, **_: Any) -> None:
+    """AFLoRA: after each step update every trainable projection's smoothed sensitivity and
+    uncertainty from its gradient, then freeze the lowest-scoring ones until the cubic
+    schedule's fraction of all projections is frozen. The scores are all-reduced gradients'
+    (the same on every DDP rank), so every rank freezes the same projections."""
+    start = math.floor(config.warmup * total_steps)
+    end = max(math.ceil((1 - config.final) * total_steps), start + 1)
+    projections = [(layer, name) for layer in layers.values() for name in ("A", "B")]
+
+    def factor(layer: LowRankLinear, name: str) -> torch.nn.Parameter:
+        return layer.lora_A if name == "A" else layer.lora_B
+
+    def frozen_fraction(step: int) -> float:
+        if step <= start:
+            return 0.0
+        return 1.0 - (1.0 - min((step - start) / (end - start), 1.0)) ** 3
+
+    def update(model: Any, step: int) -> None:
+        with torch.no_grad():
+            for layer, name in projections:
+                param = factor(layer, name)
+                if not param.requires_grad or param.grad is None:
+                    continue
+                sensitivity = (param * param.grad).abs()
+                average = getattr(layer, f"aflora_ipt_{name}")
+                average.mul_(config.beta1).add_(sensitivity, alpha=1 - config.beta1)
+                getattr(layer, f"aflora_unc_{name}").mul_(config.beta2).add_(
+                    (sensitivity - average).abs(), alpha=1 - config.beta2)
+        live = [(layer, name) for layer, name in projections if factor(layer, name).requires_grad]
+        due = round(frozen_fraction(step) * len(projections)) - (len(projections) - len(live))
+        if due <= 0:
+            return
+        scores = torch.stack([(getattr(layer, f"aflora_ipt_{name}")
+                               * getattr(layer, f"aflora_unc_{name}")).mean()
+                              for layer, name in live]).cpu()
+        for index in sorted(range(len(live)), key=lambda i: (scores[i].item(), i))[:due]:
+            param = factor(*live[index])
+            param.requires_grad_(False)
+            param.grad = None
+
+    hooks.after_step.append(update)
 
 
 def orthonormal_penalty(hooks: AdapterHooks, layers: Layers, config: SorsaConfig,
