@@ -263,7 +263,7 @@ def test_cli_train_eval_and_merge_on_a_run_directory(tmp_path, tiny_model_dir, t
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert "adapter.method bottleneck is not mergeable" in line, line
-    assert "load_bottleneck" in line and "PeftModel" not in line, line
+    assert "load_native_adapter" in line and "PeftModel" not in line, line
     assert not (run / "merged").exists()
 
 

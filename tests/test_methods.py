@@ -89,6 +89,13 @@ ROWS: dict[str, dict] = {
     "increlora": {"init_r": 2, "max_r": 4, "target_r": 3, "alpha": 8, "warmup_steps": 1,
                   "add_interval": 2},
     "aflora": {"r": 4, "warmup": 0.0, "final": 0.3},  # projections freeze within the run
+    "mola": {"r": 2, "experts": 4, "top_k": 2, "router_aux_loss": 0.01},
+    # sparse (peftune.adapters.sparse)
+    "paca": {"columns": 4},
+    "fish": {"density": 0.05, "calibration": {"examples": 8}},
+    "lt-sft": {"density": 0.05, "full_steps": 3},
+    "spiel": {"density": 0.05, "update_interval": 3},
+    "dsee": {"r": 4, "density": 0.02},
 }
 LR = {"ia3": 0.2, "prompt": 0.3, "prefix": 0.1, "ptuning": 0.05, "vera": 0.05, "full": 2e-3,
       "inttune": 0.1, "svfit": 0.1, "loldu": 0.1, "lora-sb": 0.1, "nola": 0.1}
@@ -131,15 +138,14 @@ def _base(recipe):
 
 
 def _reload(recipe, adapter_dir: Path):
-    """The exported adapter on a fresh base: by peft, or (native bottleneck / Compacter
-    adapters, which are not PEFT's) by peftune's own loader."""
+    """The exported adapter on a fresh base: by peft, or (native adapters: bottleneck /
+    Compacter, the sparse methods, which are not PEFT's) by peftune's own loader."""
     from peft import PeftModel
 
-    from peftune.adapters.bottleneck import load_bottleneck
-    from peftune.adapters.bottleneck.configs import NATIVE_CONFIG
+    from peftune.adapters.native import is_native_adapter, load_native_adapter
 
-    if (adapter_dir / NATIVE_CONFIG).is_file():
-        return load_bottleneck(_base(recipe), adapter_dir)
+    if is_native_adapter(adapter_dir):
+        return load_native_adapter(_base(recipe), adapter_dir)
     return PeftModel.from_pretrained(_base(recipe), adapter_dir)
 
 

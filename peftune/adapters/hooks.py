@@ -20,6 +20,8 @@ class AdapterHooks:
     trainable_state(model) -> dict: the tensors a checkpoint must hold to resume.
     load_trainable_state(model, state) -> None: the inverse, used by `--resume`.
     after_step hooks run before the gradients are cleared (AdaLoRA's importance needs them).
+    bind_optimizer(optimizer) -> None: called once the run's optimizer is built (and
+        prepared), for methods that move or drop its per-parameter state (SpIEL, LT-SFT).
     """
 
     export: Callable[[Any, Path, Any], None]
@@ -27,6 +29,7 @@ class AdapterHooks:
     load_trainable_state: Callable[[Any, dict], None]
     extra_loss: Callable[[Any], Any] | None = None
     after_step: list[Callable[[Any, int], None]] = field(default_factory=list)
+    bind_optimizer: list[Callable[[Any], None]] = field(default_factory=list)
     artifact: str = "adapter"  # the run-dir entry `export` writes: "adapter" or "model"
     # What the method's init did (calibration examples, seconds, ...), for the run header
     # and summary.json.

@@ -66,6 +66,9 @@ class MethodSpec:
     quantized: frozenset[str] = frozenset()
     unquantized_because: str = "it trains weights of the base, which a quantized base freezes"
     trains_base_weights: bool = False
+    # "module:function" that rebuilds the method's native (non-PEFT) adapter directory on a
+    # plain model (`peftune.adapters.native.load_native_adapter`); None: a PEFT export
+    native_loader: str | None = None
 
     @property
     def keys(self) -> list[str]:

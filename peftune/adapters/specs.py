@@ -16,7 +16,9 @@ from peftune.adapters.lora import configs as lora  # noqa: F401
 from peftune.adapters.lora.configs import LoraConfig
 from peftune.adapters.lowrank import budget_configs as lowrank_budget  # noqa: F401
 from peftune.adapters.lowrank import configs as lowrank  # noqa: F401
+from peftune.adapters.mola import configs as mola  # noqa: F401
 from peftune.adapters.prompt import configs as prompt  # noqa: F401
+from peftune.adapters.sparse import configs as sparse  # noqa: F401
 from peftune.adapters.tuners import configs as tuners  # noqa: F401
 from peftune.adapters.tuners import product_configs as tuner_products  # noqa: F401
 

@@ -161,14 +161,14 @@ def _adapter_dir(adapter: str, flag: str) -> Path:
 
 
 def _is_adapter(path: Path) -> bool:
-    """A PEFT adapter directory, or a native one (bottleneck / Compacter)."""
-    from peftune.adapters.bottleneck.configs import NATIVE_CONFIG
+    """A PEFT adapter directory, or a native one (bottleneck / Compacter, sparse methods)."""
+    from peftune.adapters.native import is_native_adapter
 
-    return (path / "adapter_config.json").is_file() or (path / NATIVE_CONFIG).is_file()
+    return (path / "adapter_config.json").is_file() or is_native_adapter(path)
 
 
 def _adapter_base(path: Path) -> str | None:
-    from peftune.adapters.bottleneck.configs import read_native_config
+    from peftune.adapters.native import read_native_config
 
     native = read_native_config(path)
     if native is not None:
@@ -240,17 +240,15 @@ def load_target(target: Target, *, device: Any) -> Loaded:
 def _attach_adapter(model: Any, target: Target) -> Any:
     from peft import PeftModel
 
-    from peftune.adapters.bottleneck.configs import NATIVE_CONFIG
+    from peftune.adapters.native import is_native_adapter, load_native_adapter
     from peftune.models import check_weights_format
 
     check_weights_format(target.adapter, key="--adapter", weights="adapter",
                          allow_pickle=getattr(target.model, "allow_pickle", False))
     trained_on = _adapter_base(target.adapter)
     try:
-        if (target.adapter / NATIVE_CONFIG).is_file():  # not peft's: peftune's own loader
-            from peftune.adapters.bottleneck import load_bottleneck
-
-            return load_bottleneck(model, target.adapter)
+        if is_native_adapter(target.adapter):  # not peft's: the method's own loader
+            return load_native_adapter(model, target.adapter)
         return PeftModel.from_pretrained(model, str(target.adapter), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()

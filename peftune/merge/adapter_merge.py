@@ -6,7 +6,8 @@ quantization and method) or `--base PATH --adapter DIR`.
   shard is read (`writer`), in fp32, exactly.
 - Other mergeable methods (DoRA, LoHa, LoKr, VeRA, OFT, IA3, ...) merge through peft's own
   `merge_and_unload` on the fp32 base, which is exact for them, then are written the same way
-  (`whole_model`).
+  (`whole_model`); so do native adapters that merge (the sparse methods: W + ΔW at their
+  indices), through the `merge_and_unload` their loader gives the model.
 - A run trained over a 4-/8-bit base merges into the original unquantized weights at
   `model.path`; a base that exists only quantized is dequantized first, with a warning.
 - A run that trained the whole model (full, freeze) has no adapter: its model/ is copied
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from peftune import compat
-from peftune.adapters.bottleneck.configs import NATIVE_CONFIG
+from peftune.adapters.native import NATIVE_CONFIG, NATIVE_WEIGHTS, is_native_adapter
 from peftune.adapters.registry import get_method, method_names
 from peftune.errors import InputError
 from peftune.evaluate.targets import resolve_target
@@ -88,15 +89,20 @@ def resolve_job(*, target: str | None, base: str | None, adapter: str | None) ->
     if method in method_names() and not get_method(method).mergeable:
         spec = get_method(method)
         native = resolved.adapter is not None and (resolved.adapter / NATIVE_CONFIG).is_file()
-        loader = ("peftune.adapters.bottleneck.load_bottleneck(model, ADAPTER_DIR), or "
-                  "peftune eval RUN_DIR" if native else "peft.PeftModel.from_pretrained")
+        loader = ("peftune.adapters.native.load_native_adapter(model, ADAPTER_DIR), "
+                  "peftune eval RUN_DIR or peftune chat RUN_DIR" if native
+                  else "peft.PeftModel.from_pretrained")
         raise InputError(f"RUN_DIR {target}: adapter.method {method} is not mergeable: "
                          f"{_why_not(method, spec)}; serve it as an adapter ({loader}) instead")
     if resolved.adapter is None and (resolved.run is None or method is None
                                      or not get_method(method).trains_base_weights):
         raise InputError(f"RUN_DIR {target}: a model directory without an adapter, so there is "
                          f"nothing to merge; give --base {target} --adapter DIR")
-    if resolved.adapter is not None:
+    if resolved.adapter is not None and is_native_adapter(resolved.adapter):  # sparse methods
+        if not (resolved.adapter / NATIVE_WEIGHTS).is_file():
+            raise InputError(f"--adapter {resolved.adapter}: no {NATIVE_WEIGHTS} (the adapter's "
+                             "weights); point it at a complete adapter directory")
+    elif resolved.adapter is not None:
         config = read_adapter_config(resolved.adapter)
         kind = config.get("peft_type")
         if kind in NOT_MERGEABLE:
@@ -131,8 +137,10 @@ def merge_adapter(job: MergeJob, *, out: Path, shard_bytes: int, dtype: str, all
     if job.quant != "none" and adapter is not None and not quantized_checkpoint:
         say(quiet, f"note: trained over a {job.quant} base; merging into the unquantized "
                    f"weights of {base} (the original model)")
-    config = read_adapter_config(adapter) if adapter is not None else None
-    streaming = config is None or (is_plain_lora(config) and not quantized_checkpoint)
+    native = adapter is not None and is_native_adapter(adapter)  # merged by its own loader
+    config = read_adapter_config(adapter) if adapter is not None and not native else None
+    streaming = not native and (config is None or (is_plain_lora(config)
+                                                   and not quantized_checkpoint))
     with staging_dir(out) as tmp:
         if streaming and config is not None and (config.get("rank_pattern") or
                                                  config.get("alpha_pattern")):

@@ -62,9 +62,15 @@ def load_base(base: Path, *, dequantize: bool, trust_remote_code: bool = False) 
 
 
 def attach_adapter(model: Any, base: Path, adapter: Path) -> Any:
+    """The adapter on `model`: by peft, or by its method's loader for a native adapter
+    (which gives the model peft's `merge_and_unload` and `get_base_model`)."""
     from peft import PeftModel
 
+    from peftune.adapters.native import is_native_adapter, load_native_adapter
+
     try:
+        if is_native_adapter(adapter):
+            return load_native_adapter(model, adapter)
         return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as err:
         lines = str(err).strip().splitlines()
@@ -98,7 +104,10 @@ def merge_in_memory(base: Path, adapter: Path, tmp: Path, *, dtype: str, shard_b
     files = writer.close()
     copy_model_files(base, tmp, dtype=dtype if dtype in DTYPES else
                      ("float32" if dequantize else None), tokenizer_from=adapter)
-    return stats, files, "peft merge_and_unload (fp32)"
+    from peftune.adapters.native import is_native_adapter
+
+    kind = "native" if is_native_adapter(adapter) else "peft"  # native: the sparse methods
+    return stats, files, f"{kind} merge_and_unload (fp32)"
 
 
 def checkpoint_names(base: Path):

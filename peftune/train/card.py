@@ -87,6 +87,18 @@ def _loading(out: Path, summary: dict, base: str | None, full: bool) -> list[str
                 "", f"model = AutoModelForCausalLM.from_pretrained(\"{out / 'model'}\")",
                 f"tokenizer = AutoTokenizer.from_pretrained(\"{out / 'model'}\")", "```", ""]
     source = (summary.get("model_source") or {}).get("converted") or base
+    if (out / "adapter" / "peftune_adapter.json").is_file():  # a native adapter, not peft's
+        return [
+            f"The adapter in `adapter/` is peftune's own format (`{summary.get('method')}` is "
+            "not a PEFT method), on the base model below:", "",
+            "```python", "from transformers import AutoModelForCausalLM",
+            "from peftune.adapters.native import load_native_adapter", "",
+            f"base = AutoModelForCausalLM.from_pretrained(\"{source}\")",
+            f"model = load_native_adapter(base, \"{out / 'adapter'}\")", "```", "",
+            f"`peftune chat {out}` and `peftune eval {out}` take the run directory as it is; "
+            f"`peftune merge {out}` writes a plain transformers model where the method merges "
+            "(the sparse methods), and refuses where it cannot (an input-dependent router, "
+            "adapters beside the base).", ""]
     return [
         "The adapter in `adapter/` is in PEFT format, on the base model below:", "",
         "```python", "from peft import PeftModel",

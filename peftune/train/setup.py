@@ -216,6 +216,8 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
     scheduler = build_scheduler(optimizer, recipe.train, steps)
     # The scheduler is stepped by the loop once per optimizer step, so it is not prepared.
     prepared_model, optimizer = accelerator.prepare(model, optimizer)
+    for bind in hooks.bind_optimizer:  # methods that move the optimizer's state (SpIEL)
+        bind(optimizer)
     # train.strategy's hooks (LISA's layer sampling), once DDP has seen every parameter
     hooks = apply_strategy(recipe.train, model=model, optimizer=optimizer, hooks=hooks)
     return BuiltRun(

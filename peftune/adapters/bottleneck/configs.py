@@ -17,10 +17,13 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from peftune.adapters.native import (  # noqa: F401  (where bottleneck.model and tests look)
+    NATIVE_CONFIG,
+    NATIVE_WEIGHTS,
+    read_native_config,
+)
 from peftune.adapters.registry import BNB_4BIT, INT4, INT8, MethodConfig, MethodSpec, register
 
-NATIVE_CONFIG = "peftune_adapter.json"  # names the method and its settings
-NATIVE_WEIGHTS = "peftune_adapter.safetensors"
 SUBLAYERS = ("attn", "mlp")
 DEFAULT_REDUCTION = 16
 
@@ -145,19 +148,6 @@ def _hidden_size(model_path: str) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
-def read_native_config(adapter_dir: str | Path) -> dict | None:
-    """A native adapter directory's config (method, settings), or None when it is not one."""
-    path = Path(adapter_dir) / NATIVE_CONFIG
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        from peftune.errors import InputError
-
-        raise InputError(f"{path}: cannot read it: {err}") from None
-
-
 _BECAUSE = "its adapters sit beside the frozen base"
 for _name, _config, _description, _paper in (
     ("bottleneck", BottleneckConfig,
@@ -171,4 +161,5 @@ for _name, _config, _description, _paper in (
         name=_name, config=_config, apply="peftune.adapters.bottleneck.model:apply_bottleneck",
         description=_description, paper=_paper, mergeable=False, exports_plain_lora=False,
         quantized=BNB_4BIT | INT8 | INT4, unquantized_because=_BECAUSE,
+        native_loader="peftune.adapters.bottleneck.model:load_bottleneck",
     ))
