@@ -1,26 +1,38 @@
-"""Training strategies of a full fine-tune: LISA's layer sampling and GaLore's projected
-optimizer; their optimizer-state memory against full AdamW; exact resume; refusals."""
+"""Training strategies: LISA's layer sampling and GaLore's projected optimizer (full
+fine-tunes), IST's importance-sampled PEFT layers, and the Lion optimizer; their
+optimizer-state memory against AdamW; exact resume; refusals. Zeroth order: test_zo.py."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import NO_DEBUG, run_cli, write_recipe
+from conftest import (
+    NO_DEBUG,
+    assert_resume_matches_uninterrupted,
+    main_in_process,
+    read_metrics,
+    run_cli,
+    write_recipe,
+)
 from safetensors.torch import load_file
 
 from peftune.errors import InputError
 from peftune.recipe import load_recipe
 from peftune.recipe.schema import TrainSection
+from peftune.train.ist import IST_SCORES, IstSampler
 from peftune.train.optim import build_optimizer
 from peftune.train.run import run_train
 from peftune.train.strategies import LisaSampler, optimizer_state_bytes
 
 LISA = {"name": "lisa", "layers": 1, "interval": 2}
 GALORE = {"name": "galore", "rank": 4, "update_proj_gap": 2}
+IST = {"name": "ist", "layers": 1, "score_interval": 2}
+LORA = {"method": "lora", "r": 4, "alpha": 8}
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +159,14 @@ def _ddp_worker(rank: int, path: str, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_only_lisa_asks_ddp_to_find_unused_parameters():
+def test_only_the_layer_strategies_ask_ddp_to_find_unused_parameters():
     from peftune.train.strategies import strategy_handlers
 
-    (handler,) = strategy_handlers(TrainSection(strategy=LISA))
-    assert handler.to_kwargs() == {"find_unused_parameters": True}
+    for strategy in (LISA, IST):
+        (handler,) = strategy_handlers(TrainSection(strategy=strategy))
+        assert handler.to_kwargs() == {"find_unused_parameters": True}
     assert strategy_handlers(TrainSection(strategy=GALORE)) == strategy_handlers(TrainSection()) == []
+    assert strategy_handlers(TrainSection(strategy={"name": "zo"})) == []
 
 
 def test_lisa_under_two_process_ddp_keeps_the_ranks_equal(tmp_path, four_layer_dir):
@@ -249,6 +263,240 @@ def test_galore_8bit_is_refused_without_cuda(four_layer_dir):
                                                              optimizer="adamw8bit"))
 
 
+# ---- IST -----------------------------------------------------------------------------------
+
+
+def _lora_model(path: Path):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(_model(path), LoraConfig(r=4, lora_alpha=8,
+                                                   target_modules=["q_proj", "v_proj"]))
+
+
+def _ist(model, **keys) -> IstSampler:
+    settings = dict(layers=2, interval=1, score_interval=10, score_trials=3, score_layers=None,
+                    suppression=0.25, score_lr=10.0, seed=0)
+    return IstSampler(model, **{**settings, **keys})
+
+
+def _trainable(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_ist_trains_only_the_drawn_layers_peft_modules(four_layer_dir):
+    """The drawn layers' LoRA weights change; the others' are frozen with no gradient, and
+    the base never trains. A checkpoint still holds every layer's LoRA weights (the method
+    picks them by requires_grad) and the scores; loading one restores the draw."""
+    from peftune.adapters.common import load_trainable_state, trainable_state
+    from peftune.adapters.hooks import AdapterHooks
+
+    model = _lora_model(four_layer_dir)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ist = _ist(model)
+    ist.before_step(model, 0, lambda: 0.0)
+    assert len(ist.active) == 2 and ist.active == ist.draw(0)
+    before = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    _step(model, optimizer)
+    changed = {_layer(n) for n, p in _trainable(model).items() if not torch.equal(p, before[n])}
+    assert changed == set(ist.active)
+    for name, param in model.named_parameters():
+        if "lora_" not in name or _layer(name) not in ist.active:
+            assert not param.requires_grad and param.grad is None, name
+
+    method_hooks = AdapterHooks(export=None, trainable_state=trainable_state,
+                                load_trainable_state=load_trainable_state)
+    state = ist.hooks(method_hooks).trainable_state(model)
+    assert {_layer(n) for n in state if "lora_" in n} == {0, 1, 2, 3}
+    assert torch.equal(state[IST_SCORES], ist.scores)
+    assert sum(p.requires_grad for p in _trainable(model).values()) == 2 * 2 * 2  # frozen again
+    fresh_model = _lora_model(four_layer_dir)
+    fresh = _ist(fresh_model)
+    fresh.hooks(method_hooks).load_trainable_state(fresh_model, state)
+    assert fresh.active == ist.active and not fresh.applied
+    for name, param in _trainable(fresh_model).items():
+        assert torch.equal(param, _trainable(model)[name])
+
+
+def _suppressible_loss(model, weight: dict[int, float]):
+    """A loss in which each layer's LoRA change adds weight[layer] x its mean |B|."""
+    def loss() -> float:
+        return 2.0 + sum(weight.get(_layer(n), 0.0) * float(p.detach().abs().mean())
+                         for n, p in _trainable(model).items() if "lora_B" in n)
+    return loss
+
+
+def test_ist_scores_follow_the_suppression_rewards(four_layer_dir):
+    """One round: each trial's loss is taken with its layers' change scaled by 0.25 (and the
+    weights restored exactly after), and s_l += η·(r_j - mean r)·σ(s_l)(1 - σ(s_l)) with
+    r_j = exp(-L_j). Over rounds the layer whose change hurts (layer 0) gains score and is
+    drawn less than the one whose change helps (layer 3)."""
+    model = _lora_model(four_layer_dir)
+    ist = _ist(model, layers=1, score_layers=2)  # B starts at 0 (p0)
+    with torch.no_grad():
+        for name, param in _trainable(model).items():
+            if "lora_B" in name:
+                param.fill_(0.5)  # a learned change in every layer
+    weight = {0: 1.0, 3: -1.0}
+    step_loss = _suppressible_loss(model, weight)
+    before = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    draws = ist.trial_draws(10)
+    losses = ist.update_scores(10, step_loss)
+    assert len(draws) == 3 and len(set(draws)) == 3
+    for n, p in _trainable(model).items():
+        assert torch.equal(p, before[n]), n  # restored exactly
+    expected_losses = [2.0 + sum(w * 2 * 0.5 * (0.25 if layer in trial else 1.0)  # q, v
+                                 for layer, w in weight.items()) for trial in draws]
+    assert losses == pytest.approx(expected_losses, rel=1e-6)
+    rewards = [math.exp(-loss) for loss in losses]
+    expected = torch.zeros(4, dtype=torch.float64)
+    for trial, reward in zip(draws, rewards, strict=True):
+        for layer in trial:
+            expected[layer] += 10.0 * (reward - sum(rewards) / 3) * 0.25
+    torch.testing.assert_close(ist.scores, expected)
+    for step in range(20, 120, 10):
+        ist.update_scores(step, step_loss)
+    assert ist.scores[0] > 0 > ist.scores[3]
+    chance = ist.probabilities(-1.0)
+    assert chance[0] < chance[3]
+
+
+def test_ist_draws_depend_only_on_the_seed_the_scores_and_the_period(four_layer_dir):
+    """What makes DDP ranks agree with no communication: the same seed and scores (which
+    every rank computes from the same all-reduced losses) give the same draws."""
+    a, b = _ist(_lora_model(four_layer_dir)), _ist(_lora_model(four_layer_dir))
+    c = _ist(_lora_model(four_layer_dir), seed=1)
+    assert [a.draw(k) for k in range(8)] == [b.draw(k) for k in range(8)]
+    assert [a.draw(k) for k in range(8)] != [c.draw(k) for k in range(8)]
+    assert a.trial_draws(10) == b.trial_draws(10)
+    b.scores[1] = 5.0  # a much less important layer: drawn less often
+    assert sum(1 in b.draw(k) for k in range(40)) < sum(1 in a.draw(k) for k in range(40))
+
+
+def _ist_ddp_worker(rank: int, path: str, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = _lora_model(Path(path))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    wrapped = DistributedDataParallel(model, find_unused_parameters=True)  # as ddp_kwargs says
+    ist = _ist(model, layers=1, score_interval=2)
+    for step in range(6):  # each rank its own batch; the step's loss summed over the ranks
+        ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(10 * step + rank))
+
+        def step_loss(ids=ids) -> float:
+            with torch.no_grad():
+                loss = model(input_ids=ids, labels=ids).loss.detach().clone()
+            dist.all_reduce(loss)
+            return float(loss)
+
+        ist.before_step(model, step, step_loss)
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()] + [ist.scores.float()])
+    both = [torch.zeros_like(flat) for _ in range(2)]
+    dist.all_gather(both, flat)
+    if rank == 0:
+        torch.save({"equal": torch.equal(*both), "scored": bool((ist.scores != 0).any())}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ist_under_two_process_ddp_keeps_the_ranks_equal(tmp_path, four_layer_dir):
+    """gloo DDP, different data per rank: the all-reduced trial losses give every rank the
+    same scores, so every rank freezes the same layers; the weights stay identical."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ist_ddp_worker, args=(str(four_layer_dir), port, str(out)), nprocs=2)
+    assert torch.load(out) == {"equal": True, "scored": True}
+
+
+def test_ist_lora_run_trains_exports_every_layer_and_resumes_exactly(tmp_path, four_layer_dir,
+                                                                     text_data):
+    """6 steps, one of 4 layers at a time, scores updated at steps 2 and 4: the loss falls,
+    the export holds every layer's LoRA weights, the checkpoint holds the scores, and the run
+    restarted from its step-3 checkpoint ends bitwise equal."""
+    run = assert_resume_matches_uninterrupted(tmp_path, model=four_layer_dir,
+                                              data=text_data["train"], adapter=LORA,
+                                              train_keys={"strategy": IST})
+    losses = [r["loss"] for r in read_metrics(run.whole) if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert {_layer(k) for k in run.whole_weights} == {0, 1, 2, 3}
+    trained = {_layer(k) for k, w in run.whole_weights.items()
+               if "lora_B" in k and float(w.abs().max()) > 0}
+    assert 0 < len(trained) <= 4
+    scores = load_file(run.whole / "checkpoints" / "step-6" / "trainable.safetensors")[IST_SCORES]
+    assert scores.shape == (4,) and bool((scores != 0).any())
+
+
+# ---- Lion ----------------------------------------------------------------------------------
+
+
+def test_lion_step_is_the_formula_on_a_hand_built_layer():
+    """θ ← θ(1 - lr·λ) - lr·sign(β1·m + (1-β1)·g), m ← β2·m + (1-β2)·g (bitsandbytes' Lion,
+    train.lion_betas; decay on the matrix, not the bias)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    lr, (b1, b2), decay = 0.1, (0.8, 0.95), 0.5
+    optimizer = build_optimizer(layer, TrainSection(optimizer="lion", lr=lr, lion_betas=(b1, b2),
+                                                    weight_decay=decay))
+    theta = {p: p.detach().clone() for p in layer.parameters()}
+    moment = {p: torch.zeros_like(p) for p in layer.parameters()}
+    for _ in range(3):
+        for param in layer.parameters():
+            param.grad = torch.randn_like(param)
+        optimizer.step()
+        for param in layer.parameters():
+            g, wd = param.grad, decay if param.ndim == 2 else 0.0
+            theta[param] = theta[param] * (1 - lr * wd) - lr * torch.sign(b1 * moment[param]
+                                                                          + (1 - b1) * g)
+            moment[param] = b2 * moment[param] + (1 - b2) * g
+            torch.testing.assert_close(param.detach(), theta[param], rtol=0, atol=1e-6)
+            torch.testing.assert_close(optimizer.state[param]["state1"], moment[param])
+
+
+def test_lion_keeps_half_of_adamws_optimizer_state(four_layer_dir):
+    """One moment per parameter against AdamW's two: the state bytes after a step."""
+    sizes = {}
+    for name in ("adamw", "lion"):
+        model = _model(four_layer_dir)
+        optimizer = build_optimizer(model, TrainSection(optimizer=name, lr=1e-3))
+        _step(model, optimizer)
+        sizes[name] = optimizer_state_bytes(optimizer)
+    assert sizes["lion"] / sizes["adamw"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_lion_run_resumes_exactly(tmp_path, tiny_model_dir, text_data):
+    run = assert_resume_matches_uninterrupted(tmp_path, model=tiny_model_dir,
+                                              data=text_data["train"], adapter=LORA,
+                                              train_keys={"optimizer": "lion", "lr": 5e-3})
+    losses = [r["loss"] for r in read_metrics(run.whole) if "loss" in r]
+    assert losses[-1] < losses[0]
+
+
+def test_validate_shows_the_strategy_and_optimizer_keys(tmp_path, capsys, tiny_model_dir,
+                                                        text_data):
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],
+                          out=tmp_path / "out", adapter=LORA,
+                          train={"strategy": {"name": "ist"}, "optimizer": "lion"})
+    code, out, _ = main_in_process(capsys, "validate", recipe)
+    assert code == 0
+    for line in ("name: ist", "interval: 1", "score_interval: 10", "suppression: 0.25",
+                 "optimizer: lion", "lion_betas"):
+        assert line in out, line
+
+
 # ---- bad input -------------------------------------------------------------------------------
 
 
@@ -269,8 +517,32 @@ def test_galore_8bit_is_refused_without_cuda(four_layer_dir):
      "strategy galore has no paged optimizer"),
     ({"method": "full"}, {}, {"strategy": {**GALORE, "rank": 32}},
      "train.strategy.rank: 32 is not below the model's hidden size 32"),
+    ({"method": "full"}, {}, {"strategy": {**LISA, "eps": 0.1}},
+     "train.strategy.eps: strategy lisa has no such key; only strategy zo reads it"),
+    ({"method": "full"}, {}, {"strategy": GALORE, "optimizer": "lion"},
+     "strategy galore has no Lion optimizer"),
+    ({"method": "full"}, {}, {"strategy": IST},
+     "train.strategy.name: strategy ist draws the PEFT modules of decoder layers, and "
+     "adapter.method full trains the base's own weights; for a full fine-tune use strategy lisa"),
+    ({"method": "lamda", "r": 4}, {}, {"strategy": IST},
+     "strategy ist freezes and unfreezes layers' parameters, and LaMDA freezes B"),
+    (LORA, {}, {"strategy": {**IST, "layers": 3}},
+     "train.strategy.layers: 3 active layers is more than the model's 2 decoder layers"),
+    (LORA, {}, {"strategy": {**IST, "score_layers": 3}},
+     "train.strategy.score_layers: 3 suppressed layers is more than the model's 2"),
+    (LORA, {}, {"strategy": {**IST, "suppression": 1.0}}, "train.strategy.suppression"),
+    (LORA, {}, {"optimizer": "lion", "adam_betas": [0.9, 0.99]},
+     "train.adam_betas: train.optimizer: lion does not read Adam's betas; set "
+     "train.lion_betas"),
+    (LORA, {}, {"lion_betas": [0.95, 0.98]},
+     "train.lion_betas: is read only with train.optimizer: lion (got adamw)"),
+    (LORA, {}, {"optimizer": "lion", "lion_betas": [0.9]},
+     "train.lion_betas: expected two numbers in"),
 ], ids=["lisa-too-many-layers", "galore-over-nf4", "non-full-method", "unknown-key",
-        "other-strategys-key", "unknown-strategy", "galore-paged", "galore-rank-too-high"])
+        "other-strategys-key", "unknown-strategy", "galore-paged", "galore-rank-too-high",
+        "zo-key-in-lisa", "galore-lion", "ist-full", "ist-lamda", "ist-too-many-layers",
+        "ist-score-layers", "ist-suppression", "lion-adam-betas", "lion-betas-adamw",
+        "lion-betas-short"])
 def test_bad_strategies_are_refused_at_validate(tmp_path, tiny_model_dir, text_data, adapter,
                                                 quant, train, message):
     recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=text_data["train"],

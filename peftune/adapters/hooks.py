@@ -20,6 +20,10 @@ class AdapterHooks:
     trainable_state(model) -> dict: the tensors a checkpoint must hold to resume.
     load_trainable_state(model, state) -> None: the inverse, used by `--resume`.
     after_step hooks run before the gradients are cleared (AdaLoRA's importance needs them).
+    before_step(model, step, step_loss) -> None: runs before each optimizer step's forward
+        passes, `step` the steps done; `step_loss()` is the loss of this step's batch at the
+        current weights, forward passes only, the same on every process (IST scores layers
+        with it; a strategy adds these, not a method).
     bind_optimizer(optimizer) -> None: called once the run's optimizer is built (and
         prepared), for methods that move or drop its per-parameter state (SpIEL, LT-SFT).
     """
@@ -30,6 +34,7 @@ class AdapterHooks:
     extra_loss: Callable[[Any], Any] | None = None
     after_step: list[Callable[[Any, int], None]] = field(default_factory=list)
     bind_optimizer: list[Callable[[Any], None]] = field(default_factory=list)
+    before_step: list[Callable[[Any, int, Callable[[], float]], None]] = field(default_factory=list)
     artifact: str = "adapter"  # the run-dir entry `export` writes: "adapter" or "model"
     # What the method's init did (calibration examples, seconds, ...), for the run header
     # and summary.json.

@@ -119,9 +119,10 @@ def model_modules(config: dict) -> list[Module] | None:
 
 
 def strategy_problems(recipe: Any, config: dict | None) -> list[tuple[tuple[str, ...], str]]:
-    """`train.strategy` against the model's config.json (None: not on disk): LISA cannot keep
-    more decoder layers active than the model has (the run checks the built model too); a
-    GaLore rank not below the hidden size projects nothing away."""
+    """`train.strategy` against the model's config.json (None: not on disk): LISA and IST
+    cannot keep more decoder layers active (nor IST suppress more) than the model has (the
+    run checks the built model too); a GaLore rank not below the hidden size projects
+    nothing away."""
     strategy = recipe.train.strategy
     if strategy is None:
         return []
@@ -132,9 +133,14 @@ def strategy_problems(recipe: Any, config: dict | None) -> list[tuple[tuple[str,
                  f"hidden size {hidden}, so GaLore would keep full-size optimizer states; use a "
                  f"rank below {hidden} (e.g. {max(1, hidden // 4)})")]
     layers = config.get("num_hidden_layers", config.get("n_layer"))
-    if strategy.name == "lisa" and isinstance(layers, int) and strategy.layers > layers:
+    sampled = strategy.name in ("lisa", "ist")  # they draw `layers` decoder layers
+    if sampled and isinstance(layers, int) and strategy.layers > layers:
         return [(("train", "strategy", "layers"), f"{strategy.layers} active layers is more than "
                  f"the model's {layers} decoder layers; use at most {layers}")]
+    scored = strategy.name == "ist" and strategy.score_layers is not None
+    if scored and isinstance(layers, int) and strategy.score_layers > layers:
+        return [(("train", "strategy", "score_layers"), f"{strategy.score_layers} suppressed "
+                 f"layers is more than the model's {layers} decoder layers; use at most {layers}")]
     return []
 
 

@@ -343,54 +343,160 @@ def dotted_key(path: tuple[Any, ...]) -> str:
 STRATEGY_KEYS = {
     "lisa": frozenset({"layers", "interval"}),
     "galore": frozenset({"rank", "update_proj_gap", "scale", "proj_type"}),
+    "zo": frozenset({"variant", "eps", "n_samples", "momentum", "uncertainty"}),
+    "ist": frozenset({"layers", "interval", "score_interval", "score_trials", "score_layers",
+                      "suppression", "score_lr"}),
+}
+# A key whose default depends on the strategy (filled in before validation, so a dump holds it)
+STRATEGY_DEFAULTS = {"ist": {"interval": 1}}
+ZO_ADAMU_KEYS = frozenset({"momentum", "uncertainty"})  # read only by variant adamu
+# Methods whose own training hooks need what a strategy takes away: zo leaves no gradients
+# (these score, grow or regrow by them); ist freezes and unfreezes layers' parameters, which
+# would undo these methods' own freezing. (A MethodConfig class flag would be the general
+# home for this; the table keeps the check beside the strategies until a second user.)
+ZO_NEEDS_GRADIENTS = {
+    "adalora": "AdaLoRA allocates rank by gradient sensitivity",
+    "aflora": "AFLoRA's freezing score is computed from gradients",
+    "increlora": "IncreLoRA grows rank by gradient importance",
+    "spiel": "SpIEL regrows its indices by accumulated gradients",
+}
+IST_FREEZES_ITSELF = {
+    "aflora": "AFLoRA freezes its projections progressively",
+    "lamda": "LaMDA freezes B part-way through the run",
+    "lt-sft": "LT-SFT switches from a dense to a sparse phase",
+    "spiel": "SpIEL swaps its probe entries in and out",
 }
 
 
 class StrategySection(Section):
-    """`train.strategy`: how a full fine-tune (`adapter.method: full`) spends its memory
-    (peftune.train.strategies). lisa (Pan et al. 2024): only `layers` decoder layers, drawn
-    anew every `interval` optimizer steps, train at a time, with the embeddings and head.
-    galore (Zhao et al. 2024): the decoder layers' matrices keep Adam states of their gradient
-    projected to rank `rank` (subspace recomputed every `update_proj_gap` steps, update scaled
-    by `scale`); `train.optimizer` adamw or adamw8bit picks galore-torch's optimizer."""
+    """`train.strategy`: how a run spends its memory (peftune.train.strategies).
 
-    name: Literal["lisa", "galore"]
+    lisa (Pan et al. 2024; `adapter.method: full`): only `layers` decoder layers, drawn
+    anew every `interval` optimizer steps, train at a time, with the embeddings and head.
+    galore (Zhao et al. 2024; `adapter.method: full`): the decoder layers' matrices keep Adam
+    states of their gradient projected to rank `rank` (subspace recomputed every
+    `update_proj_gap` steps, update scaled by `scale`); `train.optimizer` adamw or adamw8bit
+    picks galore-torch's optimizer.
+    zo (MeZO, Malladi et al. 2023; any method): forward passes only, the SPSA estimate
+    `(L(θ+εz) - L(θ-εz))/(2ε)·z` with ε = `eps` and z regenerated from a seed,
+    averaged over `n_samples` directions; `variant: adamu` (ZO-AdaMU, Jiang et al. 2023)
+    draws z around a momentum of past perturbations (`momentum`, `uncertainty`) and scales
+    the step by their second moment (peftune.train.zo).
+    ist (Yao et al. 2024; adapter methods): each `interval` steps only the PEFT modules of
+    `layers` decoder layers train, drawn by importance; every `score_interval` steps
+    `score_trials` draws of `score_layers` layers have their modules' learned change
+    scaled by `suppression`, and the loss each draw gives updates the scores at rate
+    `score_lr` (peftune.train.ist)."""
+
+    name: Literal["lisa", "galore", "zo", "ist"]
     layers: int = Field(default=2, gt=0)
     interval: int = Field(default=20, gt=0)
     rank: int = Field(default=128, gt=0)
     update_proj_gap: int = Field(default=200, gt=0)
     scale: float = Field(default=0.25, gt=0)
     proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
+    # zo: mezo (plain SPSA, MeZO) or adamu (ZO-AdaMU's momentum and uncertainty)
+    variant: Literal["mezo", "adamu"] = "mezo"
+    eps: float = Field(default=1e-3, gt=0, le=1)  # the perturbation scale ε
+    n_samples: int = Field(default=1, gt=0, le=64)  # SPSA directions per optimizer step
+    # zo adamu: the weight of the momentum-centred draw in each perturbation (1 - β1), and
+    # the variance share α of the zero-centred draw (1 - α around the momentum)
+    momentum: float = Field(default=0.5, ge=0, lt=1)
+    uncertainty: float = Field(default=0.5, gt=0, le=1)
+    # ist: importance scoring every score_interval steps, score_trials suppressed draws of
+    # score_layers layers (null: half the layers) at response factor suppression
+    score_interval: int = Field(default=10, gt=0)
+    score_trials: int = Field(default=3, ge=2, le=16)
+    score_layers: int | None = Field(default=None, gt=0)
+    suppression: float = Field(default=0.25, ge=0, lt=1)
+    score_lr: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strategy_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") in STRATEGY_DEFAULTS:
+            data = {**STRATEGY_DEFAULTS[data["name"]], **data}
+        return data
 
     @field_validator(*sorted(set().union(*STRATEGY_KEYS.values())))
     @classmethod
     def _own_strategy(cls, value: Any, info: ValidationInfo) -> Any:
         name = info.data.get("name")
         if name is not None and info.field_name not in STRATEGY_KEYS[name]:
+            owners = [s for s, keys in STRATEGY_KEYS.items() if info.field_name in keys]
             keys = ", ".join(sorted(STRATEGY_KEYS[name]))
-            raise ValueError(f"strategy {name} has no such key (its keys: name, {keys})")
+            raise ValueError(f"strategy {name} has no such key; only strategy "
+                             f"{' and '.join(owners)} reads it (strategy {name}'s keys: name, "
+                             f"{keys})")
+        if info.field_name in ZO_ADAMU_KEYS and info.data.get("variant", "mezo") != "adamu":
+            raise ValueError("is read only by strategy zo with variant: adamu (ZO-AdaMU); set "
+                             "variant: adamu or remove this key")
         return value
 
     @model_serializer(mode="wrap")
     def _own_keys_only(self, handler: Any) -> dict:
         # a dump (the run's recipe.yaml) holds the strategy's own keys, so that it loads back
         own = STRATEGY_KEYS[self.name] | {"name"}
+        if self.name == "zo" and self.variant != "adamu":
+            own = own - ZO_ADAMU_KEYS
         return {key: value for key, value in handler(self).items() if key in own}
 
     def recipe_problems(self, recipe: Any) -> list[tuple[tuple[str, ...], str]]:
         where = ("train", "strategy", "name")
-        if recipe.adapter.method != "full":
+        method, train = recipe.adapter.method, recipe.train
+        if self.name == "zo":
+            return self._zo_problems(recipe)
+        if self.name == "ist":
+            from peftune.adapters.registry import get_method
+
+            if get_method(method).trains_base_weights:
+                return [(where, f"strategy ist draws the PEFT modules of decoder layers, and "
+                         f"adapter.method {method} trains the base's own weights; for a full "
+                         "fine-tune use strategy lisa")]
+            if method in IST_FREEZES_ITSELF:
+                return [(where, f"strategy ist freezes and unfreezes layers' parameters, and "
+                         f"{IST_FREEZES_ITSELF[method]}; use another method or no strategy")]
+            return []
+        if method != "full":
             return [(where, f"strategy {self.name} trains the base's own weights and needs "
-                     f"adapter.method: full, got {recipe.adapter.method}")]
+                     f"adapter.method: full, got {method}")]
         if self.name == "galore" and recipe.quant.method != "none":
             return [(("quant", "method"), f"strategy galore updates every weight of the base and "
                      f"cannot train over a {recipe.quant.method} base; use quant.method: none")]
-        if self.name == "galore" and recipe.train.optimizer == "paged_adamw":
-            return [(("train", "optimizer"), "strategy galore has no paged optimizer; use "
+        if self.name == "galore" and train.optimizer in ("paged_adamw", "lion"):
+            kind = "paged" if train.optimizer == "paged_adamw" else "Lion"
+            return [(("train", "optimizer"), f"strategy galore has no {kind} optimizer; use "
                      "train.optimizer: adamw or adamw8bit")]
-        if self.name == "galore" and recipe.train.loraplus_ratio is not None:
+        if self.name == "galore" and train.loraplus_ratio is not None:
             return [(("train", "loraplus_ratio"), "strategy galore and LoRA+ do not combine; "
                      "remove one")]
+        return []
+
+    def _zo_problems(self, recipe: Any) -> list[tuple[tuple[str, ...], str]]:
+        """What a forward-only step cannot do: gradients are never computed."""
+        method, train = recipe.adapter.method, recipe.train
+        if train.gradient_checkpointing:
+            return [(("train", "gradient_checkpointing"), "strategy zo runs forward passes only "
+                     "(no backward pass, no stored activations), so gradient checkpointing has "
+                     "nothing to save; set it to false")]
+        if method in ZO_NEEDS_GRADIENTS:
+            return [(("train", "strategy", "name"), f"strategy zo computes no gradients, and "
+                     f"{ZO_NEEDS_GRADIENTS[method]}; use another method (lora, ...) or no "
+                     "strategy")]
+        if self.variant == "adamu" and self.n_samples != 1:
+            return [(("train", "strategy", "n_samples"), "variant adamu takes one perturbation "
+                     "per step (the next is drawn around it); use n_samples: 1 or variant: "
+                     "mezo")]
+        if train.optimizer != "adamw":
+            return [(("train", "optimizer"), f"strategy zo is its own optimizer (SPSA steps at "
+                     f"train.lr), so train.optimizer: {train.optimizer} would not run; remove "
+                     "it")]
+        if train.loraplus_ratio is not None:
+            return [(("train", "loraplus_ratio"), "strategy zo steps every parameter at "
+                     "train.lr; remove train.loraplus_ratio")]
+        if train.precision == "fp16":
+            return [(("train", "precision"), "fp16 loss scaling works on gradients, and "
+                     "strategy zo computes none; use bf16 or fp32")]
         return []
 
 
@@ -510,10 +616,15 @@ class TrainSection(Section):
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0)
     warmup_steps: int | None = Field(default=None, ge=0)
-    optimizer: Literal["adamw", "adamw8bit", "paged_adamw"] = "adamw"
+    # lion (Chen et al. 2023): one moment per parameter, half of AdamW's optimizer state;
+    # it wants a 3-10x smaller train.lr than AdamW (and a 3-10x larger weight_decay)
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "lion"] = "adamw"
     # LoRA+ (Hayou et al. 2024): B's learning rate = ratio x lr (the paper suggests 16)
     loraplus_ratio: float | None = Field(default=None, gt=0)
     adam_betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    # Lion's β1 (interpolation of the update's sign) and β2 (the moment's decay); the
+    # paper's defaults. Read only with optimizer: lion, which in turn reads no adam_betas.
+    lion_betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.99)
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -528,7 +639,8 @@ class TrainSection(Section):
     eval_every: int | None = Field(default=None, gt=0)
     save_every: int | None = Field(default=None, gt=0)
     keep_checkpoints: int = Field(default=2, gt=0)
-    # a training strategy for adapter.method: full: {name: lisa, ...} or {name: galore, ...}
+    # a training strategy: {name: lisa | galore, ...} for adapter.method: full, {name: ist,
+    # ...} for adapter methods, {name: zo, ...} (forward passes only) for either
     strategy: StrategySection | None = None
     # the loss: sft (next-token), or a preference objective (dpo, ln-dpo, ipo, orpo, simpo, kto)
     objective: ObjectiveSection = ObjectiveSection()
@@ -538,17 +650,35 @@ class TrainSection(Section):
     def _objective_name(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
 
-    @field_validator("adam_betas", mode="before")
+    @field_validator("adam_betas", "lion_betas", mode="before")
     @classmethod
-    def _adam_betas(cls, value: Any) -> Any:
+    def _betas(cls, value: Any, info: ValidationInfo) -> Any:
         # one line for the key as a whole (pydantic's own would be "adam_betas[1]: required
         # key is missing" for [0.9]): what it takes, an example, and what was given
         numbers = isinstance(value, (list, tuple)) and len(value) == 2 and all(
             isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 <= beta < 1
             for beta in value)
         if not numbers:
-            raise ValueError("expected two numbers in [0, 1) (Adam's beta1 and beta2), e.g. "
-                             "[0.9, 0.999]")
+            which, example = (("Adam", "[0.9, 0.999]") if info.field_name == "adam_betas"
+                              else ("Lion", "[0.9, 0.99]"))
+            raise ValueError(f"expected two numbers in [0, 1) ({which}'s beta1 and beta2), "
+                             f"e.g. {example}")
+        return value
+
+    @field_validator("adam_betas", "lion_betas")
+    @classmethod
+    def _betas_of_the_optimizer(cls, value: tuple, info: ValidationInfo) -> tuple:
+        # (a resolved recipe holds both at their defaults, so only a changed pair is refused)
+        optimizer = info.data.get("optimizer")
+        lion = info.field_name == "lion_betas"
+        if optimizer is None or tuple(value) == cls.model_fields[info.field_name].default:
+            return value
+        if lion and optimizer != "lion":
+            raise ValueError(f"is read only with train.optimizer: lion (got {optimizer}); "
+                             "use train.adam_betas, or set train.optimizer: lion")
+        if not lion and optimizer == "lion":
+            raise ValueError("train.optimizer: lion does not read Adam's betas; set "
+                             "train.lion_betas (default [0.9, 0.99]) instead")
         return value
 
     @field_validator("gradient_checkpointing", mode="before")

@@ -7,8 +7,13 @@ grad_accum=4` give the same update. With N processes an optimizer step takes
 N x grad_accum consecutive micro-batches, process r the r-th of every N (so N processes with
 accumulation G train exactly as one process with accumulation N x G), and the target count is
 summed over the processes (an all-reduce). The loop knows nothing of adapter
-methods or objectives: it calls the hooks it was given (extra loss, after-step) and the
-objective's counts, loss and summary, and nothing else.
+methods or objectives: it calls the hooks it was given (extra loss, before- and after-step)
+and the objective's counts, loss and summary, and nothing else.
+
+A forward-only optimizer (`forward_only = True`: zeroth order, peftune.train.zo) gets the
+step's loss as a function (`step_loss_of`: forward passes at whatever weights it has set,
+no autograd graph) in place of a backward pass, and reports `last_loss` and
+`last_grad_norm` (for SPSA the |projected gradient|) for the log; clipping does not apply.
 """
 
 from __future__ import annotations
@@ -191,6 +196,74 @@ def _to(batch: dict, device: Any) -> dict:
     return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
+def backward_pass(loop: Loop, batches: Sequence[dict], totals: dict[str, float],
+                  sums: dict[str, float]) -> float:
+    """Forward and backward over this process's micro-batches of a step (gradients
+    accumulate, DDP synchronising on the last); the step's loss, the same on every rank."""
+    import torch
+
+    model, accelerator, hooks = loop.model, loop.accelerator, loop.hooks
+    objective = _objective(loop)
+    step_loss = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(batches):
+        batch = _to(batch, accelerator.device)
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            task_loss, batch_sums = objective.loss(model, batch, totals, loop.reference)
+            add_sums(sums, batch_sums)
+            loss = task_loss * loop.num_processes  # DDP averages the gradients: undo it
+            extra = hooks.extra_loss(model) if hooks.extra_loss is not None else None
+            if extra is not None:  # a method's penalty may be off for part of the run
+                loss = loss + extra / len(batches)
+        accelerator.backward(loss)
+        step_loss += task_loss.detach()
+    return global_sums(accelerator, float(step_loss))[0]
+
+
+def step_loss_of(loop: Loop, batches: Sequence[dict], totals: dict[str, float], model: Any,
+                 sums: dict[str, float] | None = None) -> Callable[[], float]:
+    """A function that gives the loss of this optimizer step's micro-batches (the objective's,
+    plus a method's extra loss) at the weights as they are when it is called: forward passes
+    only, no autograd graph, summed over the processes. Every call starts from the random
+    state of this moment, so calls at different weights see the same dropout masks.
+    `sums`: where the objective's metric sums of every call are added (for the log)."""
+    import torch
+
+    from peftune.train.checkpoint import rng_state, set_rng_state
+
+    accelerator, hooks = loop.accelerator, loop.hooks
+    objective = _objective(loop)
+    start = rng_state()
+
+    def step_loss() -> float:
+        set_rng_state(start)
+        total, extra = 0.0, None
+        with torch.no_grad(), accelerator.autocast():
+            for batch in batches:
+                loss, batch_sums = objective.loss(model, _to(batch, accelerator.device), totals,
+                                                  loop.reference)
+                total += float(loss)
+                if sums is not None:
+                    add_sums(sums, batch_sums)
+            if hooks.extra_loss is not None:
+                extra = hooks.extra_loss(model)
+        total = global_sums(accelerator, total)[0]
+        return total + (float(extra) if extra is not None else 0.0)
+
+    return step_loss
+
+
+def stop_if_not_finite(loss_value: float, optimizer: Any, state: TrainerState) -> None:
+    if not math.isfinite(loss_value):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(
+            f"the loss became {loss_value} at step {state.step + 1}; training stopped and "
+            "the last checkpoint was left as it was. Lower train.lr, enable "
+            "train.max_grad_norm, or check the data"
+        )
+
+
 def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
     """Train from `state` until `total_steps`; returns the final state."""
     import torch
@@ -202,6 +275,8 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
     # needs its engine for every forward
     plain_model = model if engine(accelerator) is not None else accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    unwrapped_optimizer = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's
+    forward_only = getattr(unwrapped_optimizer, "forward_only", False)  # peftune.train.zo
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": timer.elapsed(), "sums": {}}
 
     def paused(work: Any, *, validation: bool = False) -> None:
@@ -225,39 +300,27 @@ def run_loop(loop: Loop, state: TrainerState, *, timer: Any) -> TrainerState:
         # Over all processes: each process's loss is its share of the step's mean loss.
         totals = step_totals(loop, micro_batches, plain_model, loop.reference)
         n_targets, step_tokens = int(totals["targets"]), int(totals["tokens"])
-        step_loss = torch.zeros((), device=accelerator.device)
-
-        for i, batch in enumerate(micro_batches):
-            batch = _to(batch, accelerator.device)
-            last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                task_loss, sums = objective.loss(model, batch, totals, loop.reference)
-                add_sums(window["sums"], sums)
-                loss = task_loss * loop.num_processes  # DDP averages the gradients: undo it
-                extra = hooks.extra_loss(model) if hooks.extra_loss is not None else None
-                if extra is not None:  # a method's penalty may be off for part of the run
-                    loss = loss + extra / len(micro_batches)
-            accelerator.backward(loss)
-            step_loss += task_loss.detach()
+        for before_step in hooks.before_step:  # a strategy's look at the batch first (IST)
+            before_step(model, state.step, step_loss_of(loop, micro_batches, totals, plain_model))
         state.tokens += step_tokens
         state.target_tokens += n_targets
-
-        loss_value = global_sums(accelerator, float(step_loss))[0]  # the same on every rank
-        if not math.isfinite(loss_value):
-            optimizer.zero_grad(set_to_none=True)
-            raise TrainingError(
-                f"the loss became {loss_value} at step {state.step + 1}; training stopped and "
-                "the last checkpoint was left as it was. Lower train.lr, enable "
-                "train.max_grad_norm, or check the data"
-            )
-        if loop.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(trainable, loop.max_grad_norm))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(
-                torch.stack([p.grad.detach().float().norm() for p in trainable if p.grad is not None])))
         step_lr = scheduler.get_last_lr()[0]  # the rate this step is taken with
-        optimizer.step()
+
+        if forward_only:
+            # Zeroth order (train.strategy zo): the optimizer evaluates the step's loss at
+            # perturbed weights and updates them itself: no backward pass, no gradients.
+            optimizer.step(step_loss_of(loop, micro_batches, totals, plain_model, window["sums"]))
+            loss_value, grad_norm = unwrapped_optimizer.last_loss, unwrapped_optimizer.last_grad_norm
+            stop_if_not_finite(loss_value, optimizer, state)
+        else:
+            loss_value = backward_pass(loop, micro_batches, totals, window["sums"])
+            stop_if_not_finite(loss_value, optimizer, state)
+            if loop.max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(trainable, loop.max_grad_norm))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                    [p.grad.detach().float().norm() for p in trainable if p.grad is not None])))
+            optimizer.step()
         if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips inf steps
             scheduler.step()
             for after_step in hooks.after_step:  # before zero_grad: some read the gradients

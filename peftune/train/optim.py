@@ -21,13 +21,23 @@ def parameter_groups(model: Any, weight_decay: float) -> list[dict]:
 
 
 def optimizer_class(name: str) -> Any:
+    """`lion`: Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms",
+    arXiv:2302.06675), the optimizer QFT (Li et al. 2023) trains with; bitsandbytes' 32-bit
+    Lion, which runs on CPU and GPU. With g the gradient, m the one moment it keeps per
+    parameter and λ the (decoupled) weight decay:
+
+        θ ← θ·(1 - lr·λ) - lr·sign(β1·m + (1-β1)·g);    m ← β2·m + (1-β2)·g
+
+    β = `train.lion_betas` (default 0.9, 0.99). Every coordinate moves by ±lr, so Lion wants
+    a 3-10x smaller lr than AdamW, and a 3-10x larger weight decay for the same lr·λ."""
     import torch
 
     if name == "adamw":
         return torch.optim.AdamW
     import bitsandbytes as bnb
 
-    return {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW}[name]
+    return {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+            "lion": bnb.optim.Lion}[name]
 
 
 def build_optimizer(model: Any, cfg: TrainSection) -> Any:
@@ -38,8 +48,11 @@ def build_optimizer(model: Any, cfg: TrainSection) -> Any:
     lr. `train.weight_decay` applies as without LoRA+."""
     if cfg.strategy is not None and cfg.strategy.name == "galore":
         return galore_optimizer(model, cfg)
+    if cfg.strategy is not None and cfg.strategy.name == "zo":
+        return zeroth_order_optimizer(model, cfg)
     cls = optimizer_class(cfg.optimizer)
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    betas = cfg.lion_betas if cfg.optimizer == "lion" else cfg.adam_betas
+    kwargs = dict(lr=cfg.lr, betas=tuple(betas))
     if cfg.loraplus_ratio is not None:
         from peft.optimizers import create_loraplus_optimizer
 
@@ -48,6 +61,20 @@ def build_optimizer(model: Any, cfg: TrainSection) -> Any:
                                          loraplus_weight_decay=cfg.weight_decay,
                                          loraplus_lr_embedding=cfg.lr, **kwargs)
     return cls(parameter_groups(model, cfg.weight_decay), **kwargs)
+
+
+def zeroth_order_optimizer(model: Any, cfg: TrainSection) -> Any:
+    """`train.strategy: {name: zo}`: MeZO's (or ZO-AdaMU's) forward-only SPSA steps over the
+    trainable parameters at `train.lr`, weight decay on matrices only
+    (peftune.train.zo.ZerothOrder); the loop gives it the step's loss instead of gradients."""
+    from peftune.train.strategies import refuse_sharded_engine
+    from peftune.train.zo import ZerothOrder
+
+    zo = cfg.strategy
+    refuse_sharded_engine("zo")
+    return ZerothOrder(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, eps=zo.eps,
+                       n_samples=zo.n_samples, seed=cfg.seed, variant=zo.variant,
+                       momentum=zo.momentum, uncertainty=zo.uncertainty)
 
 
 def galore_optimizer(model: Any, cfg: TrainSection) -> Any:

@@ -1,4 +1,5 @@
-"""Training strategies for a full fine-tune (`train.strategy` with `adapter.method: full`).
+"""Training strategies (`train.strategy`): LISA and GaLore for a full fine-tune, IST for
+adapter methods, zeroth-order (zo) for either. This module builds the one a recipe names.
 
 LISA (Pan et al. 2024, "LISA: Layerwise Importance Sampling for Memory-Efficient Large
 Language Model Fine-Tuning", arXiv:2403.17919): every parameter outside the decoder layers
@@ -12,15 +13,14 @@ The draw of period k is `numpy.random.default_rng([train.seed, k])`: every proce
 run draws the same layers with no communication, and a resumed run draws what the first one
 would have. The checkpoint also holds the current period and layers (`peftune.lisa.state`).
 
-The freeze is applied by a forward pre-hook at the next forward, not when the strategy is
-built or a checkpoint is loaded: the loop gathers its clipped parameters, and DDP its
-reducer, from the parameters that require a gradient when they start, so every parameter
-still does then. Under DDP the Accelerator needs `DistributedDataParallelKwargs(
+The freeze is applied by a forward pre-hook at the next forward (peftune.train.layer_sampling,
+shared with IST). Under DDP the Accelerator needs `DistributedDataParallelKwargs(
 find_unused_parameters=True)` (`strategy_handlers`, passed by peftune.train.setup): frozen
 layers take no part in the backward pass, and all ranks agree on which.
 
-GaLore (Zhao et al. 2024) is an optimizer (peftune.train.optim.galore_optimizer), with
-nothing to do between steps.
+GaLore (Zhao et al. 2024) and zo (MeZO / ZO-AdaMU) are optimizers (peftune.train.optim,
+peftune.train.zo), with nothing to do between steps; IST (Yao et al. 2024) samples the PEFT
+modules of layers by importance (peftune.train.ist).
 """
 
 from __future__ import annotations
@@ -31,17 +31,19 @@ from typing import Any
 from peftune.adapters.hooks import AdapterHooks
 from peftune.errors import InputError
 from peftune.recipe.schema import TrainSection
+from peftune.train.layer_sampling import LayerSampler
 
 LISA_STATE = "peftune.lisa.state"  # [period, active layer indices...] in a checkpoint
+LAYER_STRATEGIES = ("lisa", "ist")  # they freeze layers: DDP must find unused parameters
 
 
 def ddp_kwargs(cfg: TrainSection, adapter: Any = None) -> dict:
     """What the strategy (or the adapter method) needs of `DistributedDataParallelKwargs`
-    under several processes: LISA, and methods whose trainable parameters may take no part
-    in a step (`ddp_unused_parameters`, e.g. IncreLoRA's not-yet-active components), need
-    DDP to find the unused ones."""
-    lisa = cfg.strategy is not None and cfg.strategy.name == "lisa"
-    unused = lisa or getattr(adapter, "ddp_unused_parameters", False)
+    under several processes: LISA and IST, and methods whose trainable parameters may take
+    no part in a step (`ddp_unused_parameters`, e.g. IncreLoRA's not-yet-active components),
+    need DDP to find the unused ones."""
+    sampled = cfg.strategy is not None and cfg.strategy.name in LAYER_STRATEGIES
+    unused = sampled or getattr(adapter, "ddp_unused_parameters", False)
     return {"find_unused_parameters": True} if unused else {}
 
 
@@ -53,35 +55,48 @@ def strategy_handlers(cfg: TrainSection, adapter: Any = None) -> list:
     return [DistributedDataParallelKwargs(**kwargs)] if kwargs else []
 
 
+def refuse_sharded_engine(name: str) -> None:
+    """zo and ist change which parameters train, or perturb them, in place on every process;
+    under FSDP or DeepSpeed each process holds only a shard (refused, one line)."""
+    import os
+
+    for variable, engine in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED",
+                                                                "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true":
+            raise InputError(f"train.strategy: strategy {name} does not run under {engine} "
+                             "(each process holds a shard of the parameters); launch with DDP "
+                             "(--nproc N) or on one process")
+
+
 def apply_strategy(cfg: TrainSection, *, model: Any, optimizer: Any, hooks: AdapterHooks
                    ) -> AdapterHooks:
-    """The method's hooks with the strategy's added (`model` unwrapped, `optimizer` built)."""
-    if cfg.strategy is None or cfg.strategy.name != "lisa":
-        return hooks
-    lisa = LisaSampler(model, optimizer, layers=cfg.strategy.layers,
-                       interval=cfg.strategy.interval, seed=cfg.seed)
-    return replace(hooks, after_step=[*hooks.after_step, lisa.after_step],
-                   trainable_state=lisa.trainable_state,
-                   load_trainable_state=lisa.load_trainable_state)
+    """The method's hooks with the strategy's added (`model` unwrapped, `optimizer` built).
+    zo needs none: it is an optimizer (peftune.train.zo, built by build_optimizer)."""
+    name = cfg.strategy.name if cfg.strategy is not None else None
+    if name == "lisa":
+        lisa = LisaSampler(model, optimizer, layers=cfg.strategy.layers,
+                           interval=cfg.strategy.interval, seed=cfg.seed)
+        return replace(hooks, after_step=[*hooks.after_step, lisa.after_step],
+                       trainable_state=lisa.trainable_state,
+                       load_trainable_state=lisa.load_trainable_state)
+    if name == "ist":
+        from peftune.train.ist import IstSampler
+
+        refuse_sharded_engine(name)
+        return IstSampler.from_config(model, cfg.strategy, seed=cfg.seed).hooks(hooks)
+    return hooks
 
 
-class LisaSampler:
+class LisaSampler(LayerSampler):
     """LISA's layer sampling over `model`'s decoder layers (see the module docstring)."""
 
     def __init__(self, model: Any, optimizer: Any, *, layers: int, interval: int, seed: int):
-        from peftune.adapters.common import decoder_layers
-
-        self.blocks = decoder_layers(model)
-        if layers > len(self.blocks):
-            raise InputError(f"train.strategy.layers: {layers} active layers is more than the "
-                             f"model's {len(self.blocks)} decoder layers; use at most "
-                             f"{len(self.blocks)}")
+        super().__init__(model, layers=layers, seed=seed,
+                         params_of=lambda block: block.parameters())
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
-        self.layers, self.interval, self.seed = layers, interval, seed
+        self.interval = interval
         self.period = 0
         self.active = self.draw(0)
-        self.applied = False
-        model.register_forward_pre_hook(self._before_forward)
 
     def draw(self, period: int) -> list[int]:
         import numpy as np
@@ -95,20 +110,8 @@ class LisaSampler:
             self.active = self.draw(self.period)
             self.apply()
 
-    def apply(self) -> None:
-        """Train the active layers, freeze the rest and drop their gradients and Adam state."""
-        active = set(self.active)
-        for index, block in enumerate(self.blocks):
-            for param in block.parameters():
-                param.requires_grad_(index in active)
-                if index not in active:
-                    param.grad = None
-                    self.optimizer.state.pop(param, None)
-        self.applied = True
-
-    def _before_forward(self, module: Any, args: Any) -> None:
-        if not self.applied:
-            self.apply()
+    def release(self, param: Any) -> None:
+        self.optimizer.state.pop(param, None)  # Adam moments for the active layers only
 
     def trainable_state(self, model: Any) -> dict:
         """Every parameter (frozen layers were trained in earlier periods) and the draw."""
