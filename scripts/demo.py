@@ -44,8 +44,8 @@ QLORA = REPO / "recipes/quickstart/qlora.yaml"
 EVAL = REPO / "recipes/quickstart/eval.yaml"
 GENERATE_TASK, PERPLEXITY_TASK = "heldout-answers", "heldout-perplexity"
 # --quick: a smaller task and a short run; the fine-tune still beats the base on perplexity.
-QUICK_TASK = ("--train", "64", "--heldout", "12")
-QUICK_STEPS = 8
+QUICK_TASK = ("--train", "48", "--heldout", "8")
+QUICK_STEPS = 5
 QUICK_EVAL = ("--max-new-tokens", "12")  # enough for a module name; the base model's sentence is cut
 SHOWN = 3  # answers side by side
 

@@ -231,6 +231,24 @@ def merge_in_process(monkeypatch: Any, capsys: Any, *args: Any) -> tuple[Any, st
     return main_in_process(capsys, "merge", *args)
 
 
+@pytest.fixture
+def compare_in_this_process(monkeypatch):
+    """Each run trains in the test's process (the real `_train_child`, without the spawn that
+    costs seconds a run); test_compare_tabulates_what_each_run_measured keeps the processes."""
+    from peftune.compare import runner
+
+    def train_here(recipe, *, name, quiet):
+        sent = []
+
+        class Pipe:
+            send, close = sent.append, staticmethod(lambda: None)
+
+        runner._train_child(recipe, quiet, Pipe())
+        return sent[0]
+
+    monkeypatch.setattr(runner, "_train_in_own_process", train_here)
+
+
 # ---- reading what a run wrote ------------------------------------------------------------
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -54,14 +54,15 @@ def test_compare_tabulates_what_each_run_measured(tmp_path, tiny_model_dir, text
     assert f"{rows['full']['final_val_loss']:.4f}" in printed  # the table
 
 
-def test_a_method_that_fails_is_a_row_and_the_others_still_train(tmp_path, tiny_model_dir,
-                                                                  text_data):
+def test_a_method_that_fails_is_a_row_and_the_others_still_train(
+        tmp_path, tiny_model_dir, text_data, compare_in_this_process, monkeypatch, capsys):
     recipe = _recipe(tmp_path, tiny_model_dir, text_data)
     out = tmp_path / "cmp"
-    result = run_cli("compare", str(recipe), "--methods", "full,lora", "--set",
-                     "full.train.lr=1e30", "--out", str(out), "--quiet", timeout=600)
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr and result.stdout == ""
+    monkeypatch.delenv("PEFTUNE_DEBUG", raising=False)
+    code, stdout, stderr = main_in_process(capsys, "compare", recipe, "--methods", "full,lora",
+                                           "--set", "full.train.lr=1e30", "--out", out, "--quiet")
+    assert code == 1, stderr
+    assert "Traceback" not in stderr and stdout == ""
     rows = {row["method"]: row for row in json.loads((out / "compare.json").read_text())["rows"]}
     assert rows["full"]["status"] == "failed" and rows["full"]["error_kind"] == "training"
     assert "the loss became" in rows["full"]["error"] and rows["full"]["final_loss"] is None

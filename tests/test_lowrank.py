@@ -234,7 +234,7 @@ def test_every_native_config_names_an_init_rule_and_hooks_that_exist():
     from peftune.adapters.registry import all_methods
 
     native = [spec.config for spec in all_methods() if issubclass(spec.config, LowRankConfig)]
-    assert len(native) == 16  # IncreLoRA has its own apply
+    assert len(native) == 17  # IncreLoRA has its own apply
     for config in native:
         assert callable(getattr(inits, config.init_rule)), config.__name__
         for name in config.training_hooks:

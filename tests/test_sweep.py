@@ -33,26 +33,8 @@ def _tree(root: Path) -> list[str]:
                   for top, dirs, files in os.walk(root) for name in dirs + files)
 
 
-@pytest.fixture
-def in_this_process(monkeypatch):
-    """Each run trains in the test's process (the real `_train_child`, without the spawn that
-    costs seconds a run); compare's tests cover the process of its own."""
-    from peftune.compare import runner
-
-    def train_here(recipe, *, name, quiet):
-        sent = []
-
-        class Pipe:
-            send, close = sent.append, staticmethod(lambda: None)
-
-        runner._train_child(recipe, quiet, Pipe())
-        return sent[0]
-
-    monkeypatch.setattr(runner, "_train_in_own_process", train_here)
-
-
 def test_sweep_trains_the_grid_and_ranks_it_by_validation_loss(tmp_path, tiny_model_dir,
-                                                               text_data, in_this_process,
+                                                               text_data, compare_in_this_process,
                                                                capsys):
     from peftune.adapters.specs import LoraConfig
     from peftune.recipe import estimate_parameters, load_recipe
