@@ -225,6 +225,43 @@ def main_in_process(capsys: Any, *args: Any) -> tuple[Any, str, str]:
     return code, out.out, out.err
 
 
+def cli_in_process(*args: Any, env: Mapping[str, str | None] | None = None,
+                   cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`run_cli` without the process: `peftune ARGS` through `peftune.cli.main` here, its
+    output captured (a fresh interpreter costs seconds of imports a call). `env` is set on
+    top of this process's environment and `cwd` entered for the call only."""
+    import contextlib
+    import io
+
+    from peftune.cli import main
+
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    out, err = io.StringIO(), io.StringIO()
+    code: Any = 0
+    try:
+        for name, value in (env or {}).items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.argv = ["peftune", *map(str, args)]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+            except SystemExit as stop:
+                code = stop.code
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    code = 0 if code is None else code if isinstance(code, int) else 1
+    return subprocess.CompletedProcess(["peftune", *map(str, args)], code, out.getvalue(),
+                                       err.getvalue())
+
+
 def merge_in_process(monkeypatch: Any, capsys: Any, *args: Any) -> tuple[Any, str, str]:
     """`peftune merge ARGS` in this process (main_in_process), with PEFTUNE_DEBUG unset."""
     monkeypatch.delenv("PEFTUNE_DEBUG", raising=False)

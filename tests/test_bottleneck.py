@@ -14,10 +14,10 @@ from conftest import IDS as SHARED_IDS
 from conftest import (
     NO_DEBUG,
     assert_resume_matches_uninterrupted,
+    cli_in_process,
     logits_of,
     read_metrics,
     recipe_refusal,
-    run_cli,
     train_in_session,
     write_recipe,
 )
@@ -43,7 +43,7 @@ IDS = SHARED_IDS[:, :9]  # the shared ids' first nine tokens
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return run_cli(*args, env=NO_DEBUG)
+    return cli_in_process(*args, env=NO_DEBUG)  # no fresh interpreter: seconds a call
 
 
 def _tiny(arch: str = "llama") -> torch.nn.Module:

@@ -11,7 +11,9 @@ import pytest
 import yaml
 from conftest import (
     IMPORTTIME,
+    NO_DEBUG,
     TORCHRUN_2,
+    cli_in_process,
     imported_modules,
     main_in_process,
     run_cli,
@@ -28,7 +30,8 @@ CHOICES = [{"prompt": "red?\n", "choices": ["apple", "banana"], "answer": 0},
 
 
 def _cli(*args, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run_cli(*args, cwd=cwd, env=env, timeout=600)
+    """`peftune ARGS` in this process (the two-process and import tests start their own)."""
+    return cli_in_process(*args, cwd=cwd, env={**NO_DEBUG, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +91,7 @@ def test_two_processes_give_the_one_process_report(lora_run, tmp_path):
     and every prediction are those of one process (both with one thread each)."""
     args = ["eval", lora_run["run"], "--config", lora_run["config"], "--quiet",
             "--compare", "base"]
-    one = _cli(*args, "--out", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
+    one = run_cli(*args, "--out", tmp_path / "one", env={"OMP_NUM_THREADS": "1"}, timeout=600)
     assert one.returncode == 0, one.stderr
     two = run_cli(*args, "--out", tmp_path / "two", python_args=TORCHRUN_2, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_text_rows, read_jsonl, run_cli, write_jsonl, write_recipe
+from conftest import cli_in_process, make_text_rows, read_jsonl, write_jsonl, write_recipe
 
 WORDS_B = "river stone forest cloud rain wind snow leaf bird moss".split()
 
@@ -32,7 +32,7 @@ def _base(files, *extra: str) -> list[str]:
 
 
 def test_cli_selects_and_prints_a_table(files):
-    result = run_cli(*_base(files, "--label-field", "label", "--sampling", "top_k"))
+    result = cli_in_process(*_base(files, "--label-field", "label", "--sampling", "top_k"))
     assert result.returncode == 0, result.stderr
     assert "KL reduction" in result.stdout and "greek 20" in result.stdout
     assert "than random rows of the same size" in result.stdout
@@ -45,9 +45,9 @@ def test_recipe_block_flags_and_overrides(files, tmp_path):
     recipe.write_text(yaml.safe_dump({"select": {
         "method": "zipfit", "pool": [str(files["pool"])], "target": [str(files["target"])],
         "k": 10, "out": str(tmp_path / "from-recipe"), "label_field": "label"}}))
-    assert run_cli("select-data", recipe, "--quiet").returncode == 0
+    assert cli_in_process("select-data", recipe, "--quiet").returncode == 0
     # A flag and an override win over the recipe.
-    result = run_cli("select-data", recipe, "select.k=5", "--out", tmp_path / "flags", "--quiet")
+    result = cli_in_process("select-data", recipe, "select.k=5", "--out", tmp_path / "flags", "--quiet")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "flags" / "report.json").read_text())["k"] == 5
 
@@ -72,7 +72,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path, flags,
     options = {"--method": "dsir", "--pool": files["pool"], "--target": files["target"],
                "--k": "20", "--out": files["out"]}
     options.update(zip(flags[::2], flags[1::2], strict=True))
-    result = run_cli("select-data", *[x for pair in options.items() for x in pair], cwd=tmp_path)
+    result = cli_in_process("select-data", *[x for pair in options.items() for x in pair], cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
@@ -84,19 +84,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path, flags,
 def test_bad_rows_and_files(files, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
-    result = run_cli(*_base({**files, "pool": bad}))
+    result = cli_in_process(*_base({**files, "pool": bad}))
     assert result.returncode == 2
     assert "bad.jsonl:2: the line is not valid UTF-8" in result.stderr
     write_jsonl(tmp_path / "holes.jsonl", [{"text": "a b"}, {"text": "c"}, {"body": "d"}])
-    result = run_cli(*_base({**files, "pool": "holes.jsonl"}, "--k", "1"), cwd=tmp_path)
+    result = cli_in_process(*_base({**files, "pool": "holes.jsonl"}, "--k", "1"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: select.pool: holes.jsonl:3: missing field; the row "
                                      "has: body (field 'text')")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    result = run_cli(*_base({**files, "target": empty}))
+    result = cli_in_process(*_base({**files, "target": empty}))
     assert result.returncode == 2 and "empty.jsonl has no rows" in result.stderr
-    result = run_cli("select-data", "--method", "dsir", "--k", "3")
+    result = cli_in_process("select-data", "--method", "dsir", "--k", "3")
     assert result.returncode == 2
     assert "select.pool: required: give --pool" in result.stderr
     assert not files["out"].exists()
@@ -105,15 +105,15 @@ def test_bad_rows_and_files(files, tmp_path):
 def test_output_dir_needs_overwrite(files):
     files["out"].mkdir()
     (files["out"] / "keep.txt").write_text("mine")
-    result = run_cli(*_base(files))
+    result = cli_in_process(*_base(files))
     assert result.returncode == 2 and "is not empty; pass --overwrite" in result.stderr
-    result = run_cli(*_base(files, "--overwrite"))
+    result = cli_in_process(*_base(files, "--overwrite"))
     assert result.returncode == 2 and "not a selection output" in result.stderr
     assert (files["out"] / "keep.txt").read_text() == "mine"
     (files["out"] / "keep.txt").unlink()
-    assert run_cli(*_base(files, "--quiet")).returncode == 0
-    assert run_cli(*_base(files, "--quiet")).returncode == 2
-    assert run_cli(*_base(files, "--quiet", "--overwrite")).returncode == 0
+    assert cli_in_process(*_base(files, "--quiet")).returncode == 0
+    assert cli_in_process(*_base(files, "--quiet")).returncode == 2
+    assert cli_in_process(*_base(files, "--quiet", "--overwrite")).returncode == 0
 
 
 def _training_recipe(path: Path, model: Path, files: dict, select: dict) -> Path:
@@ -128,7 +128,7 @@ def _training_recipe(path: Path, model: Path, files: dict, select: dict) -> Path
 def test_training_recipe_selects_first_and_caches(files, tiny_model_dir, tmp_path):
     recipe = _training_recipe(tmp_path / "r.yaml", tiny_model_dir, files, {
         "method": "dsir", "target": [str(files["target"])], "k": 30, "sampling": "top_k"})
-    first = run_cli("train", recipe)
+    first = cli_in_process("train", recipe)
     assert first.returncode == 0, first.stderr
     assert "data.select: dsir chose 30 of 80 rows" in first.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -140,7 +140,7 @@ def test_training_recipe_selects_first_and_caches(files, tiny_model_dir, tmp_pat
     kept = tmp_path / "run" / "selection"
     assert (kept / "selected.jsonl").read_text() == selected.read_text()
     assert json.loads((kept / "report.json").read_text())["k"] == 30
-    second = run_cli("train", recipe, "--overwrite")
+    second = cli_in_process("train", recipe, "--overwrite")
     assert second.returncode == 0, second.stderr
     assert "(cached, KL reduction" in second.stdout
 
@@ -149,7 +149,7 @@ def test_training_recipe_rejects_bad_select_keys(files, tiny_model_dir, tmp_path
     recipe = _training_recipe(tmp_path / "r.yaml", tiny_model_dir, files, {
         "method": "dsir", "target": [str(files["target"])], "k": 30, "pool": ["x.jsonl"],
         "compresor": "lz4"})
-    result = run_cli("validate", recipe)
+    result = cli_in_process("validate", recipe)
     assert result.returncode == 2
     assert "data.select.pool: the pool of data.select is data.train" in result.stderr
     assert "data.select.compresor: unknown key (did you mean compressor?)" in result.stderr
@@ -158,21 +158,21 @@ def test_training_recipe_rejects_bad_select_keys(files, tiny_model_dir, tmp_path
 def test_more_bad_input_is_one_line(files, tmp_path):
     recipe = tmp_path / "s.yaml"
     recipe.write_text("select: 5\n")
-    result = run_cli("select-data", recipe, "--k", "3")
+    result = cli_in_process("select-data", recipe, "--k", "3")
     assert result.returncode == 2 and "select: expected a mapping" in result.stderr
-    result = run_cli(*_base(files, "--seed", "-1"))
+    result = cli_in_process(*_base(files, "--seed", "-1"))
     assert result.returncode == 2 and "--seed: select.seed: must be >= 0" in result.stderr
-    result = run_cli(*_base({**files, "out": "/proc/peftune-no/out"}))
+    result = cli_in_process(*_base({**files, "out": "/proc/peftune-no/out"}))
     assert result.returncode == 2 and "cannot write beside" in result.stderr
     nested = tmp_path / "new1" / "new2" / "out"
-    result = run_cli(*_base({**files, "out": nested}, "--k", "5000"))
+    result = cli_in_process(*_base({**files, "out": nested}, "--k", "5000"))
     assert result.returncode == 2 and not (tmp_path / "new1").exists()
     empty_target = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": "   "}])
-    result = run_cli(*_base({**files, "target": empty_target}))
+    result = cli_in_process(*_base({**files, "target": empty_target}))
     assert result.returncode == 2 and "blank.jsonl has only empty texts" in result.stderr
-    result = run_cli(*_base(files, "--quiet"))
+    result = cli_in_process(*_base(files, "--quiet"))
     assert result.returncode == 0
-    result = run_cli(*_base({**files, "out": "."}, "--overwrite"), cwd=files["out"])
+    result = cli_in_process(*_base({**files, "out": "."}, "--overwrite"), cwd=files["out"])
     assert result.returncode == 2 and "is the current directory" in result.stderr
     assert (files["out"] / "selected.jsonl").is_file()
 
@@ -183,7 +183,7 @@ def test_empty_and_bad_rows_are_never_selected(tmp_path, files):
     pool = write_jsonl(tmp_path / "holes.jsonl", rows)
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + files["pool"].read_bytes())
-    result = run_cli(*_base({**files, "pool": pool}, "select.on_bad_row=skip", "--k", "80",
+    result = cli_in_process(*_base({**files, "pool": pool}, "select.on_bad_row=skip", "--k", "80",
                             "--sampling", "top_k", "--pool", bom, "--quiet"))
     assert result.returncode == 0, result.stderr
     report = json.loads((files["out"] / "report.json").read_text())
