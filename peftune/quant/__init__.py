@@ -107,9 +107,13 @@ def prepare_quantized_model(model: Any, quant: QuantSettings, *, device: Any) ->
     layers. bitsandbytes: disables its AVX512-BF16 weight repacking on CPU, which after an
     eval forward silently corrupts the LoRA gradients of later training steps
     (`compat.disable_bnb_cpu_bf16_repacking`). Then peft's k-bit preparation (frozen base, fp32 norms for bnb);
-    activation checkpointing is the loader's (models/loading.py), as for any base.
+    activation checkpointing is the loader's (models/loading.py), as for any base. Last, the
+    tensors left unquantized get memory of their own, which releases the checkpoint's memory
+    map: on CPU it otherwise stays resident whole (`peftune.quant.memory`).
     """
     from peft import prepare_model_for_kbit_training
+
+    from peftune.quant.memory import own_unquantized_tensors
 
     if quant.method == "int4":
         from peftune.quant.hqq import quantize_model_int4
@@ -123,7 +127,9 @@ def prepare_quantized_model(model: Any, quant: QuantSettings, *, device: Any) ->
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 compat.disable_bnb_cpu_bf16_repacking(module)
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    own_unquantized_tensors(model)
+    return model
 
 
 def _quiet_bitsandbytes() -> None:
