@@ -286,6 +286,28 @@ def compare_in_this_process(monkeypatch):
     monkeypatch.setattr(runner, "_train_in_own_process", train_here)
 
 
+def two_linear_model() -> Any:
+    """Two linear layers (12 -> 20 with a bias, 20 -> 12 without), seeded: enough for an
+    adapter layer's formulas."""
+    import torch
+    from torch import nn
+
+    class TwoLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.up = nn.Linear(12, 20, bias=True)
+            self.down = nn.Linear(20, 12, bias=False)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+        def get_output_embeddings(self):
+            return None
+
+    return TwoLinear()
+
+
 # ---- reading what a run wrote ------------------------------------------------------------
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -14,6 +14,7 @@ from conftest import (
     assert_resume_matches_uninterrupted,
     recipe_refusal,
     run_cli,
+    two_linear_model,
     write_recipe,
 )
 from safetensors.torch import load_file
@@ -31,21 +32,7 @@ from peftune.adapters.lowrank.layer import LowRankLinear, lowrank_layers
 from peftune.errors import InputError
 from peftune.recipe import load_recipe
 
-
-class Tiny(nn.Module):
-    """Two linear layers, enough for the layer's formulas."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.up = nn.Linear(12, 20, bias=True)
-        self.down = nn.Linear(20, 12, bias=False)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
-
-    def get_output_embeddings(self):
-        return None
+Tiny = two_linear_model  # 12 -> 20 -> 12, seeded
 
 
 def _random_factors(layer: LowRankLinear) -> None:

@@ -14,6 +14,7 @@ from conftest import (
     assert_one_line,
     assert_resume_matches_uninterrupted,
     main_in_process,
+    two_linear_model,
     write_recipe,
 )
 from torch import nn
@@ -34,21 +35,7 @@ from peftune.adapters.sparse.layer import SparseDeltaLinear, sparse_layers
 from peftune.adapters.sparse.selection import low_rank_residual, sample_entries
 from peftune.adapters.sparse.training_hooks import BoundOptimizer, prune_and_regrow
 
-
-class Tiny(nn.Module):
-    """Two linear layers, enough for the layer's formulas."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.up = nn.Linear(12, 20, bias=True)
-        self.down = nn.Linear(20, 12, bias=False)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
-
-    def get_output_embeddings(self):
-        return None
+Tiny = two_linear_model  # 12 -> 20 -> 12, seeded
 
 
 def _dense(layer: SparseDeltaLinear) -> torch.Tensor:
