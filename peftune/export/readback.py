@@ -46,6 +46,7 @@ from gguf import GGMLQuantizationType as Q
 
 from peftune.export.gguf_writer import GgufContent, TensorPlan
 from peftune.merge.stio import read_tensor
+from peftune.merge.verify import padded_batch
 from peftune.merge.writer import base_shards, release_freed_memory, tensor_locations, threads_for
 
 EXACT = 1e-4
@@ -218,11 +219,7 @@ def gguf_logits(path: Path, reader: gguf.GGUFReader, inputs: list[torch.Tensor],
                                                      dtype=dtype, use_safetensors=False)
     model.eval()
     lengths = [ids.shape[1] for ids in inputs]
-    batch = torch.zeros(len(inputs), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for row, ids in enumerate(inputs):
-        batch[row, : ids.shape[1]] = ids[0]
-        mask[row, : ids.shape[1]] = 1
+    batch, mask = padded_batch(list(inputs))
     # a probe batch is small work: one thread (on a busy machine more only wait for cores)
     with torch.no_grad(), _fp32_forward(model), threads_for(0):
         logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits.float()

@@ -177,11 +177,7 @@ def lazy_logits(directory, inputs: list[torch.Tensor], *, extra=None,
     lazy.model.eval()
     rows = list(inputs) * (2 if paired else 1)
     lengths = [ids.shape[1] for ids in rows]
-    batch = torch.zeros(len(rows), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for row, ids in enumerate(rows):
-        batch[row, : ids.shape[1]] = ids[0]
-        mask[row, : ids.shape[1]] = 1
+    batch, mask = padded_batch(rows)
     lazy.from_row = len(inputs) if paired else 0
     with threads_for(0):  # a probe batch: one thread, but for modules with much work (hooks)
         logits = lazy.model(input_ids=batch, attention_mask=mask, use_cache=False).logits.float()
@@ -284,3 +280,15 @@ LoRA path) for the batch rows from `from_row` on."""
                 module._parameters[pname] = param  # back to meta: the weight is freed
             return output
         return hook
+
+
+def padded_batch(rows: list) -> tuple:
+    """Probe inputs (each 1 x length ids) as one right-padded batch and its attention mask."""
+    import torch
+
+    batch = torch.zeros(len(rows), max(ids.shape[1] for ids in rows), dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for row, ids in enumerate(rows):
+        batch[row, : ids.shape[1]] = ids[0]
+        mask[row, : ids.shape[1]] = 1
+    return batch, mask
