@@ -299,6 +299,26 @@ def chat(
 
 
 @app.command()
+def compensate(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    out: Annotated[Path | None, typer.Option(
+        help="output directory (default: the recipe's output.dir + -eora)",
+        show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite",
+                                            help="replace an earlier result in --out")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress or table")] = False,
+) -> None:
+    """Make a quantized base better without training: EoRA's low-rank compensation of the
+    quantization error (quant.compensation), as a LoRA adapter, with held-out perplexity
+    before and after."""
+    from peftune.quant.compensate import run_compensate
+
+    with interruptible("compensate", out):
+        run_compensate(recipe, overrides or [], out=out, overwrite=overwrite, quiet=quiet)
+
+
+@app.command()
 def merge(
     target: Annotated[str | None, typer.Argument(
         help="a training run directory, or a merge.yaml combining several LoRAs",

@@ -109,6 +109,18 @@ def lora_4bit_layers(model: Any) -> Any:
             yield name, module
 
 
+def lora_layers(model: Any) -> Any:
+    """(name, layer) for every LoRA layer of `model` that holds the adapter: instances of
+    `peft.tuners.lora.LoraLayer` (over any base layer, quantized or not).
+
+    Checked against peft 0.21.2."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            yield name, module
+
+
 def lora_factors(layer: Any) -> tuple[int, float, Any, Any]:
     """A LoRA layer's rank, scaling and the weights of A and B (trainable parameters):
     `layer.r[name]`, `layer.scaling[name]`, `layer.lora_A[name].weight`, `lora_B[...]`.

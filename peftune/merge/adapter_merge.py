@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,12 @@ class MergeJob:
     base: Path  # the base's weights (a run without adapter: its trained model/)
     quant: str  # the quantization the run trained over ("none" for none)
     trust_remote_code: bool
+    # The run's adapter starts from the quantization error (loftq, quant.compensation): it
+    # belongs to the dequantized base, not the original weights; the run's model and quant
+    # sections rebuild that base.
+    into_quantized: bool = False
+    model_section: Any = None
+    quant_section: Any = None
 
 
 def resolve_job(*, target: str | None, base: str | None, adapter: str | None) -> MergeJob:
@@ -114,9 +120,13 @@ def resolve_job(*, target: str | None, base: str | None, adapter: str | None) ->
                              "adapter's weights); point it at a complete PEFT adapter directory")
     base_dir = local_model_dir(resolved.model.path) if resolved.adapter is not None else \
         Path(resolved.model.path)
+    into_quantized = resolved.run is not None and resolved.adapter is not None and (
+        method == "loftq" or getattr(resolved.quant, "compensation", None) is not None)
     return MergeJob(run=str(resolved.run) if resolved.run else None, method=method,
                     adapter=resolved.adapter, base=base_dir, quant=resolved.quant.method,
-                    trust_remote_code=resolved.model.trust_remote_code)
+                    trust_remote_code=resolved.model.trust_remote_code,
+                    into_quantized=into_quantized, model_section=resolved.model,
+                    quant_section=resolved.quant)
 
 
 def _why_not(method: str, spec: Any) -> str:
@@ -130,11 +140,40 @@ def merge_adapter(job: MergeJob, *, out: Path, shard_bytes: int, dtype: str, all
                   quiet: bool, shard_size: str) -> dict:
     """Merge `job`'s adapter into its base (or copy a whole trained model), verify, and put
     the result at `out`; returns the report written beside it."""
+    if not job.into_quantized:
+        return _merge_adapter(job, out=out, shard_bytes=shard_bytes, dtype=dtype,
+                              allow_noop=allow_noop, quiet=quiet, shard_size=shard_size)
+    import tempfile
+
+    from peftune.quant.dequantize import write_dequantized_base
+
+    why = ("LoftQ" if job.method == "loftq" else "quant.compensation: eora")
+    say(quiet, f"note: the adapter starts from the {job.quant} quantization error ({why}), so "
+               f"it merges into the dequantized {job.quant} weights it trained over, not the "
+               f"original ones (which would add that error twice)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tmp-dequantized-", dir=out.parent) as scratch:
+        import torch
+
+        kept = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}.get(stored_dtype(job.base), torch.float32)
+        base = write_dequantized_base(job.model_section, job.quant_section, Path(scratch),
+                                      dtype=kept)
+        report = _merge_adapter(replace(job, base=base), out=out, shard_bytes=shard_bytes,
+                                dtype=dtype, allow_noop=allow_noop, quiet=quiet,
+                                shard_size=shard_size, base_name=f"{job.base} (dequantized "
+                                f"{job.quant})")
+    return report
+
+
+def _merge_adapter(job: MergeJob, *, out: Path, shard_bytes: int, dtype: str, allow_noop: bool,
+                   quiet: bool, shard_size: str, base_name: str | None = None) -> dict:
     started = time.perf_counter()
     warnings: list[str] = []
     base, adapter = job.base, job.adapter
     quantized_checkpoint = "quantization_config" in json.loads((base / "config.json").read_text())
-    if job.quant != "none" and adapter is not None and not quantized_checkpoint:
+    if job.quant != "none" and adapter is not None and not quantized_checkpoint \
+            and not job.into_quantized:
         say(quiet, f"note: trained over a {job.quant} base; merging into the unquantized "
                    f"weights of {base} (the original model)")
     native = adapter is not None and is_native_adapter(adapter)  # merged by its own loader
@@ -180,7 +219,7 @@ def merge_adapter(job: MergeJob, *, out: Path, shard_bytes: int, dtype: str, all
             check.modules = stats.module_check
             report = {
                 "kind": "adapter" if adapter is not None else "copy", "mode": mode,
-                "run": job.run, "method": job.method, "base": str(base),
+                "run": job.run, "method": job.method, "base": base_name or str(base),
                 "adapter": str(adapter) if adapter else None, "trained_over": job.quant,
                 "dtype": written_dtype, "shard_size": shard_size, "shards": files,
                 **stats.as_dict(), "verification": check.as_dict(), "warnings": warnings,

@@ -103,7 +103,8 @@ def pydantic_problems(
     `data` is the whole recipe dict, `root` the model validated at `prefix` (the Recipe at
     (), a method config at ('adapter',)). A union field reports one error per member: those
     collapse into one line ("expected a string or a list"), unless one member got further
-    into the value (an item of a list), in which case that member's more precise error wins.
+    into the value (an item of a list), in which case that member's more precise error wins,
+    or one member is a section given by its name alone whose name is unknown.
     """
     resolved = [(_data_path(prefix + tuple(err["loc"]), data, err["type"]), err) for err in errors]
     unions: dict[tuple[Any, ...], list[tuple[tuple[Any, ...], dict[str, Any]]]] = {}
@@ -117,6 +118,10 @@ def pydantic_problems(
         deeper = [(path, err) for path, err in members if len(path) > len(union_at)]
         if deeper:
             problems += [_problem(path, err, where, root, prefix) for path, err in deeper]
+            continue
+        named = [err for _, err in members if err["type"] == "literal_error"]
+        if named:  # a NAME shorthand (`train.objective: foo`) naming nothing: say what may
+            problems.append(_problem(union_at, named[0], where, root, prefix))
             continue
         wanted = list(dict.fromkeys(_EXPECTED.get(err["type"], "another type") for _, err in members))
         message = f"expected {' or '.join(wanted)}, got {show(members[0][1]['input'])}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     SerializeAsAny,
@@ -21,11 +20,10 @@ from pydantic import (
     model_validator,
 )
 
+from peftune.recipe.quant import QuantSection
+from peftune.recipe.section import Section
 
-class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+__all__ = ["QuantSection", "Section"]  # re-exported: their modules hold them
 
 
 class ModelSection(Section):
@@ -37,62 +35,6 @@ class ModelSection(Section):
     # (pytorch_model.bin, adapter_model.bin), which can run code when they are loaded.
     allow_pickle: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
-
-
-class QuantSection(Section):
-    """The frozen base's quantization. nf4/fp4/int8: bitsandbytes; int4: HQQ 4-bit integer
-    codes in groups of `group_size` inputs, each group with its own scale and zero
-    (`peftune.quant.hqq`). `compute_dtype` is the dtype the quantized matmuls run in; `auto`:
-    bfloat16 where the device computes it natively (a recent GPU, a CPU with AVX512-BF16 or
-    AMX), float16 on older GPUs, else float32 (emulated bf16 on CPU is ~18x slower)."""
-
-    method: Literal["none", "nf4", "fp4", "int8", "int4"] = "none"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # nf4/fp4 only: the dtype the packed 4-bit codes are stored in (bitsandbytes'
-    # bnb_4bit_quant_storage). FSDP flattens a block's parameters into one dtype, so FSDP +
-    # QLoRA needs it equal to the rest of the model (bfloat16); uint8 is bitsandbytes' default.
-    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
-    # int4 only (filled in as 64 when unset); a multiple of 8, as hqq requires.
-    group_size: int | None = Field(default=None, gt=0, multiple_of=8, validate_default=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _int4_has_no_double_quant(cls, data: Any) -> Any:
-        # double_quant's default (true) is the nf4/fp4 one; int4 has none, and the resolved
-        # recipe must say so (a saved `double_quant: true` would not load back).
-        if isinstance(data, dict) and data.get("method") == "int4" and "double_quant" not in data:
-            data = {**data, "double_quant": False}
-        return data
-
-    @field_validator("double_quant")
-    @classmethod
-    def _double_quant(cls, value: bool, info: ValidationInfo) -> bool:
-        if value and info.data.get("method") == "int4":
-            raise ValueError("int4 (HQQ) keeps each group's scale and zero unquantized "
-                             "(hqq 0.2.8 dropped double quantization); remove the key or set "
-                             "it to false")
-        return value
-
-    @field_validator("storage_dtype")
-    @classmethod
-    def _storage_dtype(cls, value: str, info: ValidationInfo) -> str:
-        method = info.data.get("method")
-        if value != "uint8" and method not in (None, "nf4", "fp4"):
-            raise ValueError(f"applies only to quant.method: nf4 or fp4, not {method}; remove "
-                             "it or use quant.method: nf4")
-        return value
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size(cls, value: int | None, info: ValidationInfo) -> int | None:
-        method = info.data.get("method")
-        if method == "int4":
-            return 64 if value is None else value  # HQQ's usual 4-bit group
-        if value is not None and method is not None:
-            raise ValueError(f"applies only to quant.method: int4, not {method}; remove it "
-                             "or use quant.method: int4")
-        return value
 
 
 class AdapterSection(Section):
@@ -905,6 +847,7 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
             f"{recipe.quant.method}, such as lora",
         ))
     problems += recipe.adapter.recipe_problems(recipe)
+    problems += recipe.quant.recipe_problems(recipe)
     if recipe.train.loraplus_ratio is not None and not getattr(recipe.adapter, "has_lora_b", False):
         problems.append((
             ("train", "loraplus_ratio"),

@@ -50,6 +50,7 @@ def model_card(out: Path, summary: dict, recipe_text: str) -> str:
         "## Base model",
         "",
         *base_lines(model, quant, summary.get("model_source")),
+        *_from_quant_error(recipe, method),
         "## Method",
         "",
         _keys(f"adapter.method `{method}`", {k: v for k, v in adapter.items() if k != "method"}),
@@ -124,6 +125,19 @@ def base_lines(model: dict, quant: str, source: dict | None) -> list[str]:
                                                 if source.get("catalogue") else ""))
         lines.append(f"- converted once to `{source['converted']}`")
     return [*lines, ""]
+
+
+def _from_quant_error(recipe: dict, method: str) -> list[str]:
+    """A line for an adapter that starts from the quantization error (EoRA, LoftQ): it
+    belongs to the quantized base."""
+    quant = recipe.get("quant", {})
+    if not quant.get("compensation") and method != "loftq":
+        return []
+    how = "EoRA's compensation" if quant.get("compensation") else "LoftQ's init"
+    return [f"The adapter starts as {how} of the {quant.get('method')} quantization error, "
+            f"so it applies to the {quant.get('method')} base (load the base quantized as "
+            "above); `peftune merge` folds it into the dequantized weights, which reproduce "
+            "the trained model.", ""]
 
 
 def _keys(title: str, keys: dict) -> str:

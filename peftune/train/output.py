@@ -96,6 +96,9 @@ def check_data_paths(recipe: Recipe) -> None:
     paths = [(key, section.train) for split in ("train", "val")
              for key, section in recipe.data.sources(split)]
     paths += [("adapter.calibration.data", getattr(calibration, "data", None))]
+    if recipe.quant.compensation is not None:
+        paths += [("quant.compensation.calibration.data",
+                   recipe.quant.compensation.calibration.data)]
     paths += [(f"eval.tasks[{i}].data", task.data) for i, task in enumerate(recipe.eval.tasks)]
     for key, path in paths:
         if path is not None:

@@ -140,7 +140,10 @@ def _fsdp_on_cpu() -> bool:
     return True
 
 
-def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
+def build_training(recipe: Recipe, *, quiet: bool = False,
+                   plain_svd: dict | None = None) -> BuiltRun:
+    """Data, model, adapter, optimizer and schedule of a run, ready for the loop. `plain_svd`
+    (`peftune compensate`): filled with the plain-SVD fit EoRA's report compares against."""
     import torch
     from accelerate.utils import set_seed
 
@@ -198,6 +201,9 @@ def build_training(recipe: Recipe, *, quiet: bool = False) -> BuiltRun:
             model_path=resolve_model_path(recipe.model.path),
             calibration_batches=lambda calibration: calibration_batches(
                 recipe, tokenizer, splits.train, calibration))
+        if recipe.quant.compensation is not None:  # EoRA: the adapter starts as the correction
+            hooks.init_report.update(compensate_quantized(recipe, model, tokenizer, splits.train,
+                                                          plain_svd=plain_svd))
         if count_parameters(model)[0] == 0:
             raise InputError(f"adapter: method {spec.name} left no trainable parameter; check "
                              "adapter.target_modules")
@@ -288,9 +294,25 @@ def check_engine(recipe: Recipe, accelerator: Any) -> None:
         config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
 
 
-def calibration_batches(recipe: Recipe, tokenizer: Any, train_set: Any, calibration: Any) -> list[dict]:
-    """`adapter.calibration.examples` examples (seeded draw) of the training data, or of
-    `adapter.calibration.data` read like data.train, as padded micro-batches."""
+def compensate_quantized(recipe: Recipe, model: Any, tokenizer: Any, train_set: Any, *,
+                         plain_svd: dict | None = None) -> dict:
+    """Set the LoRA adapter to EoRA's compensation of the quantized base (`quant.compensation`,
+    `peftune.quant.eora`); returns its report (reconstruction errors before and after)."""
+    from peftune.models import resolve_model_path
+    from peftune.quant.eora import compensate
+
+    settings = recipe.quant.compensation
+    key = "quant.compensation.calibration"
+    batches = calibration_batches(recipe, tokenizer, train_set, settings.calibration, key=key)
+    return compensate(model, resolve_model_path(recipe.model.path), batches, damp=settings.damp,
+                      plain_svd=plain_svd)
+
+
+def calibration_batches(recipe: Recipe, tokenizer: Any, train_set: Any, calibration: Any, *,
+                        key: str = "adapter.calibration") -> list[dict]:
+    """`calibration.examples` examples (seeded draw) of the training data, or of
+    `calibration.data` read like data.train, as padded micro-batches; `key` names the
+    section in a refusal."""
     import numpy as np
 
     from peftune.data import TokenizedSet, build_datasets, micro_batches, pack_rows
@@ -300,9 +322,14 @@ def calibration_batches(recipe: Recipe, tokenizer: Any, train_set: Any, calibrat
         section = recipe.data.model_copy(update={
             "train": calibration.data, "val": None, "val_ratio": 0.0, "select": None,
             "max_examples": None})
-        data = build_datasets(section, tokenizer, seed=recipe.train.seed).train
+        try:
+            data = build_datasets(section, tokenizer, seed=recipe.train.seed).train
+        except InputError as err:  # read as data.train, named as what it is
+            raise InputError(*(line.replace("data.train", f"{key}.data", 1)
+                               for line in err.lines)) from None
     if len(data) == 0:
-        raise InputError("adapter.calibration: the calibration data has no examples")
+        raise InputError(f"{key}: the calibration data has no examples; give a data file "
+                         "with examples in data.format, or leave data unset for data.train")
     # Preference pairs calibrate as their sequences, each on its own (a draw breaks pairs).
     data = TokenizedSet(data.input_ids, data.labels, data.offsets)
     order = np.random.default_rng(recipe.train.seed).permutation(len(data))

@@ -26,7 +26,7 @@ def loftq_initialise(peft_model: Any, model_path: str) -> dict:
     import bitsandbytes as bnb
     import torch
 
-    read = _weight_reader(Path(model_path))
+    read = weight_reader(Path(model_path), key="adapter.method loftq")
     before = after = norm = 0.0
     layers = 0
     prefix = "base_model.model."
@@ -54,8 +54,9 @@ def loftq_initialise(peft_model: Any, model_path: str) -> dict:
             "quant_error_after": round((after / norm) ** 0.5, 6)}
 
 
-def _weight_reader(model_dir: Path) -> Any:
-    """name -> tensor from `model.safetensors` or a sharded safetensors index."""
+def weight_reader(model_dir: Path, *, key: str) -> Any:
+    """name -> tensor from `model.safetensors` or a sharded safetensors index; `key` names
+    what needs the weights in the refusal when there are none."""
     from safetensors import safe_open
 
     index = model_dir / "model.safetensors.index.json"
@@ -64,7 +65,7 @@ def _weight_reader(model_dir: Path) -> Any:
     elif (model_dir / "model.safetensors").is_file():
         shard_of = None
     else:
-        raise InputError(f"adapter.method loftq: {model_dir} has no safetensors weights to "
+        raise InputError(f"{key}: {model_dir} has no safetensors weights to "
                          "compute the quantization error from")
 
     def read(name: str) -> Any:
