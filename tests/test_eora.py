@@ -171,16 +171,23 @@ def test_compensate_writes_a_run_whose_adapter_brings_the_4bit_model_closer(eora
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
-def test_a_qlora_run_starts_from_the_compensation_and_merges_into_what_it_trained_over(
-        eora_recipe, tmp_path):
+@pytest.mark.parametrize("init", ["eora", "loftq"])
+def test_a_run_from_the_quantization_error_merges_into_what_it_trained_over(
+        eora_recipe, tmp_path, init):
     from transformers import AutoModelForCausalLM
 
     from tests.conftest import logits_of, train_in_process
 
-    built, summary = train_in_process(eora_recipe, ["train.max_steps=2"])
-    init = summary["adapter_init"]
-    assert init["compensation"] == "eora" and init["compensated_layers"] == 14
-    assert init["output_error_after"] < init["output_error_before"]
+    overrides = ["train.max_steps=2"]
+    if init == "loftq":  # LoftQ's init: the plain SVD of the same error, no compensation key
+        overrides += ["quant.compensation=none", "adapter.method=loftq"]
+    built, summary = train_in_process(eora_recipe, overrides)
+    init_report = summary["adapter_init"]
+    if init == "eora":
+        assert init_report["compensation"] == "eora" and init_report["compensated_layers"] == 14
+        assert init_report["output_error_after"] < init_report["output_error_before"]
+    else:
+        assert init_report["quant_error_after"] < init_report["quant_error_before"]
     assert summary["steps"] == 2
 
     # the adapter belongs to the 4-bit base: merge folds it into the dequantized weights, so
