@@ -65,12 +65,15 @@ def compensate(peft_model: Any, model_path: str, batches: list[dict], *, damp: f
     fits = ("before", "after") + (("svd",) if plain_svd is not None else ())
     output = dict.fromkeys((*fits, "norm"), 0.0)
     weight_sums = dict.fromkeys((*fits, "norm"), 0.0)
+    bases: dict[int, tuple[Any, Any]] = {}
     for name, module in layers:
         weight = read(name.removeprefix(LORA_PREFIX) + ".weight").to(torch.float64)
         error = weight - dequantized_weight(module.get_base_layer()).to(torch.float64)
         r, scaling, lora_a, lora_b = compat.lora_factors(module)
         cov = covariances[name]
-        b, a = eora_factors(error, cov, rank=r, damp=damp)
+        if id(cov) not in bases:  # layers that share their inputs share the eigenbasis
+            bases[id(cov)] = eigenbasis(cov, damp=damp)
+        b, a = eora_factors(error, cov, rank=r, damp=damp, basis=bases[id(cov)])
         with torch.no_grad():
             lora_a.copy_(a.to(lora_a.dtype))
             lora_b.copy_((b / scaling).to(lora_b.dtype))
@@ -114,15 +117,24 @@ def current_factors(peft_model: Any) -> dict:
     return factors
 
 
-def eora_factors(error: Any, cov: Any, *, rank: int, damp: float) -> tuple[Any, Any]:
-    """B (out x r), A (r x in) with B·A the rank-`rank` minimiser of ||(error - B·A)·X||_F
-    for inputs of covariance `cov` (damped by `damp`·mean eigenvalue); float64."""
+def eigenbasis(cov: Any, *, damp: float) -> tuple[Any, Any]:
+    """The damped eigenvalues' square roots and the eigenvectors of `cov` (float64)."""
     import torch
 
     eigenvalues, eigenvectors = torch.linalg.eigh(cov.to(torch.float64))
     eigenvalues = eigenvalues.clamp(min=0.0)
     eigenvalues = eigenvalues + damp * eigenvalues.mean().clamp(min=1e-12)
-    root = eigenvalues.sqrt()
+    return eigenvalues.sqrt(), eigenvectors
+
+
+def eora_factors(error: Any, cov: Any, *, rank: int, damp: float,
+                 basis: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
+    """B (out x r), A (r x in) with B·A the rank-`rank` minimiser of ||(error - B·A)·X||_F
+    for inputs of covariance `cov` (damped by `damp`·mean eigenvalue); float64. `basis`:
+    `eigenbasis(cov, damp=damp)`, when the caller has it already."""
+    import torch
+
+    root, eigenvectors = basis if basis is not None else eigenbasis(cov, damp=damp)
     u, s, ph = torch.linalg.svd(error.to(torch.float64) @ (eigenvectors * root),
                                 full_matrices=False)
     r = min(rank, s.numel())
