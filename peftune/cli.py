@@ -560,5 +560,19 @@ def main() -> None:
 _CLICK_ERROR = compat.click_exception_class()  # a bad flag or argument
 
 
+def entry() -> None:
+    """The `peftune` console script: the commands that train or load models re-execute once
+    with jemalloc preloaded where it is installed (`peftune.allocator`), then `main`."""
+    from peftune.allocator import maybe_reexec
+
+    try:
+        maybe_reexec()
+    except InputError as err:
+        for line in err.lines:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-map", action="store_true",
                         help="ablation: skip own_unquantized_tensors (the behaviour before it), "
                              "so the checkpoint's memory map stays")
+    parser.add_argument("--allocator", choices=("auto", "system", "jemalloc"), default="auto",
+                        help="the runs' allocator; auto: what the peftune command uses "
+                             "(jemalloc where installed, peftune/allocator.py)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/bench_qlora_memory.json"))
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -174,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or bench.REAL_MODEL
     tokenizer = load_tokenizer(resolve_model_path(model))
     work = Path(tempfile.mkdtemp(prefix="peftune-qlora-mem-"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env(args.allocator)
+    allocator = "jemalloc" if "jemalloc" in env.get("LD_PRELOAD", "") else "system"
     results = []
     try:
         data = work / "full.jsonl"
@@ -204,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     facts = bench.model_facts(str(resolve_model_path(model)))
-    report = {"model": model, "batch": args.batch, "length": args.length, "steps": args.steps,
+    report = {"model": model, "allocator": allocator, "batch": args.batch,
+              "length": args.length, "steps": args.steps,
               "extra_overrides": args.set, "keep_map": args.keep_map, "cpus": os.cpu_count(),
               "load_average": benchlib.load_average(), "facts": facts, "results": results}
     print_report(report)
@@ -214,8 +219,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def child_env(choice: str) -> dict[str, str]:
+    """The children's environment: this one, offline, with the allocator `choice` (auto: as
+    the `peftune` command decides, `peftune.allocator.reexec_env`)."""
+    from peftune.allocator import ENV, reexec_env
+    from peftune.allocator import find_jemalloc as find
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if choice == "system":
+        env.pop("LD_PRELOAD", None)
+    preloaded = reexec_env(["peftune", "train"], {**env, ENV: choice}, library=find())
+    return preloaded or env
+
+
 def print_report(report: dict) -> None:
-    print(f"\n{report['model']}, LoRA r 16 all-linear, {report['batch']} x {report['length']}, "
+    print(f"\n{report['model']}, allocator {report['allocator']}, LoRA r 16 all-linear, "
+          f"{report['batch']} x {report['length']}, "
           f"{report['steps']} steps, {report['cpus']} CPUs {' '.join(report['extra_overrides'])}"
           f"{' (--keep-map: the checkpoint map kept, as before)' if report['keep_map'] else ''}")
     runs: dict[str, list[dict]] = {}

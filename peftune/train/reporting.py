@@ -171,7 +171,8 @@ def peak_memory_bytes(device: Any) -> dict:
     import sys
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = {"peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024}
+    peak = {"peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024,
+            "allocator": allocator()}
     if getattr(device, "type", "cpu") == "cuda":
         import torch
 
@@ -189,6 +190,12 @@ class Timer:
 
 # ---- the run's first and last lines, and its summary ----------------------------------------
 
+def allocator() -> str:
+    from peftune.allocator import current
+
+    return current()
+
+
 def print_header(built: BuiltRun, display: ProgressDisplay, *, resumed_from: Path | None) -> None:
     """The run's first lines: model, method, device and precision, trainable parameters, the
     data and the tokens per optimizer step, the selection it trained on, the resume."""
@@ -200,7 +207,7 @@ def print_header(built: BuiltRun, display: ProgressDisplay, *, resumed_from: Pat
     tokens_per_step = r.train.batch_size * r.train.grad_accum * procs * r.data.max_length * widths
     lines = [
         f"model {r.model.path}  quant {r.quant.method}  adapter {r.adapter.method}  "
-        f"device {built.accelerator.device}  precision {precision}",
+        f"device {built.accelerator.device}  precision {precision}  allocator {allocator()}",
         f"trainable parameters {built.trainable_params:,} "
         f"({100 * built.trainable_params / max(_base_params(built), 1):.2f}% of the base model's "
         f"{_base_params(built):,})",
