@@ -413,6 +413,13 @@ def peftune_result(run_dir: Path, warmup: int, steps: int) -> dict:
             "logged": {s: r["loss"] for s, r in sorted(train.items())}}
 
 
+def peftune_env(env: dict) -> dict:
+    """`env` as the `peftune` command would run its training process in it."""
+    from peftune.allocator import find_jemalloc, reexec_env
+
+    return reexec_env(["peftune", "train"], env, library=find_jemalloc()) or env
+
+
 def run_shape(shape: str, systems: tuple[str, ...], *, work: Path, env: dict, recipe: Path,
               cfg: dict) -> dict:
     config = work / f"{shape}-config.json"
@@ -427,11 +434,16 @@ def run_shape(shape: str, systems: tuple[str, ...], *, work: Path, env: dict, re
             out = work / f"{shape}-{system}.json"
             command = [sys.executable, str(HERE), "--worker", system, "--config", str(config),
                        "--result", str(out)]
-        wall = benchlib.run_child(f"{shape}: {system}", command, env=env,
+        # peftune's runs get the allocator the `peftune` command gives them (jemalloc where
+        # installed, peftune/allocator.py), and so does the bare loop (peftune's batches: it
+        # measures the loop's overhead); the Trainer and TRL run as their users run them
+        own_env = peftune_env(env) if system in (*PEFTUNE_OVERRIDES, "bare") else env
+        wall = benchlib.run_child(f"{shape}: {system}", command, env=own_env,
                                   log=work / f"{shape}-{system}.log").wall_seconds
         result = (peftune_result(out, cfg["warmup"], cfg["steps"]) if system in PEFTUNE_OVERRIDES
                   else json.loads(out.read_text()))
         result["wall_seconds"] = wall
+        result["allocator"] = "jemalloc" if "jemalloc" in own_env.get("LD_PRELOAD", "") else "system"
         if "padded_tokens" in result:
             result["fill"] = result["tokens"] / result["padded_tokens"]
         results[system] = result
@@ -509,7 +521,7 @@ def print_report(report: dict) -> None:
     print(f"each system: {cfg['steps']} optimizer steps of micro-batch {cfg['batch_size']} x "
           f"{cfg['max_length']} tokens; the first {cfg['warmup']} discarded from 'steady tok/s' "
           "(the figure ratios use)")
-    header = (f"{'system':<26}{'real tokens':>12}{'fill':>7}{'train s':>9}{'tok/s':>8}"
+    header = (f"{'system':<36}{'real tokens':>12}{'fill':>7}{'train s':>9}{'tok/s':>8}"
               f"{'steady tok/s':>14}{'peak RSS MiB':>14}")
     for shape, block in report["shapes"].items():
         d = block["data"]
@@ -520,8 +532,9 @@ def print_report(report: dict) -> None:
         print("-" * len(header))
         for name, s in block["systems"].items():
             fill = f"{s['fill']:.0%}" if s.get("fill") is not None else "-"
-            label = LABELS[name] + (" bf16" if s.get("precision") == "bf16" else "")
-            print(f"{label:<26}{s['tokens']:>12,}{fill:>7}{s['train_seconds']:>9.1f}"
+            label = LABELS[name] + (" bf16" if s.get("precision") == "bf16" else "") + (
+                ", jemalloc" if s.get("allocator") == "jemalloc" else "")
+            print(f"{label:<36}{s['tokens']:>12,}{fill:>7}{s['train_seconds']:>9.1f}"
                   f"{s['tokens_per_s']:>8,.0f}{s['steady_tokens_per_s']:>14,.1f}"
                   f"{s['peak_rss_bytes'] / MiB:>14,.0f}")
         if "check" in block:
