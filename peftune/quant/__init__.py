@@ -8,6 +8,10 @@ Both come from bitsandbytes through transformers' `BitsAndBytesConfig`.
 `int4` is HQQ's 4-bit integer quantization (`peftune.quant.hqq`, which says why HQQ): the
 model loads unquantized and its linear layers are then replaced by 4-bit ones.
 
+`quant.compensation: eora` (`peftune.quant.eora`) starts the LoRA adapter as a low-rank
+correction of the quantization error; `peftune.quant.compensate` is `peftune compensate`, and
+`peftune.quant.dequantize` gives the weights a quantized base computes with.
+
 The backends read the recipe's `quant:` section through `QuantSettings`, the keys they use,
 so that this package does not depend on the recipe schema (the schema's section has them).
 """

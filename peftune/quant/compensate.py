@@ -3,8 +3,9 @@
 The recipe's base is loaded quantized as `quant:` says, a LoRA adapter (`adapter.r`,
 `adapter.target_modules`) is attached and set to EoRA's compensation of every quantized
 layer (`peftune.quant.eora`, from `quant.compensation.calibration` examples of data.train),
-and the held-out text (data.val, or data.val_ratio of data.train) is scored three times:
-by the unquantized base, the quantized base, and the quantized base with the compensation.
+and the held-out text (data.val, or data.val_ratio of data.train) is scored four times: by
+the unquantized base, the quantized base, the quantized base with the plain SVD of its
+error (LoftQ's fit: the baseline), and the quantized base with EoRA's compensation.
 
 The output directory is laid out as a run (recipe.yaml + adapter/, a PEFT LoRA adapter
 that applies to the quantized base), so `peftune eval DIR [--compare base]` and
