@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     # Works from a checkout without `pip install -e .`, and never reaches for the hub.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # The allocator the `peftune` command gives its training processes (jemalloc where
+    # installed: peftune/allocator.py), as a user typing the commands shown gets it.
+    from peftune.allocator import find_jemalloc, reexec_env
+
+    env = reexec_env(["peftune", "train"], env, library=find_jemalloc()) or env
 
     start = time.perf_counter()
     timings = []
