@@ -17,7 +17,7 @@ install:
 	@# jemalloc, which the `peftune` command preloads where installed (peftune/allocator.py:
 	@# a training step's peak RSS less than half of glibc's); skipped where apt is not ours
 	@ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1 || { command -v apt-get >/dev/null && \
-	  [ "$$(id -u)" = 0 ] && apt-get install -y -q libjemalloc2 >/dev/null 2>&1; } || \
+	  [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -q libjemalloc2 >/dev/null 2>&1; } || \
 	  echo "note: libjemalloc2 not installed: peftune runs with the system allocator"
 	@touch $(STAMP)
 	@echo "peftune installed (torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'))"
