@@ -153,10 +153,9 @@ def merge_adapter(job: MergeJob, *, out: Path, shard_bytes: int, dtype: str, all
                f"original ones (which would add that error twice)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tmp-dequantized-", dir=out.parent) as scratch:
-        import torch
+        from peftune.merge.writer import DTYPES
 
-        kept = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                "float16": torch.float16}.get(stored_dtype(job.base), torch.float32)
+        kept = DTYPES.get(stored_dtype(job.base), DTYPES["float32"])
         base = write_dequantized_base(job.model_section, job.quant_section, Path(scratch),
                                       dtype=kept)
         report = _merge_adapter(replace(job, base=base), out=out, shard_bytes=shard_bytes,

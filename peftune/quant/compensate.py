@@ -30,6 +30,7 @@ def run_compensate(recipe_path: str | Path, overrides: Sequence[str], *, out: Pa
                    overwrite: bool, quiet: bool) -> dict:
     """Compensate, measure, write `out`; returns the report (also compensation.json)."""
     from peftune.merge.common import staging_dir
+    from peftune.merge.writer import publish
     from peftune.models.facts import inspect_model
     from peftune.recipe import load_recipe, recipe_to_yaml
     from peftune.train.output import check_data_paths, check_output_dir
@@ -58,12 +59,7 @@ def run_compensate(recipe_path: str | Path, overrides: Sequence[str], *, out: Pa
         built.hooks.export(built.unwrapped_model, tmp / "adapter", built.tokenizer)
         (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
+        publish(tmp, out)
     if not quiet:
         print_report(report, out)
     return report
